@@ -1,0 +1,29 @@
+# Two commands: `make demo` and `make test`. Both create .venv when it is missing and reuse it after.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test install clean bench
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch first (an unpinned torch would pull a CUDA build); pyproject says torch>=2.4.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test,demo]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m latentdiff.demo
+
+bench: $(STAMP)
+	$(PY) benchmarks/unet_throughput.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache
