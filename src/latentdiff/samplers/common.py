@@ -89,3 +89,15 @@ def denoise(model_fn, x: torch.Tensor, t: float, diffusion, *, clip_x0: bool = F
         x0 = x0.clamp(-1, 1)
         eps = (x - a * x0) / s
     return x0, eps
+
+
+def randn(x: torch.Tensor, generator=None) -> torch.Tensor:
+    """Unit Gaussian noise shaped like x. ``generator`` is None, one torch.Generator, or a list of one
+    generator per sample, so that sample i's noise depends on its own generator alone (drawn on the CPU)."""
+    if generator is None:
+        return torch.randn_like(x)
+    if isinstance(generator, torch.Generator):
+        return torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+    if len(generator) != x.shape[0]:
+        raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
+    return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator]).to(x.device)
