@@ -79,7 +79,7 @@ def check_betas(betas) -> np.ndarray:
     bad = np.nonzero((b <= 0) | (b > 1) | ((b == 1) & (np.arange(b.size) < b.size - 1)))[0]
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"betas must lie in (0, 1) (only the last may be 1); beta[{i}] = {b[i]!r}")
+        raise ValueError(f"betas must lie in (0, 1) (only the last may be 1); beta[{i}] = {float(b[i])!r}")
     return b
 
 
