@@ -1,0 +1,235 @@
+"""A trained model as one object: the denoising network, its Gaussian diffusion and the config they came from.
+
+    pipe = latentdiff.load("runs/digits")          # a run folder (EMA weights of its newest checkpoint) or a model folder
+    images = pipe.sample(num=10, labels=range(10), guidance=2.0, seed=0)   # list of PIL images
+
+A model folder holds ``config.yaml`` (the resolved config) and ``model.safetensors`` (the network's weights);
+`latentdiff export` writes one from a run. Latent diffusion composes an autoencoder into the same object
+(``encode``/``decode``); pixel diffusion is the case without one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError, dump_config, load_config
+from .diffusion import GaussianDiffusion
+from .nn.unet import PRESETS, UNet, UNetConfig
+from .schedules import make_betas, rescale_zero_terminal_snr
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def build_diffusion(section) -> GaussianDiffusion:
+    """The GaussianDiffusion that a config's ``diffusion`` section describes."""
+    betas = make_betas(section.schedule, section.num_steps, **section.schedule_options)
+    if section.zero_terminal_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return GaussianDiffusion(
+        betas, prediction=section.prediction, variance=section.variance, loss=section.loss,
+        vlb_weight=section.vlb_weight, min_snr_gamma=section.min_snr_gamma, timestep_sampler=section.timestep_sampler,
+    )
+
+
+def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int) -> UNetConfig:
+    """The UNetConfig of ``config.model`` (a preset plus field overrides), with the channels the data and the
+    diffusion need (out_channels doubles for a learned variance)."""
+    model = dict(config.model)
+    preset = model.pop("preset", None)
+    if preset is not None and preset not in PRESETS:
+        raise ConfigError(f"model.preset: unknown U-Net preset {preset!r}; known: {', '.join(PRESETS)}")
+    base = PRESETS[preset] if preset else UNetConfig()
+    known = {f.name for f in dataclasses.fields(UNetConfig)}
+    unknown = sorted(set(model) - known)
+    if unknown:
+        raise ConfigError(f"model: unknown U-Net key(s) {unknown}; known: {sorted(known)}")
+    for key in ("channel_mult", "attention_resolutions"):
+        if key in model:
+            model[key] = tuple(model[key])
+    model.setdefault("in_channels", channels)
+    model.setdefault("out_channels", diffusion.output_channels(channels))
+    return dataclasses.replace(base, **model)
+
+
+class Pipeline:
+    """Networks + process + config. ``sample`` takes the same options as ``latentdiff sample``."""
+
+    def __init__(self, unet: UNet, diffusion: GaussianDiffusion, config: Config):
+        self.unet, self.diffusion, self.config = unet.eval(), diffusion, config
+        if config.data.channels is None or config.data.size is None:
+            raise ConfigError("pipeline config needs data.channels and data.size (a resolved config)")
+
+    # ---------------------------------------------------------------------------------------------------
+    # Construction and files
+
+    @classmethod
+    def from_config(cls, config: Config) -> "Pipeline":
+        """Fresh (untrained) networks for a resolved config."""
+        diffusion = build_diffusion(config.diffusion)
+        unet = UNet(unet_config(config, diffusion, config.data.channels))
+        return cls(unet, diffusion, config)
+
+    @property
+    def num_classes(self) -> int | None:
+        return self.unet.config.num_classes
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        d = self.config.data
+        return (d.channels, d.size, d.size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    def to(self, device) -> "Pipeline":
+        self.unet.to(device)
+        return self
+
+    def save(self, path) -> Path:
+        """Write a model folder: config.yaml and model.safetensors, each replaced atomically."""
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=path)
+        os.close(fd)
+        try:
+            save_model(self.unet, tmp)
+            os.replace(tmp, path / WEIGHTS_FILE)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        dump_config(self.config, path / CONFIG_FILE)
+        return path
+
+    @classmethod
+    def load(cls, path, *, ema: bool = True, device=None) -> "Pipeline":
+        """Load a model folder (config.yaml + model.safetensors) or a run folder (its newest complete
+        checkpoint; EMA weights unless ``ema=False``)."""
+        from .train.checkpoint import find_resume_checkpoint, load_model_weights, load_models
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a latentdiff run or model folder: no {CONFIG_FILE} in it")
+        config = load_config(path / CONFIG_FILE)
+        pipe = cls.from_config(config)
+        if (path / WEIGHTS_FILE).is_file():
+            load_model_weights(pipe.unet, path / WEIGHTS_FILE)
+        else:
+            found = find_resume_checkpoint(path)
+            if found is None:
+                raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor a complete checkpoint under checkpoints/")
+            load_models(found[0], {"unet": pipe.unet}, ema=ema)
+        if device is not None:
+            pipe.to(device)
+        return pipe.eval()
+
+    def eval(self) -> "Pipeline":
+        self.unet.eval()
+        return self
+
+    # ---------------------------------------------------------------------------------------------------
+    # Sampling
+
+    def model_fn(self, x, t, **cond):
+        return self.unet(x, t, **cond)
+
+    def _labels(self, labels, num: int) -> torch.Tensor | None:
+        if self.num_classes is None:
+            if labels is not None:
+                raise ValueError("this model is unconditional: it takes no class labels")
+            return None
+        if labels is None:
+            labels = list(range(self.num_classes))
+        labels = [int(v) for v in (labels if hasattr(labels, "__iter__") else [labels])]
+        if not labels:
+            raise ValueError("labels is empty")
+        bad = [v for v in labels if not 0 <= v < self.num_classes]
+        if bad:
+            raise ValueError(f"class label(s) {bad} out of range 0..{self.num_classes - 1}")
+        return torch.tensor([labels[i % len(labels)] for i in range(num)], dtype=torch.long)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        num: int | None = None,
+        *,
+        labels=None,                # class id(s), cycled over the samples; None = every class in turn
+        sampler: str | None = None,  # a name of latentdiff.samplers.SAMPLERS; None = the config's
+        steps: int | None = None,   # network evaluations grid; None = the config's
+        guidance: float | None = None,  # classifier-free guidance scale s (1 = none); None = the config's
+        seed: int | None = None,    # sample i uses seed + i whatever the batch; None = the config's
+        batch_size: int | None = None,
+        output: str = "pil",        # "pil" (list of images) or "tensor" ((N, C, H, W) in [-1, 1])
+        progress: bool = False,
+        **options,                  # further options of latentdiff.samplers.sample (eta, spacing, karras, ...)
+    ):
+        from .samplers import sample as run_sampler
+
+        s = self.config.sample
+        num = s.num if num is None else int(num)
+        if num < 1:
+            raise ValueError(f"num must be >= 1, got {num}")
+        sampler = sampler or s.sampler
+        steps = s.steps if steps is None else int(steps)
+        guidance = s.guidance if guidance is None else float(guidance)
+        seed = s.seed if seed is None else int(seed)
+        batch_size = batch_size or s.batch_size
+        opts = {"eta": s.eta, "spacing": s.spacing, "offset": s.offset, "karras": s.karras, "clip_x0": s.clip_x0,
+                "guidance_rescale": s.guidance_rescale}
+        opts.update(options)
+        y = self._labels(labels, num)
+        if guidance != 1.0 and y is None:
+            raise ValueError("guidance needs a class-conditional model")
+        out = []
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=num * steps, desc=f"{sampler} x{steps}", unit="step", leave=False)
+        for start in range(0, num, batch_size):
+            n = min(batch_size, num - start)
+            noise = torch.empty(n, *self.sample_shape, device=self.device)
+            cond, uncond = {}, None
+            if y is not None:
+                cond["y"] = y[start : start + n].to(self.device)
+                uncond = {"y": torch.full((n,), self.num_classes, dtype=torch.long, device=self.device)}
+            cb = (lambda i, t, x, x0: bar.update(n)) if bar is not None else None
+            x = run_sampler(
+                self.model_fn, noise, diffusion=self.diffusion, sampler=sampler, steps=steps,
+                seed=[seed + start + i for i in range(n)], guidance_scale=guidance, uncond=uncond, callback=cb,
+                **opts, **cond,
+            )
+            out.append(x.float().cpu())
+        if bar is not None:
+            bar.close()
+        images = torch.cat(out).clamp(-1, 1)
+        if output == "tensor":
+            return images
+        if output != "pil":
+            raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
+        return to_pil(images)
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(N, C, H, W) in [-1, 1] -> list of PIL images (L for 1 channel, RGB for 3)."""
+    from PIL import Image
+
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+
+def load(path, *, ema: bool = True, device=None) -> Pipeline:
+    """Load a run or model folder as a :class:`Pipeline` (see :meth:`Pipeline.load`)."""
+    return Pipeline.load(path, ema=ema, device=device)
+
+
