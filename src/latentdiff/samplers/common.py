@@ -12,14 +12,24 @@ import torch
 from ..schedules import karras_sigmas, sigmas_from_alphas_cumprod, timesteps as integer_timesteps
 
 
+def _log_sigmas(diffusion) -> torch.Tensor:
+    """log σ_t of every integer step, float64, computed once per process (cached on the diffusion object)."""
+    cached = getattr(diffusion, "_log_sigmas_cache", None)
+    if cached is None or cached[0] is not diffusion.alphas_cumprod:
+        table = torch.log(torch.as_tensor(sigmas_from_alphas_cumprod(diffusion.alphas_cumprod.numpy())))
+        cached = (diffusion.alphas_cumprod, table)
+        diffusion._log_sigmas_cache = cached
+    return cached[1]
+
+
 def alpha_bar(diffusion, t) -> torch.Tensor:
     """ᾱ(t) as float64 for a float/int tensor or number t in [0, T-1]; t < 0 means "before the first step" (ᾱ = 1)."""
     t = torch.as_tensor(t, dtype=torch.float64)
-    ac = diffusion.alphas_cumprod
-    log_sigma = torch.log(torch.as_tensor(sigmas_from_alphas_cumprod(ac.numpy())))
-    tc = t.clamp(0, ac.numel() - 1)
+    log_sigma = _log_sigmas(diffusion)
+    T = log_sigma.numel()
+    tc = t.clamp(0, T - 1)
     lo = tc.floor().long()
-    hi = (lo + 1).clamp(max=ac.numel() - 1)
+    hi = (lo + 1).clamp(max=T - 1)
     w = tc - lo.double()
     ls = (1 - w) * log_sigma[lo] + w * log_sigma[hi]
     out = 1.0 / (1.0 + torch.exp(2 * ls))  # ᾱ = 1/(1 + σ²)
@@ -28,7 +38,7 @@ def alpha_bar(diffusion, t) -> torch.Tensor:
 
 def sigma_to_t(diffusion, sigma) -> np.ndarray:
     """Fractional timestep whose interpolated log σ equals log ``sigma`` (inverse of :func:`alpha_bar`)."""
-    log_sigmas = np.log(sigmas_from_alphas_cumprod(diffusion.alphas_cumprod.numpy()))
+    log_sigmas = _log_sigmas(diffusion).numpy()
     s = np.log(np.maximum(np.asarray(sigma, dtype=np.float64), 1e-10))
     return np.interp(s, log_sigmas, np.arange(log_sigmas.size, dtype=np.float64))
 
@@ -101,3 +111,40 @@ def randn(x: torch.Tensor, generator=None) -> torch.Tensor:
     if len(generator) != x.shape[0]:
         raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}")
     return torch.stack([torch.randn(x.shape[1:], generator=g, dtype=x.dtype) for g in generator]).to(x.device)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Grid helpers shared by the DDPM / DDIM / PLMS / Langevin samplers and the entry point.
+
+
+def check_timesteps(timesteps, diffusion) -> torch.Tensor:
+    """Validate a sampling grid: non-empty, 1-D, finite, strictly descending, inside [0, T-1]; float64 copy."""
+    ts = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu()
+    if ts.ndim != 1 or ts.numel() < 1:
+        raise ValueError(f"timesteps must be a non-empty 1-D tensor, got shape {tuple(ts.shape)}")
+    if not torch.isfinite(ts).all():
+        raise ValueError("timesteps contain NaN or inf")
+    if ts.numel() > 1 and not bool((ts[1:] < ts[:-1]).all()):
+        raise ValueError(f"timesteps must be strictly descending, got {ts.tolist()[:8]}...")
+    T = diffusion.num_steps
+    if float(ts.min()) < 0 or float(ts.max()) > T - 1:
+        raise ValueError(f"timesteps must lie in [0, {T - 1}], got {float(ts.min())}..{float(ts.max())}")
+    return ts
+
+
+def alpha_bars(diffusion, timesteps, final: float = 1.0) -> list[float]:
+    """ᾱ at each grid point followed by the end level ``final`` (1.0 = clean data): N + 1 Python floats (float64)."""
+    ab = alpha_bar(diffusion, torch.as_tensor(timesteps, dtype=torch.float64)).tolist()
+    return [float(a) for a in ab] + [float(final)]
+
+
+def renoise(x: torch.Tensor, ab_from: float, ab_to: float, generator=None) -> torch.Tensor:
+    """Jump forward in the process from ᾱ_from to ᾱ_to ≤ ᾱ_from: q(x_to | x_from) = N(√(ᾱ_to/ᾱ_from) x, (1 − ᾱ_to/ᾱ_from) I).
+
+    With ᾱ_from = ᾱ_{t-1} and ᾱ_to = ᾱ_t this is the forward step q(x_t | x_{t-1}) (DDPM eq. 2) that RePaint
+    uses to resample (Lugmayr et al. 2022, Algorithm 1).
+    """
+    if ab_to > ab_from:
+        raise ValueError(f"renoise goes towards more noise: need ab_to <= ab_from, got {ab_to} > {ab_from}")
+    ratio = ab_to / ab_from
+    return ratio**0.5 * x + (1.0 - ratio) ** 0.5 * randn(x, generator)
