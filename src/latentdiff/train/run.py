@@ -13,6 +13,7 @@ from pathlib import Path
 from ..config import Config, ConfigError, dump_config, load_config
 from ..data import make_dataset
 from ..pipeline import CONFIG_FILE, Pipeline
+from .checkpoint import list_checkpoints
 from .config import TrainConfig
 from .loop import TrainResult, train
 from .objective import DiffusionObjective
@@ -36,21 +37,64 @@ def train_config(section) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in dataclasses.asdict(section).items() if k in names})
 
 
-def train_from_config(config: Config, out_dir=None, *, resume: bool = False, progress: bool = True, callback=None) -> TrainResult:
-    """Train the config's model in ``out_dir`` (default: ``config.train.out_dir``); ``resume`` continues from
-    the newest complete checkpoint there, with the config that run was started with."""
+def check_conditioning(config: Config, dataset, num_classes: int | None) -> None:
+    """Errors, before any step, for conditioning settings that the model or the data cannot honour; each
+    names the config key to change."""
+    name = config.data.name
+    if num_classes is None:
+        if config.train.cond_drop_prob > 0:
+            raise ConfigError(f"train.cond_drop_prob is {config.train.cond_drop_prob} but the model is unconditional "
+                              "(model.num_classes is null): there is no condition to drop; set train.cond_drop_prob=0")
+        if config.sample.guidance != 1.0:
+            raise ConfigError(f"sample.guidance is {config.sample.guidance} but the model is unconditional "
+                              "(model.num_classes is null); set sample.guidance=1")
+        if config.sample.labels is not None:
+            raise ConfigError("sample.labels is set but the model is unconditional (model.num_classes is null)")
+        return
+    if "label" not in dataset[0]:
+        raise ConfigError(f"model.num_classes is {num_classes} but dataset {name!r} has no labels; "
+                          "set model.num_classes=null or give the data labels")
+    data_classes = getattr(dataset, "num_classes", None)
+    if data_classes is not None and data_classes > num_classes:
+        raise ConfigError(f"model.num_classes is {num_classes} but dataset {name!r} has {data_classes} classes")
+
+
+def _resume_target(config: Config, resume):
+    """The loop's ``resume`` argument from the command's flag and ``train.resume`` ("latest" or a path)."""
+    if resume:
+        return resume
+    if config.train.resume is None:
+        return False
+    return True if config.train.resume == "latest" else config.train.resume
+
+
+def train_from_config(config: Config, out_dir=None, *, resume: bool | str = False, progress: bool = True, callback=None) -> TrainResult:
+    """Train the config's model in ``out_dir`` (default: ``config.train.out_dir``).
+
+    ``resume`` (or ``train.resume: latest``) continues from the newest complete checkpoint there; the model
+    and diffusion sections must equal those the run was started with. Without it, a folder that already
+    holds checkpoints is an error, and nothing in it is touched. Every check on the config and the data runs
+    before the run folder is written.
+    """
     out_dir = Path(out_dir or config.train.out_dir)
+    resume = _resume_target(config, resume)
     saved = out_dir / CONFIG_FILE
+    if not resume and list_checkpoints(out_dir):
+        raise ValueError(f"{out_dir} already holds checkpoints of a run; continue it with --resume (resume=True) "
+                         "or choose another --out (nothing there was changed)")
     if resume and saved.is_file():
         previous = load_config(saved)
         if previous.model != config.model or previous.diffusion != config.diffusion:
             raise ConfigError(f"{saved}: the run was started with another model or diffusion config; resume with that config or use a new --out")
     dataset, config = resolve_data(config)
+    skipped = getattr(dataset, "num_skipped", 0)
+    note = f" ({skipped} unreadable image(s) skipped)" if skipped else ""
+    print(f"data: {len(dataset)} images from {config.data.name!r}{note}, "
+          f"{config.data.channels}x{config.data.size}x{config.data.size}", flush=True)
     config = dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=str(out_dir)))
     pipe = Pipeline.from_config(config)
     num_classes = pipe.num_classes
-    if num_classes is not None and "label" not in dataset[0]:
-        raise ValueError(f"model.num_classes is {num_classes} but dataset {config.data.name!r} has no labels")
+    check_conditioning(config, dataset, num_classes)
     objective = DiffusionObjective(
         pipe.unet.train(), pipe.diffusion,
         cond_key="label" if num_classes is not None else None, num_classes=num_classes,

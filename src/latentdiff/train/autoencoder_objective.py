@@ -1,0 +1,238 @@
+"""The first-stage objective of LDM (Rombach et al. 2022, sec. 3.1 and app. G; Esser et al. 2021, VQGAN eq. 4–7).
+
+Autoencoder loss (optimizer "autoencoder")::
+
+    L_AE = L_rec + w_p·LPIPS(x, x̂) + λ·f_d·L_G + L_reg
+    L_rec = |x − x̂| (l1) or (x − x̂)² (l2), averaged over pixels
+    L_G   = −mean D(x̂)                                           generator side of the hinge GAN
+    λ     = w_d · ||∇_{G_L} (L_rec + w_p·LPIPS)|| / (||∇_{G_L} L_G|| + 1e-4), clamped to [0, 1e4], no gradient
+            (G_L = the decoder's last layer; VQGAN eq. 7)
+    L_reg = kl_weight · KL(q(z|x) || N(0, I)) / (C·H·W)           KL models (KL summed over the latent)
+          = codebook_weight · (L_codebook + β·L_commit)          VQ models (nn/quantize.py)
+
+Discriminator loss (optimizer "discriminator"), hinge: L_D = f_d · ½ (mean relu(1 − D(x)) + mean relu(1 + D(x̂))).
+f_d = disc_factor once ``step >= disc_start``, else 0 (the adversarial term is off and D is not trained).
+
+Scale: LDM sums the pixel loss and the KL over each image; here both are divided by C·H·W, which keeps their
+ratio (so ``kl_weight = 1e-6`` means what it means in LDM's configs) and makes the logged losses per-pixel.
+LDM's learned output log-variance is left out (it starts at 0, where it is the identity).
+
+The loop sees only ``models``, ``optimizers``, ``ema`` and ``losses``; this file never touches optimizers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.autoencoder import Autoencoder, compute_latent_scale, save_autoencoder
+
+REC_LOSSES = ("l1", "l2")
+DISC_LOSSES = ("hinge", "vanilla")
+
+
+@dataclass
+class AutoencoderLossConfig:
+    rec_loss: str = "l1"              # pixel reconstruction loss: "l1" or "l2"
+    perceptual_weight: float = 1.0    # w_p of LPIPS; ignored (off) when no LPIPS net is given
+    kl_weight: float = 1e-6           # KL models: weight of the KL (per image, LDM's scale; see module docstring)
+    codebook_weight: float = 1.0      # VQ models: weight of L_codebook + β·L_commit
+    disc_weight: float = 0.5          # w_d, multiplies the adaptive weight λ
+    disc_factor: float = 1.0          # f_d once the adversarial term is on
+    disc_start: int = 0               # optimizer step at which the adversarial term and D's training start
+    disc_loss: str = "hinge"          # "hinge" or "vanilla" (softplus) GAN loss
+    max_adaptive_weight: float = 1e4  # clamp of λ before w_d
+    sample_posterior: bool = True     # KL models: decode a posterior sample (True) or the mean
+    image_key: str = "image"          # batch key of the images
+
+    def __post_init__(self):
+        if self.rec_loss not in REC_LOSSES:
+            raise ValueError(f"unknown rec_loss {self.rec_loss!r}; expected one of {', '.join(REC_LOSSES)}")
+        if self.disc_loss not in DISC_LOSSES:
+            raise ValueError(f"unknown disc_loss {self.disc_loss!r}; expected one of {', '.join(DISC_LOSSES)}")
+        for name in ("perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor", "max_adaptive_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"AutoencoderLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AutoencoderLossConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown AutoencoderLossConfig key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**d)
+
+
+def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+    """λ = ||∇_{G_L} L_rec|| / (||∇_{G_L} L_G|| + 1e-4), clamped to [0, max_weight], detached (VQGAN eq. 7)."""
+    rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """½ (E relu(1 − D(x)) + E relu(1 + D(x̂)))."""
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """½ (E softplus(−D(x)) + E softplus(D(x̂))): the non-saturating GAN's discriminator loss."""
+    return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per image of [-1, 1] images (peak-to-peak 2): 10 log10(4 / MSE)."""
+    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
+    return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))
+
+
+class AutoencoderObjective:
+    """Objective of the first stage for the training loop.
+
+    Args:
+        autoencoder: a KL or VQ :class:`Autoencoder`.
+        discriminator: a patch discriminator, or None (no adversarial term, a single optimizer).
+        lpips: a frozen perceptual net called as lpips(x, x̂) -> (B,), or None (perceptual term off).
+        config: an AutoencoderLossConfig (or a dict of its fields).
+    """
+
+    def __init__(self, autoencoder: Autoencoder, discriminator: nn.Module | None = None, lpips: nn.Module | None = None,
+                 config: AutoencoderLossConfig | dict | None = None):
+        if not isinstance(getattr(autoencoder, "module", autoencoder), Autoencoder):
+            raise TypeError(f"autoencoder must be an Autoencoder, got {type(autoencoder).__name__}")
+        if isinstance(config, dict):
+            config = AutoencoderLossConfig.from_dict(config)
+        self.config = config or AutoencoderLossConfig()
+        self.models: dict[str, nn.Module] = {"autoencoder": autoencoder}
+        self.optimizers: dict[str, list[str]] = {"autoencoder": ["autoencoder"]}
+        if discriminator is not None:
+            self.models["discriminator"] = discriminator
+            self.optimizers["discriminator"] = ["discriminator"]
+        self.ema: list[str] = []
+        self.lpips = lpips
+        if lpips is not None:
+            lpips.requires_grad_(False).eval()
+        self._reference: torch.Tensor | None = None  # first images seen, for sample_images
+
+    # -- the loss --------------------------------------------------------------------------------------------
+
+    def _raw(self, name: str) -> nn.Module:
+        m = self.models[name]
+        return getattr(m, "module", m)
+
+    def losses(self, batch: dict, step: int):
+        cfg = self.config
+        x = batch[cfg.image_key] if isinstance(batch, dict) else batch
+        if self._reference is None:
+            self._reference = x[:64].detach().cpu()
+        ae = self.models["autoencoder"]
+        raw_ae = self._raw("autoencoder")
+        if raw_ae.config.regularizer == "kl":
+            x_rec, info = ae(x, sample=cfg.sample_posterior)
+        else:
+            x_rec, info = ae(x)
+        per_pixel = (x - x_rec).abs() if cfg.rec_loss == "l1" else (x - x_rec).pow(2)
+        rec_loss = per_pixel.mean()
+        logs = {"rec_loss": float(rec_loss.detach()), "psnr": float(psnr(x_rec.detach().clamp(-1, 1), x).mean())}
+        nll = rec_loss
+        if self.lpips is not None and cfg.perceptual_weight > 0:
+            self.lpips.to(x.device)
+            p_loss = self.lpips(x.contiguous(), x_rec.contiguous()).mean()
+            nll = nll + cfg.perceptual_weight * p_loss
+            logs["p_loss"] = float(p_loss.detach())
+        if raw_ae.config.regularizer == "kl":
+            kl = info["kl"].mean()
+            reg = cfg.kl_weight * kl / x[0].numel()
+            logs["kl"] = float(kl.detach())
+        else:
+            reg = cfg.codebook_weight * info["vq_loss"]
+            logs.update(vq_loss=float(info["vq_loss"].detach()), perplexity=info["perplexity"], usage=info["usage"],
+                        restarts=float(raw_ae.quantize.restarts))
+        loss_ae = nll + reg
+        losses = {"autoencoder": loss_ae}
+
+        if "discriminator" in self.models:
+            disc = self.models["discriminator"]
+            f_d = cfg.disc_factor if step >= cfg.disc_start else 0.0
+            if f_d > 0:
+                g_loss = -disc(x_rec.contiguous()).mean()
+                if torch.is_grad_enabled() and x_rec.requires_grad:
+                    d_weight = adaptive_weight(nll, g_loss, raw_ae.last_layer, cfg.max_adaptive_weight) * cfg.disc_weight
+                else:  # no graph (evaluation): λ is undefined, the term is left out
+                    d_weight = torch.zeros((), device=x.device)
+                losses["autoencoder"] = loss_ae + d_weight * f_d * g_loss
+                logs.update(g_loss=float(g_loss.detach()), d_weight=float(d_weight))
+            # D is always called (so every process runs the same graph under DDP); f_d = 0 leaves it untrained.
+            logits_real = disc(x.detach().contiguous())
+            logits_fake = disc(x_rec.detach().contiguous())
+            d_fn = hinge_d_loss if cfg.disc_loss == "hinge" else vanilla_d_loss
+            losses["discriminator"] = f_d * d_fn(logits_real, logits_fake)
+            logs.update(d_loss=float(losses["discriminator"].detach()), logits_real=float(logits_real.detach().mean()),
+                        logits_fake=float(logits_fake.detach().mean()))
+        return losses, logs
+
+    # -- optional hooks of the loop ----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def sample_images(self, models: dict, num: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Originals (first half) and their reconstructions (second half) of the first images seen in training."""
+        if self._reference is None:
+            raise ValueError("sample_images needs a batch first: call losses() at least once")
+        ae = models["autoencoder"]
+        ae = getattr(ae, "module", ae)
+        n = max(1, min(num // 2, self._reference.shape[0]))
+        device = next(ae.parameters()).device
+        x = self._reference[:n].to(device)
+        x_rec = ae(x, sample=False)[0] if ae.config.regularizer == "kl" else ae(x)[0]
+        return torch.cat([x, x_rec.clamp(-1, 1)])
+
+    def export(self, folder: str, images: torch.Tensor, generator: torch.Generator | None = None) -> float:
+        """Compute the latent scale (1/std of the latents of ``images``, LDM's scale_by_std) and save the
+        autoencoder folder with it. Returns the scale."""
+        ae = self._raw("autoencoder")
+        device = next(ae.parameters()).device
+        scale = compute_latent_scale(ae, images.to(device), generator)
+        save_autoencoder(ae, folder, latent_scale=scale)
+        return scale
+
+    @torch.no_grad()
+    def evaluate(self, images: torch.Tensor, batch_size: int = 64) -> dict:
+        """Mean PSNR (dB), SSIM and L1 of reconstructions (posterior mean for KL models) of ``images``."""
+        ae = self._raw("autoencoder")
+        was = ae.training
+        ae.eval()
+        device = next(ae.parameters()).device
+        p, s, l1 = [], [], []
+        try:
+            for xb in images.split(batch_size):
+                xb = xb.to(device)
+                rec = ae.decode(ae.encode(xb)).clamp(-1, 1)
+                p.append(psnr(rec, xb).cpu())
+                s.append(ssim(rec, xb).cpu())
+                l1.append((rec - xb).abs().flatten(1).mean(1).cpu())
+        finally:
+            ae.train(was)
+        return {"psnr": float(torch.cat(p).mean()), "ssim": float(torch.cat(s).mean()), "l1": float(torch.cat(l1).mean())}
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor:
+    """Structural similarity (Wang et al. 2004) per image of [-1, 1] images, with a uniform window.
+
+    SSIM = (2 μ_x μ_y + C1)(2 σ_xy + C2) / ((μ_x² + μ_y² + C1)(σ_x² + σ_y² + C2)), C1 = (0.01 L)², C2 = (0.03 L)²,
+    L = 2 (the range), averaged over channels and valid window positions.
+    """
+    x, y = x.float(), y.float()
+    w = min(window, x.shape[-1], x.shape[-2])
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    pool = lambda t: F.avg_pool2d(t, w, stride=1)  # noqa: E731
+    mx, my = pool(x), pool(y)
+    sxx = pool(x * x) - mx * mx
+    syy = pool(y * y) - my * my
+    sxy = pool(x * y) - mx * my
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
+    return s.flatten(1).mean(1)

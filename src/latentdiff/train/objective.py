@@ -1,0 +1,202 @@
+"""What the loop trains: an objective holds the models, says which optimizer updates which, and computes losses.
+
+The loop (loop.py) knows nothing about diffusion or autoencoders; it only sees this protocol.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from ..resample import UniformSampler
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """The contract between the training loop and what it trains.
+
+    models:     name -> nn.Module, everything trained or saved. The loop may replace entries by wrapped
+                versions (DDP); call ``self.models[name]`` at use, unwrap with ``getattr(m, "module", m)``.
+    optimizers: optimizer name -> names of the models whose parameters it updates (stepped in this order).
+    ema:        names of the models whose exponential moving average the loop keeps and saves.
+    losses(batch, step) -> ({optimizer name: scalar loss}, {name: float to log}).
+    Optional: state_dict()/load_state_dict() (saved in checkpoints), sample_images(models, num, generator)
+    -> (N, C, H, W) in [-1, 1] for periodic sample grids.
+    """
+
+    models: dict[str, nn.Module]
+    optimizers: dict[str, list[str]]
+    ema: list[str]
+
+    def losses(self, batch: dict, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]: ...
+
+
+def _all_gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` over all processes (itself when not distributed)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+class DiffusionObjective:
+    """Train a denoising network with a GaussianDiffusion's loss (L_simple, hybrid or L_vlb).
+
+    Args:
+        model: the network, called as model(x_t, t, *, y=..., context=..., concat=...).
+        diffusion: a GaussianDiffusion; its ``training_losses`` gives the loss and its ``timestep_sampler``
+            draws t (importance sampling of improved DDPM is fed with each batch's losses).
+        cond_key: batch key of the condition, or None (unconditional). An integer (B,) tensor is a class label
+            passed as ``y``; a float (B, L, D) tensor is a context passed as ``context``.
+        num_classes: classes of the labels; the null class id for classifier-free guidance is ``num_classes``.
+        cond_drop_prob: probability of replacing a sample's condition by the null one during training
+            (label -> num_classes, context -> ``null_context``), so the model also learns p(x) for guidance.
+        null_context: (L, D) or (1, L, D) context that stands for "no condition"; needed to drop contexts.
+        image_key: batch key of the images.
+        concat_key: batch key of a (B, C', H, W) tensor concatenated to x_t (never dropped), or None.
+        latent_encoder: optional frozen callable image -> latent (LDM); diffusion then runs on its output.
+        latent_decoder: optional callable latent -> image, used only for sample grids.
+        sample_sampler, sample_steps: sampler and steps of :meth:`sample_images`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        diffusion,
+        *,
+        cond_key: str | None = "label",
+        num_classes: int | None = None,
+        cond_drop_prob: float = 0.0,
+        null_context: torch.Tensor | None = None,
+        image_key: str = "image",
+        concat_key: str | None = None,
+        latent_encoder: Callable | None = None,
+        latent_decoder: Callable | None = None,
+        sample_sampler: str = "ddim",
+        sample_steps: int = 50,
+    ):
+        if not 0.0 <= cond_drop_prob <= 1.0:
+            raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
+        if cond_drop_prob > 0 and cond_key is None:
+            raise ValueError("cond_drop_prob > 0 needs a cond_key: there is no condition to drop")
+        if cond_drop_prob > 0 and num_classes is None and null_context is None:
+            raise ValueError("cond_drop_prob > 0 needs num_classes (labels, null class = num_classes) or null_context (contexts)")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.models = {"unet": model}
+        self.optimizers = {"model": ["unet"]}
+        self.ema = ["unet"]
+        self.diffusion = diffusion
+        self.cond_key, self.num_classes, self.cond_drop_prob = cond_key, num_classes, float(cond_drop_prob)
+        self.null_context = None if null_context is None else torch.as_tensor(null_context)
+        if self.null_context is not None and self.null_context.ndim == 2:
+            self.null_context = self.null_context[None]  # (1, L, D)
+        self.image_key, self.concat_key = image_key, concat_key
+        self.latent_encoder, self.latent_decoder = latent_encoder, latent_decoder
+        self.sample_sampler, self.sample_steps = sample_sampler, int(sample_steps)
+        self._sample_shape: tuple | None = None
+        self._sample_cond: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        enc = self.latent_encoder
+        if enc is None:
+            return x
+        if isinstance(enc, nn.Module):
+            enc.to(x.device).eval()
+        with torch.no_grad():
+            return enc(x)
+
+    def _condition(self, batch: dict, B: int, device) -> tuple[dict, dict]:
+        """Model kwargs with conditioning dropout applied, and the same without dropout (kept for sample grids)."""
+        cond = {}
+        if self.cond_key is not None:
+            if self.cond_key not in batch:
+                raise ValueError(f"batch has no {self.cond_key!r} (cond_key); keys: {', '.join(batch)}")
+            c = batch[self.cond_key]
+            if not torch.is_tensor(c):
+                raise TypeError(f"batch[{self.cond_key!r}] must be a tensor (labels or contexts), got {type(c).__name__}")
+            if c.is_floating_point():
+                if c.ndim != 3 or c.shape[0] != B:
+                    raise ValueError(f"context batch[{self.cond_key!r}] must be (B, L, D) with B={B}, got {tuple(c.shape)}")
+                cond["context"] = c
+            else:
+                if c.shape != (B,):
+                    raise ValueError(f"labels batch[{self.cond_key!r}] must have shape ({B},), got {tuple(c.shape)}")
+                if self.num_classes is not None and (int(c.min()) < 0 or int(c.max()) >= self.num_classes):
+                    raise ValueError(f"labels must be in 0..{self.num_classes - 1}, got {int(c.min())}..{int(c.max())}")
+                cond["y"] = c.long()
+        if self.concat_key is not None:
+            if self.concat_key not in batch:
+                raise ValueError(f"batch has no {self.concat_key!r} (concat_key)")
+            cond["concat"] = batch[self.concat_key]
+        clean = dict(cond)
+        if self.cond_drop_prob > 0:
+            drop = torch.rand(B, device=device) < self.cond_drop_prob  # (B,) bool
+            if "y" in cond:
+                if self.num_classes is None:
+                    raise ValueError("dropping labels needs num_classes (the null class id)")
+                cond["y"] = torch.where(drop, torch.full_like(cond["y"], self.num_classes), cond["y"])
+            if "context" in cond:
+                if self.null_context is None:
+                    raise ValueError("dropping contexts needs null_context")
+                null = self.null_context.to(device=device, dtype=cond["context"].dtype)
+                if null.shape[1:] != cond["context"].shape[1:]:
+                    raise ValueError(f"null_context has shape {tuple(null.shape[1:])}, contexts {tuple(cond['context'].shape[1:])}")
+                cond["context"] = torch.where(drop[:, None, None], null, cond["context"])
+        return cond, clean
+
+    def losses(self, batch: dict, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """Mean diffusion loss of a batch; the per-sample losses also update the timestep sampler."""
+        if self.image_key not in batch:
+            raise ValueError(f"batch has no {self.image_key!r} (image_key); keys: {', '.join(batch)}")
+        x0 = self._encode(batch[self.image_key])
+        B = x0.shape[0]
+        cond, clean = self._condition(batch, B, x0.device)
+        self._sample_shape = tuple(x0.shape[1:])
+        self._sample_cond = {k: v[:64].detach() for k, v in clean.items()}
+        model = self.models["unet"]
+        terms = self.diffusion.training_losses(lambda x, t, **c: model(x, t, **c), x0, **cond)
+        sampler = self.diffusion.timestep_sampler
+        if not isinstance(sampler, UniformSampler):
+            # Unweighted per-sample losses of every process, so all processes keep the same history.
+            raw = terms.get("mse", 0) + terms.get("vlb", 0)
+            sampler.update(_all_gather(terms["t"].detach()), _all_gather(raw.detach().float()))
+        logs = {k: terms[k].detach().mean().item() for k in ("mse", "vlb") if k in terms}
+        return {"model": terms["loss"].mean()}, logs
+
+    def state_dict(self) -> dict:
+        return {"timestep_sampler": self.diffusion.timestep_sampler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.diffusion.timestep_sampler.load_state_dict(state.get("timestep_sampler", {}))
+
+    @torch.no_grad()
+    def sample_images(self, models: dict, num: int, generator: torch.Generator) -> torch.Tensor:
+        """``num`` samples for a progress grid: labels 0, 1, 2, ... cycled; contexts/concat inputs from the
+        last training batch. Uses the sampling entry point ``latentdiff.samplers.sample``."""
+        from ..samplers import sample as run_sampler  # above train/ in no way: samplers are a lower layer
+
+        if self._sample_shape is None:
+            raise ValueError("sample_images needs the data shape: call losses() on a batch first")
+        model = models["unet"]
+        device = next(model.parameters()).device
+        noise = torch.randn((num, *self._sample_shape), generator=generator).to(device)
+        cond = {}
+        for k, v in self._sample_cond.items():
+            if k == "y" and self.num_classes is not None:
+                cond["y"] = torch.arange(num, device=device) % self.num_classes
+            else:
+                idx = torch.arange(num, device=v.device) % v.shape[0]
+                cond[k] = v[idx].to(device)
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        x0 = run_sampler(lambda x, t, **c: model(x, t, **c), noise, diffusion=self.diffusion,
+                         sampler=self.sample_sampler, steps=self.sample_steps, seed=seed, **cond)
+        if self.latent_decoder is not None:
+            x0 = self.latent_decoder(x0)
+        return x0.clamp(-1, 1)
