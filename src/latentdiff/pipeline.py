@@ -11,13 +11,15 @@ A model folder holds ``config.yaml`` (the resolved config) and ``model.safetenso
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 
-from .config import Config, ConfigError, dump_config, load_config
+from .config import Config, ConfigError, dump_config, load_config, update
 from .diffusion import GaussianDiffusion
 from .nn.unet import PRESETS, UNet, UNetConfig
 from .schedules import make_betas, rescale_zero_terminal_snr
@@ -113,7 +115,7 @@ class Pipeline:
     def load(cls, path, *, ema: bool = True, device=None) -> "Pipeline":
         """Load a model folder (config.yaml + model.safetensors) or a run folder (its newest complete
         checkpoint; EMA weights unless ``ema=False``)."""
-        from .train.checkpoint import find_resume_checkpoint, load_model_weights, load_models
+        from .train.checkpoint import load_model_weights
 
         path = Path(path)
         if not path.exists():
@@ -122,13 +124,10 @@ class Pipeline:
             raise FileNotFoundError(f"{path} is not a latentdiff run or model folder: no {CONFIG_FILE} in it")
         config = load_config(path / CONFIG_FILE)
         pipe = cls.from_config(config)
-        if (path / WEIGHTS_FILE).is_file():
-            load_model_weights(pipe.unet, path / WEIGHTS_FILE)
-        else:
-            found = find_resume_checkpoint(path)
-            if found is None:
-                raise FileNotFoundError(f"{path} has neither {WEIGHTS_FILE} nor a complete checkpoint under checkpoints/")
-            load_models(found[0], {"unet": pipe.unet}, ema=ema)
+        weights = path / WEIGHTS_FILE
+        if not weights.is_file():
+            weights = checkpoint_weights(path, "unet", ema=ema)
+        load_model_weights(pipe.unet, weights)
         if device is not None:
             pipe.to(device)
         return pipe.eval()
@@ -163,7 +162,7 @@ class Pipeline:
         self,
         num: int | None = None,
         *,
-        labels=None,                # class id(s), cycled over the samples; None = every class in turn
+        labels=None,                # class id(s), cycled over the samples; None = the config's, else every class in turn
         sampler: str | None = None,  # a name of latentdiff.samplers.SAMPLERS; None = the config's
         steps: int | None = None,   # network evaluations grid; None = the config's
         guidance: float | None = None,  # classifier-free guidance scale s (1 = none); None = the config's
@@ -175,15 +174,15 @@ class Pipeline:
     ):
         from .samplers import sample as run_sampler
 
-        s = self.config.sample
-        num = s.num if num is None else int(num)
-        if num < 1:
-            raise ValueError(f"num must be >= 1, got {num}")
-        sampler = sampler or s.sampler
-        steps = s.steps if steps is None else int(steps)
-        guidance = s.guidance if guidance is None else float(guidance)
-        seed = s.seed if seed is None else int(seed)
-        batch_size = batch_size or s.batch_size
+        if output not in ("pil", "tensor"):
+            raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
+        # The given values replace the config's sample section, checked like the config (types and ranges).
+        given = {"num": num, "sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed, "batch_size": batch_size}
+        given = {k: (v.item() if hasattr(v, "item") else v) for k, v in given.items() if v is not None}  # numpy/torch scalars
+        s = update(self.config.sample, given, where="sample options")
+        num, sampler, steps, guidance, seed, batch_size = s.num, s.sampler, s.steps, s.guidance, s.seed, s.batch_size
+        if labels is None:
+            labels = s.labels
         opts = {"eta": s.eta, "spacing": s.spacing, "offset": s.offset, "karras": s.karras, "clip_x0": s.clip_x0,
                 "guidance_rescale": s.guidance_rescale}
         opts.update(options)
@@ -213,11 +212,47 @@ class Pipeline:
         if bar is not None:
             bar.close()
         images = torch.cat(out).clamp(-1, 1)
-        if output == "tensor":
-            return images
-        if output != "pil":
-            raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
-        return to_pil(images)
+        return images if output == "tensor" else to_pil(images)
+
+
+def checkpoint_weights(run, name: str, *, ema: bool = True) -> Path:
+    """The weights file of model ``name`` in the newest complete checkpoint of run folder ``run``: its EMA
+    copy (``ema/<name>.safetensors``) when there is one and ``ema``, else ``models/<name>.safetensors``.
+
+    Complete means state.json exists and lists the file with its size and sha256, which are checked; only
+    that file is hashed (not the optimizer state, as a resume must), so sampling from a big run starts fast.
+    A broken newest checkpoint is reported with a warning and the one before it used.
+    """
+    from .train.checkpoint import STATE_FILE, CheckpointError, list_checkpoints, sha256
+
+    run = Path(run)
+    problems = []
+    for _, ckpt in reversed(list_checkpoints(run)):
+        try:
+            files = json.loads((ckpt / STATE_FILE).read_text())["files"]
+            if not isinstance(files, dict):
+                raise TypeError("its file manifest is not a mapping")
+        except FileNotFoundError:
+            problems.append(f"{ckpt.name} is incomplete (no {STATE_FILE})")
+            continue
+        except (ValueError, KeyError, TypeError) as e:
+            problems.append(f"{ckpt / STATE_FILE} is corrupt ({e})")
+            continue
+        rel = str(Path("ema") / f"{name}.safetensors")
+        if not (ema and rel in files):
+            rel = str(Path("models") / f"{name}.safetensors")
+        f, info = ckpt / rel, files.get(rel)
+        if info is None or not f.is_file():
+            problems.append(f"{f} is missing")
+        elif f.stat().st_size != info["size"] or sha256(f) != info["sha256"]:
+            problems.append(f"{f} is truncated or corrupt (size or sha256 differs from {STATE_FILE})")
+        else:
+            if problems:
+                warnings.warn(f"using {ckpt.name}: " + "; ".join(problems), stacklevel=3)
+            return f
+    if problems:
+        raise CheckpointError(f"no complete checkpoint in {run}: " + "; ".join(problems))
+    raise FileNotFoundError(f"{run} has neither {WEIGHTS_FILE} nor a complete checkpoint under checkpoints/")
 
 
 def to_pil(images: torch.Tensor) -> list:
