@@ -7,7 +7,9 @@ import torch
 # tests/ holds shared helpers (analytic.py) imported as plain modules.
 sys.path.insert(0, os.path.dirname(__file__))
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One torch thread per test process: the suite runs as two pytest-xdist workers (Makefile), one per core,
+# and tiny-tensor tests lose 10x or more to idle threads spinning when two processes share a core.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
