@@ -1,8 +1,11 @@
-"""The `latentdiff` command: train, sample, export.
+"""The `latentdiff` command: train, sample, export, eval, oracle.
 
     latentdiff train configs/digits_ddpm.yaml train.steps=2000 --out runs/digits
     latentdiff sample runs/digits --num 40 --sampler dpmpp_2m --steps 20 --guidance 2 --out grid.png
     latentdiff export runs/digits models/digits
+    latentdiff eval runs/digits --metrics fid,kid,is,pr --num 1000 --sampler ddim --steps 50
+    latentdiff eval --real real_images/ --fake samples/ --fid-weights pt_inception-2015-12-05-6726825d.pth
+    latentdiff oracle digits
 
 Heavy imports (torch, the networks) happen inside each subcommand so that `--help` answers at once.
 """
@@ -37,7 +40,7 @@ def _fmt():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="latentdiff", description="Denoising and latent diffusion models: train, sample, export. Run `latentdiff COMMAND --help` for the options of each command.")
+    p = argparse.ArgumentParser(prog="latentdiff", description="Denoising and latent diffusion models: train, sample, export, evaluate. Run `latentdiff COMMAND --help` for the options of each command.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model from a YAML config", formatter_class=_fmt(),
@@ -71,7 +74,59 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", help="run folder")
     e.add_argument("model_dir", help="model folder to write")
     e.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA weights (default: EMA)")
+    _add_eval_parser(sub)
+    _add_oracle_parser(sub)
     return p
+
+
+def _add_eval_parser(sub) -> None:
+    v = sub.add_parser("eval", help="score a model's samples (FID, KID, IS, precision/recall) and bits/dim, or compare two image folders",
+                       formatter_class=_fmt(),
+                       description="Sample a model and score the samples against real images with a feature network (the FID Inception "
+                       "or an oracle classifier), each figure beside its floor: the same metric between two disjoint parts of the "
+                       "real data. Bits per dimension are the variational bound on real test images. Prints a table and writes it "
+                       "as JSON into the model folder. With --real A --fake B, compares two image folders instead.")
+    v.add_argument("model", nargs="?", default=None, help="run or model folder (default: none; then give --real and --fake)")
+    v.add_argument("--metrics", default="fid,kid,is,pr", help="comma-separated metrics: fid, kid, is (Inception Score), pr (precision/recall), "
+                   "bpd (bits per dimension of real test images; pixel-space models; T network calls per image)")
+    v.add_argument("--num", type=int, default=1000, help="images to generate (and real test images for bpd); FID falls with more, compare at equal N")
+    v.add_argument("--reference", default=None, help="real images: a dataset name (digits, cifar10, ...), an image folder, or a .npz statistics "
+                   "file written by an earlier eval; default: the model's training data (its config.data)")
+    v.add_argument("--split", choices=["train", "test", "all"], default=None, help="split of a dataset reference (default: the model config's data.split)")
+    v.add_argument("--max-reference", type=int, default=None, help="use at most this many reference images (default: all)")
+    v.add_argument("--features", choices=["auto", "inception", "oracle"], default="auto",
+                   help="feature network: inception (the standard FID network; needs its weights file), oracle (a small classifier trained "
+                   "on the real data; built in for digits), or auto: the network a .npz reference was made with, else the oracle for digits models or with --oracle, else inception")
+    v.add_argument("--fid-weights", default=None, metavar="PATH", help="the FID Inception weights pt_inception-2015-12-05-6726825d.pth "
+                   "(default: $LATENTDIFF_FID_WEIGHTS; never downloaded)")
+    v.add_argument("--oracle", default=None, metavar="PATH", help="oracle folder written by `latentdiff oracle` (default: the digits oracle "
+                   "in the cache, trained on first use)")
+    v.add_argument("--cache", default=None, metavar="DIR", help="folder of cached reference statistics and oracles (default: $LATENTDIFF_CACHE, "
+                   "else ~/.cache/latentdiff)")
+    v.add_argument("--real", default=None, metavar="A", help="with --fake: the real images (folder, .npz statistics or dataset name; default: none)")
+    v.add_argument("--fake", default=None, metavar="B", help="with --real: the folder of generated images to score (default: none)")
+    v.add_argument("--sampler", default=None, help="sampler name: ddpm, ddim, plms, dpmpp_2m, unipc, heun, ... (default: the config's)")
+    v.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
+    v.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = none (default: the config's)")
+    v.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the config's)")
+    v.add_argument("--seed", type=int, default=None, help="image i uses seed + i and, for class-conditional models, class i mod K (default: the config's)")
+    v.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the config's sample.batch_size; 64 for folders)")
+    v.add_argument("--no-ema", action="store_true", help="use the trained weights instead of the EMA weights (run folders; default: EMA)")
+    v.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else mps, else cpu)")
+    v.add_argument("--out", default=None, help="JSON file to write (default: MODEL/eval/eval_<sampler>_<steps>_g<guidance>_<features>.json; "
+                   "with --real/--fake none)")
+    v.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
+
+
+def _add_oracle_parser(sub) -> None:
+    o = sub.add_parser("oracle", help="train an oracle classifier on an embedded dataset (its features score samples)", formatter_class=_fmt(),
+                       description="Train the small classifier whose features and logits `latentdiff eval --features oracle` uses, save it "
+                       "as a folder (config.json + model.safetensors) and print its accuracy on held-out real images.")
+    o.add_argument("dataset", choices=["digits"], help="the dataset to learn: digits (scikit-learn's 8x8 digits)")
+    o.add_argument("--out", default=None, help="folder to write (default: CACHE/oracles/digits, where eval looks for it)")
+    o.add_argument("--cache", default=None, metavar="DIR", help="cache folder (default: $LATENTDIFF_CACHE, else ~/.cache/latentdiff)")
+    o.add_argument("--epochs", type=int, default=30, help="training epochs over the 80%% training part")
+    o.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the batches (default: 0)")
 
 
 def cmd_train(args) -> int:
@@ -142,7 +197,100 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export}
+def _check_sampling(pipe, args) -> None:
+    """The sampling options checked before any reference statistics are computed."""
+    from .config import update
+    from .samplers import SAMPLERS
+
+    given = {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+             "batch_size": args.batch_size, "eta": args.eta}
+    s = update(pipe.config.sample, {k: v for k, v in given.items() if v is not None}, where="eval options")
+    if s.sampler not in SAMPLERS:
+        raise CLIError(f"unknown sampler {s.sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
+    if s.steps > pipe.diffusion.num_steps:
+        raise CLIError(f"--steps {s.steps} exceeds the model's {pipe.diffusion.num_steps} training steps")
+    if s.guidance != 1.0 and pipe.num_classes is None:
+        raise CLIError("--guidance needs a class-conditional model (this one is unconditional)")
+
+
+def cmd_eval(args) -> int:
+    from .eval import run as ev
+
+    metrics = ev.parse_metrics(args.metrics)
+    for name in ("num", "max_reference", "batch_size", "steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    progress = not args.quiet
+    device = ev.default_device(args.device)
+    common = {"fid_weights": args.fid_weights, "oracle_path": args.oracle, "cache": args.cache, "device": device}
+    if args.real is not None or args.fake is not None:
+        if args.model is not None:
+            raise CLIError("give a model folder or --real and --fake, not both")
+        if args.real is None or args.fake is None:
+            raise CLIError("--real and --fake go together: the real images and the folder of generated ones")
+        if "bpd" in metrics:
+            raise CLIError("bpd needs a model: it is not a metric between two image sets")
+        fake_dir = Path(args.fake)
+        if not fake_dir.is_dir():
+            raise CLIError(f"--fake {fake_dir} is not a folder of images" + ("" if fake_dir.exists() else " (it does not exist)"))
+        features = ev.choose_features(args.features, data_name=None, reference=args.real, oracle_path=args.oracle)
+        net, info = ev.feature_network(features, **common)
+        channels = getattr(getattr(net, "config", None), "in_channels", 3)
+        fake = ev.folder_dataset(fake_dir, channels=channels)
+        bs = args.batch_size or 64
+        ref = ev.load_reference(args.real, net, split=args.split, cache=args.cache, max_items=args.max_reference,
+                                batch_size=bs, device=device, progress=progress)
+        result = ev.evaluate_folders(ref, fake, net, metrics=metrics, batch_size=bs, device=device, progress=progress,
+                                     net_info=info, seed=args.seed or 0)
+        out = Path(args.out) if args.out else None
+    else:
+        if args.model is None:
+            raise CLIError("give a run or model folder to evaluate, or --real A --fake B to compare two image folders")
+        from .data import DATASETS
+        from .pipeline import load
+
+        pipe = load(args.model, ema=not args.no_ema, device=device)
+        _check_sampling(pipe, args)
+        net = ref = info = None
+        if any(m != "bpd" for m in metrics):
+            data_name = args.reference if args.reference in DATASETS else pipe.config.data.name
+            features = ev.choose_features(args.features, data_name=data_name, reference=args.reference,
+                                          oracle_path=args.oracle)
+            net, info = ev.feature_network(features, dataset_name=data_name, **common)
+            ref = ev.load_reference(args.reference, net, pipe=pipe, split=args.split, cache=args.cache,
+                                    max_items=args.max_reference, batch_size=args.batch_size or pipe.config.sample.batch_size,
+                                    device=device, progress=progress)
+            if ref.info.get("stats_file") and ref.info["kind"] != "stats":
+                print(f"reference statistics: {ref.info['stats_file']} (reuse with --reference)")
+        result = ev.evaluate_model(pipe, net, ref, metrics=metrics, num=args.num, sampler=args.sampler, steps=args.steps,
+                                   guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, device=device,
+                                   progress=progress, net_info=info, **({} if args.eta is None else {"eta": args.eta}))
+        result["model_path"], result["ema"] = str(args.model), not args.no_ema
+        out = Path(args.out) if args.out else ev.default_json_path(args.model, result)
+    result["device"] = str(device)
+    result["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    print(ev.format_table(result))
+    if out is not None:
+        ev.write_json(out, result)
+        print(f"wrote {out}")
+    return 0
+
+
+def cmd_oracle(args) -> int:
+    from .eval import run as ev
+    from .eval.oracle import train_digits_oracle
+
+    if args.epochs < 1:
+        raise CLIError(f"--epochs must be >= 1, got {args.epochs}")
+    out = Path(args.out) if args.out else ev.cache_root(args.cache) / "oracles" / args.dataset
+    oracle, acc = train_digits_oracle(out, epochs=args.epochs, seed=args.seed, verbose=False)
+    print(f"oracle {args.dataset!r}: test accuracy {acc:.4f} on {oracle.info['n_test']} held-out real images "
+          f"(train {oracle.info['train_accuracy']:.4f}, {oracle.info['train_seconds']} s); saved to {out}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "eval": cmd_eval, "oracle": cmd_oracle}
 
 
 def main(argv=None) -> int:
