@@ -76,13 +76,13 @@ def main(argv=None) -> int:
     images = pipe.sample(len(labels), labels=labels, output="tensor", progress=True)
     t_sample = time.perf_counter() - t1
     grid = out / "digits_grid.png"
-    # Upscale 16x16 digits 4x (nearest) so the grid is visible.
-    save_grid(F.interpolate(images, scale_factor=4, mode="nearest"), grid, nrow=args.per_class)
+    # Upscale (nearest) to 64 px per digit so the grid is visible.
+    save_grid(F.interpolate(images, scale_factor=max(1, 64 // images.shape[-1]), mode="nearest"), grid, nrow=args.per_class)
 
     clf, real_acc = digit_classifier()
     pred = clf.predict(to_8x8(images))
     acc = float((pred == np.array(labels)).mean())
-    per_digit = {d: float((pred[i * args.per_class : (i + 1) * args.per_class] == d).mean()) for d in range(10)}
+    per_digit = {d: float((pred[d * args.per_class : (d + 1) * args.per_class] == d).mean()) for d in range(10)}
     summary = {
         "train_seconds": round(t_train, 1), "sample_seconds": round(t_sample, 1),
         "total_seconds": round(t_train + t_sample, 1), "steps": pipe.config.train.steps,
