@@ -49,7 +49,7 @@ def test_shipped_configs_load_and_build_their_parts(name):
 
 def test_digits_config_values():
     cfg = load_config(CONFIGS / "digits_ddpm.yaml")
-    assert cfg.data.size == 16 and cfg.model["num_classes"] == 10
+    assert cfg.data.size == 8 and cfg.model["num_classes"] == 10
     assert cfg.sample.sampler != "ddpm" and cfg.sample.steps <= 50 and cfg.sample.guidance > 1
     assert isinstance(cfg.train.lr, float) and cfg.train.betas == (0.9, 0.999)
 
