@@ -261,6 +261,10 @@ def test_bad_configs_raise_clear_errors():
         UNet(dataclasses.replace(TINY, head_channels=12))
     with pytest.raises(ValueError, match="model_channels must be a positive integer"):
         UNetConfig(model_channels=0)
+    with pytest.raises(ValueError, match="channel_mult must be a sequence of integers"):
+        UNetConfig(channel_mult="124")
+    with pytest.raises(ValueError, match="num_heads must be a positive integer or -1"):
+        UNetConfig(num_heads=0)
     with pytest.raises(TypeError, match="expects a UNetConfig"):
         UNet({"model_channels": 16})
     # Small widths work with a matching num_groups.

@@ -27,7 +27,7 @@ box-filtered down, so edges are anti-aliased and every resolution shows the same
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch

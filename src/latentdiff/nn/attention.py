@@ -156,7 +156,9 @@ class SpatialTransformer(nn.Module):
         else:
             self.proj_in = nn.Conv2d(channels, inner, 1)
             self.proj_out = zero_module(nn.Conv2d(inner, channels, 1))
-        self.blocks = nn.ModuleList(TransformerBlock(inner, heads, head_dim, context_dim, dropout) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(inner, heads, head_dim, context_dim, dropout) for _ in range(depth)
+        )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         b, c, h, w = x.shape

@@ -212,7 +212,9 @@ class ResBlock(nn.Module):
         self.conv2 = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.skip = nn.Identity() if out_channels == channels else nn.Conv2d(channels, out_channels, 1)
         # Resampling of both paths between norm1+SiLU and conv1 (no parameters: ADM uses conv-free ops here).
-        self.resample = Upsample(channels, use_conv=False) if up else Downsample(channels, use_conv=False) if down else None
+        self.resample = None
+        if up or down:
+            self.resample = Upsample(channels, use_conv=False) if up else Downsample(channels, use_conv=False)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = group_norm_silu(x, self.norm1)

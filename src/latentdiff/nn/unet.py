@@ -52,10 +52,12 @@ class UNetConfig:
             if not isinstance(value, (tuple, list)) or not all(isinstance(v, int) for v in value):
                 raise ValueError(f"UNetConfig.{name} must be a sequence of integers, got {value!r}")
             setattr(self, name, tuple(value))
-        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "transformer_depth", "num_groups"):
+        for name in ("in_channels", "out_channels", "model_channels", "num_res_blocks", "transformer_depth"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.num_groups, int) or self.num_groups <= 0:
+            raise ValueError(f"UNetConfig.num_groups must be a positive integer, got {self.num_groups!r}")
         if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
             raise ValueError(f"UNetConfig.channel_mult must be non-empty positive integers, got {self.channel_mult}")
         reachable = [2**i for i in range(len(self.channel_mult))]
@@ -154,7 +156,8 @@ class UNet(nn.Module):
             )  # fmt: skip
 
         # Down path: conv_in, then per level num_res_blocks x (ResBlock [+ attention]), then a downsampler.
-        self.input_blocks = nn.ModuleList([UNetBlock([nn.Conv2d(cfg.in_channels + cfg.concat_channels, mc, 3, padding=1)])])
+        conv_in = nn.Conv2d(cfg.in_channels + cfg.concat_channels, mc, 3, padding=1)
+        self.input_blocks = nn.ModuleList([UNetBlock([conv_in])])
         skip_widths, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.num_res_blocks):
@@ -250,7 +253,8 @@ class UNet(nn.Module):
                 raise ValueError(f"y must be a ({b},) long tensor of class ids, got {tuple(y.shape)} {y.dtype}")
             # Range check on CPU only: on an accelerator it would force a device sync every call.
             if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
-                raise ValueError(f"y must hold class ids in [0, {cfg.num_classes}], got range [{int(y.min())}, {int(y.max())}]")
+                got = f"[{int(y.min())}, {int(y.max())}]"
+                raise ValueError(f"y must hold class ids in [0, {cfg.num_classes}], got range {got}")
         if cfg.context_dim is None:
             if context is not None:
                 raise ValueError("context was given but this UNet has no cross-attention (context_dim=None)")

@@ -22,7 +22,6 @@ The loop sees only ``models``, ``optimizers``, ``ema`` and ``losses``; this file
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 
 import torch
