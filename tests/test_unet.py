@@ -95,6 +95,20 @@ def test_fractional_and_scalar_timesteps():
     assert not torch.allclose(a, c)
 
 
+def test_channels_last_inference_matches_the_autograd_path():
+    cfg = CONFIGS["ldm"]
+    model = _perturb_zero_init(UNet(cfg)).eval()
+    x, t, kw = _inputs(cfg, 2, 8, 16)
+    with_grad = model(x, t, **kw)  # NCHW path
+    with torch.no_grad():
+        fast = model(x, t, **kw)  # channels_last path on CPU
+        model.channels_last_inference = False
+        plain = model(x, t, **kw)
+    assert fast.is_contiguous() and fast.shape == plain.shape
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(with_grad.detach(), plain, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Conditioning changes the output
 

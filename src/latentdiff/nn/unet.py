@@ -131,7 +131,13 @@ class UNet(nn.Module):
     t: (B,) timesteps 0..T-1, long or float (a 0-d tensor or number is broadcast to the batch).
     y: (B,) long class ids in [0, num_classes]; y == num_classes is the null class (classifier-free guidance).
     context: (B, L, context_dim) tokens for cross-attention. concat: (B, concat_channels, H, W).
+
+    ``channels_last_inference`` (default True): without autograd on a CPU, run the feature maps in channels_last
+    memory layout, where oneDNN's convolutions are ~10% faster (benchmarks/unet_throughput.py); the output comes
+    back in the usual layout. Training keeps NCHW, which is faster there. Not part of the config or checkpoints.
     """
+
+    channels_last_inference: bool = True
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -203,6 +209,9 @@ class UNet(nn.Module):
         t = self._check_inputs(x, t, y, context, concat)
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)  # (B, in + concat channels, H, W)
+        channels_last = self.channels_last_inference and x.device.type == "cpu" and not torch.is_grad_enabled()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)  # same values, NHWC strides
         w = self.time_embed[0].weight
         emb = self.time_embed(self.time_proj(t).to(w.dtype))  # (B, 4C)
         if self.label_emb is not None:
@@ -217,7 +226,8 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb, context, ckpt)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, context, ckpt)  # (B, C + C_skip, H, W)
-        return self.out_conv(group_norm_silu(h, self.out_norm))
+        out = self.out_conv(group_norm_silu(h, self.out_norm))
+        return out.contiguous() if channels_last else out
 
     def _check_inputs(self, x, t, y, context, concat) -> torch.Tensor:
         """Clear errors for wrong shapes / missing conditions; returns t as a (B,) tensor."""
