@@ -194,15 +194,16 @@ def evaluate_oracle(oracle: ShapesOracle, images: torch.Tensor, cells: torch.Ten
     return cell_accuracy(pred, cells)
 
 
-def augment(x: torch.Tensor, noise: float = 0.03) -> torch.Tensor:
-    """Imperfections of generated images, so the oracle reads them as a person would: per-channel gain in
-    [0.85, 1.05] (about black), a blur (mix with the 3x3 box average, weight in [0, 0.6]) and Gaussian noise
-    of std in [0, noise]; each per image."""
+def augment(x: torch.Tensor, noise: float = 0.03, photometric: bool = False) -> torch.Tensor:
+    """Training-time perturbations, each drawn per image: Gaussian noise of std in [0, noise]; with
+    ``photometric`` first a per-channel gain in [0.92, 1.04] (about black) and a blur (mix with the 3x3 box
+    average, weight in [0, 0.35]), imperfections of generated images."""
     B = x.shape[0]
-    gain = torch.empty(B, 3, 1, 1).uniform_(0.85, 1.05)
-    x = (x + 1) * gain - 1
-    a = torch.empty(B, 1, 1, 1).uniform_(0.0, 0.6)
-    x = (1 - a) * x + a * F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    if photometric:
+        gain = torch.empty(B, 3, 1, 1).uniform_(0.92, 1.04)
+        x = (x + 1) * gain - 1
+        a = torch.empty(B, 1, 1, 1).uniform_(0.0, 0.35)
+        x = (1 - a) * x + a * F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
     if noise > 0:
         x = x + noise * torch.rand(B, 1, 1, 1) * torch.randn_like(x)
     return x
@@ -210,13 +211,15 @@ def augment(x: torch.Tensor, noise: float = 0.03) -> torch.Tensor:
 
 def train_shapes_oracle(out_dir: str | os.PathLike | None = None, *, n_train: int = 20_000, n_test: int = 2_000,
                         epochs: int = 5, batch_size: int = 128, lr: float = 4e-3, noise: float = 0.03,
-                        size: int = 32, seed: int = 0, augment_images: bool = True, config: ShapesOracleConfig | None = None,
+                        size: int = 32, seed: int = 0, photometric: bool = False, config: ShapesOracleConfig | None = None,
                         verbose: bool = True) -> tuple[ShapesOracle, dict]:
     """Train the oracle on ``n_train`` train-split images, score it on ``n_test`` test-split images.
 
-    Adam with a one-cycle schedule (15% warm-up to ``lr``, cosine decay); per-cell cross-entropy. With
-    ``augment_images`` training images get :func:`augment` (gain, blur, noise of std up to ``noise``) for
-    robustness to imperfect generated images; the test images are clean. Seeding is local.
+    Adam with a one-cycle schedule (15% warm-up to ``lr``, cosine decay); per-cell cross-entropy. Training
+    images get Gaussian noise of std up to ``noise`` and, with ``photometric``, colour gain and blur
+    (:func:`augment`); the test images are clean. Seeding is local. (Measured with the defaults: 99.45%
+    image accuracy. ``photometric=True`` read a 32.4 dB KL-f4 autoencoder's reconstructions better, 83% vs 72%
+    of images exactly right, but scored 97.5-98.3% on clean test images, so it is off by default.)
     Returns (oracle, scores on the test split); saves the oracle to ``out_dir`` when given.
     """
     t0 = time.time()
@@ -234,7 +237,7 @@ def train_shapes_oracle(out_dir: str | os.PathLike | None = None, *, n_train: in
             perm = torch.randperm(n_train)
             for i in range(n_train // batch_size):
                 b = perm[i * batch_size:(i + 1) * batch_size]
-                xb = augment(x_tr[b], noise) if augment_images else x_tr[b]
+                xb = augment(x_tr[b], noise, photometric)
                 loss = F.cross_entropy(oracle.cell_logits(xb).flatten(0, 1), c_tr[b].flatten())
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -246,7 +249,7 @@ def train_shapes_oracle(out_dir: str | os.PathLike | None = None, *, n_train: in
     scores = evaluate_oracle(oracle, x_te, c_te)
     train_scores = evaluate_oracle(oracle, x_tr[:n_test], c_tr[:n_test])
     oracle.info = {"test": scores, "train": train_scores, "n_train": n_train, "n_test": n_test, "epochs": epochs,
-                   "size": size, "seed": seed, "noise": noise, "augment": augment_images, "data_seconds": round(t_data, 1),
+                   "size": size, "seed": seed, "noise": noise, "photometric": photometric, "data_seconds": round(t_data, 1),
                    "train_seconds": round(time.time() - t0, 1)}
     if verbose:
         print(f"shapes oracle: held-out test split ({n_test} images, layouts unseen in training): "
@@ -328,8 +331,10 @@ def main(argv=None):
     ap.add_argument("--n-test", type=int, default=2_000)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--photometric", action="store_true", help="also train on colour-gain / blur perturbed images")
     args = ap.parse_args(argv)
-    train_shapes_oracle(args.out_dir, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, seed=args.seed)
+    train_shapes_oracle(args.out_dir, n_train=args.n_train, n_test=args.n_test, epochs=args.epochs, seed=args.seed,
+                        photometric=args.photometric)
 
 
 if __name__ == "__main__":
