@@ -358,3 +358,22 @@ def test_euler_ancestral_matches_diffusers_with_the_same_noise(kind, spacing, of
     assert rel_err(ours, theirs) < 1e-4
     sched.set_timesteps(12)
     assert rel_err(ours, run_diffusers_sigma_space(sched, model_fn, x, seed=6)) > 1e-2  # the noise matters
+
+
+def test_heun_first_step_from_a_huge_sigma_stays_euler():
+    """Regression: the cosine schedule's trailing grid starts at σ ≈ 2·10⁴ and jumps to σ ≈ 6; Heun's
+    trapezoidal correction over that step amplified the slope difference by σ_0 (error ~3 against the exact
+    ODE end point, chance accuracy on the digits demo model). The step now stays Euler."""
+    cos = GaussianDiffusion(make_betas("cosine", 1000))
+    x = torch.randn(64, 1, 4, 4, dtype=torch.float64, generator=seeded(0))
+    model_fn = gaussian_model_fn(cos, M, S)
+    ts = make_timesteps(cos, 10, spacing="trailing")
+    end = ode_endpoint(x, alpha_bar(cos, ts[0]), M, S)
+    err = {name: (f(model_fn, x, ts, diffusion=cos) - end).abs().max().item()
+           for name, f in (("euler", sample_euler), ("heun", sample_heun),
+                           ("heun_always", partial(sample_heun, max_step_ratio=math.inf)))}
+    assert err["heun_always"] > 1.0, err  # the failure this guards against is real
+    assert err["heun"] < 0.6 * err["euler"] and err["heun_always"] > 20 * err["heun"], err
+    calls = []
+    sample_heun(lambda x, t, **c: calls.append(1) or model_fn(x, t), x, ts, diffusion=cos)
+    assert len(calls) == 2 * 10 - 2  # no correction on the first and on the last step

@@ -1,11 +1,15 @@
-"""The `latentdiff` command: train, sample, export, eval, oracle.
+"""The `latentdiff` command: train, sample, export, reconstruct, eval, oracle.
 
     latentdiff train configs/digits_ddpm.yaml train.steps=2000 --out runs/digits
     latentdiff sample runs/digits --num 40 --sampler dpmpp_2m --steps 20 --guidance 2 --out grid.png
     latentdiff export runs/digits models/digits
+    latentdiff train configs/shapes_vae_kl_f4.yaml --out runs/kl_f4          # an autoencoder (first stage)
+    latentdiff reconstruct runs/kl_f4 --num 16 --out recon.png
+    latentdiff eval runs/kl_f4 --num 1000                                    # PSNR, SSIM, rFID
     latentdiff eval runs/digits --metrics fid,kid,is,pr --num 1000 --sampler ddim --steps 50
     latentdiff eval --real real_images/ --fake samples/ --fid-weights pt_inception-2015-12-05-6726825d.pth
     latentdiff oracle digits
+    latentdiff oracle shapes
 
 Heavy imports (torch, the networks) happen inside each subcommand so that `--help` answers at once.
 """
@@ -70,10 +74,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
 
     e = sub.add_parser("export", help="write a model folder (config + safetensors weights) from a run", formatter_class=_fmt(),
-                       description="Write a model folder that `sample` and latentdiff.load read without the training state.")
+                       description="Write a model folder that `sample` and latentdiff.load read without the training state. For an "
+                       "autoencoder run: its newest checkpoint with the latent scale computed on the first training batch.")
     e.add_argument("run", help="run folder")
     e.add_argument("model_dir", help="model folder to write")
     e.add_argument("--no-ema", action="store_true", help="export the trained weights instead of the EMA weights (default: EMA)")
+    r = sub.add_parser("reconstruct", help="an autoencoder's reconstructions beside the originals, as a PNG grid", formatter_class=_fmt(),
+                       description="Encode and decode held-out images with an autoencoder (run or model folder) and write one grid with "
+                       "each original followed by its reconstruction; prints their PSNR and SSIM.")
+    r.add_argument("model", help="autoencoder run folder (its autoencoder/ export, else newest checkpoint) or model folder")
+    r.add_argument("--data", default=None, help="a dataset name (shapes, digits, cifar10, ...) or an image folder (default: the run's "
+                   "training data; required for a model folder)")
+    r.add_argument("--split", choices=["train", "test", "all"], default="test", help="split of a dataset")
+    r.add_argument("--num", type=int, default=16, help="images to reconstruct")
+    r.add_argument("--start", type=int, default=0, help="index of the first image")
+    r.add_argument("--nrow", type=int, default=4, help="original/reconstruction pairs per grid row")
+    r.add_argument("--sample", action="store_true", help="KL models: decode a posterior sample (default: the posterior mean)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the posterior sample (with --sample)")
+    r.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    r.add_argument("--out", default="reconstructions.png", help="the PNG file to write")
     _add_eval_parser(sub)
     _add_oracle_parser(sub)
     return p
@@ -87,9 +106,11 @@ def _add_eval_parser(sub) -> None:
                        "real data. Bits per dimension are the variational bound on real test images. Prints a table and writes it "
                        "as JSON into the model folder. With --real A --fake B, compares two image folders instead.")
     v.add_argument("model", nargs="?", default=None, help="run or model folder (default: none; then give --real and --fake)")
-    v.add_argument("--metrics", default="fid,kid,is,pr", help="comma-separated metrics: fid, kid, is (Inception Score), pr (precision/recall), "
-                   "bpd (bits per dimension of real test images; pixel-space models; T network calls per image)")
-    v.add_argument("--num", type=int, default=1000, help="images to generate (and real test images for bpd); FID falls with more, compare at equal N")
+    v.add_argument("--metrics", default=None, help="comma-separated metrics: fid, kid, is (Inception Score), pr (precision/recall), "
+                   "bpd (bits per dimension of real test images; pixel-space models; T network calls per image); for an autoencoder: "
+                   "psnr, ssim, rfid (default: fid,kid,is,pr; for an autoencoder psnr,ssim,rfid)")
+    v.add_argument("--num", type=int, default=1000, help="images to generate (and real test images for bpd; held-out images to reconstruct "
+                   "for an autoencoder); FID falls with more, compare at equal N")
     v.add_argument("--reference", default=None, help="real images: a dataset name (digits, cifar10, ...), an image folder, or a .npz statistics "
                    "file written by an earlier eval; default: the model's training data (its config.data)")
     v.add_argument("--split", choices=["train", "test", "all"], default=None, help="split of a dataset reference (default: the model config's data.split)")
@@ -122,10 +143,12 @@ def _add_oracle_parser(sub) -> None:
     o = sub.add_parser("oracle", help="train an oracle classifier on an embedded dataset (its features score samples)", formatter_class=_fmt(),
                        description="Train the small classifier whose features and logits `latentdiff eval --features oracle` uses, save it "
                        "as a folder (config.json + model.safetensors) and print its accuracy on held-out real images.")
-    o.add_argument("dataset", choices=["digits"], help="the dataset to learn: digits (scikit-learn's 8x8 digits)")
+    o.add_argument("dataset", choices=["digits", "shapes"], help="the dataset to learn: digits (scikit-learn's 8x8 digits) or shapes "
+                   "(the procedural shapes world: reads back shape, colour and 3x3 position of every object)")
     o.add_argument("--out", default=None, help="folder to write (default: CACHE/oracles/digits, where eval looks for it)")
     o.add_argument("--cache", default=None, metavar="DIR", help="cache folder (default: $LATENTDIFF_CACHE, else ~/.cache/latentdiff)")
-    o.add_argument("--epochs", type=int, default=30, help="training epochs over the 80%% training part")
+    o.add_argument("--epochs", type=int, default=None, help="training epochs (default: 30 for digits, over its 80%% training part; "
+                   "5 for shapes, over 20,000 images)")
     o.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the batches (default: 0)")
 
 
@@ -187,6 +210,10 @@ def cmd_export(args) -> int:
     from .pipeline import CONFIG_FILE, WEIGHTS_FILE, load
 
     run = Path(args.run)
+    from .first_stage import is_autoencoder_run
+
+    if is_autoencoder_run(run):
+        return _export_autoencoder(run, Path(args.model_dir))
     if (run / WEIGHTS_FILE).is_file():
         raise CLIError(f"{run} is already a model folder")
     if not (run / CONFIG_FILE).is_file():
@@ -195,6 +222,126 @@ def cmd_export(args) -> int:
     path = pipe.save(args.model_dir)
     print(f"exported {'trained' if args.no_ema else 'EMA'} weights of {run} to {path}")
     return 0
+
+
+def _export_autoencoder(run: Path, model_dir: Path) -> int:
+    """The newest checkpoint of an autoencoder run as a model folder, with the latent scale of the first training batch."""
+    from . import first_stage
+    from .data import make_dataset
+    from .pipeline import checkpoint_weights
+    from .train.checkpoint import load_model_weights
+
+    config = first_stage.load_run_config(run)
+    ae = first_stage.Autoencoder(first_stage.autoencoder_config(config))
+    load_model_weights(ae, checkpoint_weights(run, "autoencoder", ema=False))
+    images = first_stage.first_images(make_dataset(config.data), config.train.batch_size)
+    scale = first_stage.export(ae.eval(), model_dir, images, seed=config.train.seed)
+    print(f"exported the autoencoder of {run} to {model_dir} (latent scale {scale:.4f})")
+    return 0
+
+
+def _autoencoder_data(ae, config, data: str | None, split: str):
+    """(dataset, description, has_splits) of the images to reconstruct: ``data`` (a dataset name or an image
+    folder, which has no splits) at the autoencoder's resolution and channels, else the run's own data section."""
+    import dataclasses
+
+    from .config import DataSection
+    from .data import DATASETS, make_dataset
+    from .eval.run import folder_dataset
+
+    size, channels = ae.config.resolution, ae.config.in_channels
+    if data is None:
+        if config is None:
+            raise CLIError("give --data (a dataset name or an image folder): a model folder does not record its training data")
+        section = dataclasses.replace(config.data, split=split, flip=False, crop="center")
+        return make_dataset(section), f"{section.name} ({split})", True
+    if data in DATASETS and not Path(data).exists():
+        if config is not None and config.data.name == data:
+            section = dataclasses.replace(config.data, split=split, flip=False, crop="center")
+        else:
+            section = DataSection(name=data, size=size, channels=channels, split=split)
+        return make_dataset(section), f"{data} ({split})", True
+    path = Path(data)
+    if not path.is_dir():
+        raise CLIError(f"--data {data}: not a dataset name ({', '.join(sorted(DATASETS))}) nor an image folder")
+    return folder_dataset(path, size=size, channels=channels), str(path), False
+
+
+def _check_images(ae, images) -> None:
+    c, h, w = images.shape[1:]
+    if c != ae.config.in_channels:
+        raise CLIError(f"the images have {c} channels; the autoencoder takes {ae.config.in_channels}")
+    if h % ae.f or w % ae.f:
+        raise CLIError(f"the images are {h}x{w}; the autoencoder's downsampling factor f={ae.f} does not divide that")
+
+
+def cmd_reconstruct(args) -> int:
+    from .eval.metrics import psnr, ssim
+    from .eval.reconstruction import stack_images
+    from .eval.run import default_device
+    from .first_stage import load_first_stage, pairs_grid, reconstruct
+    from .train.logging import save_grid
+
+    for name in ("num", "nrow"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.start < 0:
+        raise CLIError(f"--start must be >= 0, got {args.start}")
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise CLIError(f"--out must be a .png file, got {out}")
+    ae, config, source = load_first_stage(args.model, device=default_device(args.device))
+    dataset, described, _ = _autoencoder_data(ae, config, args.data, args.split)
+    images = stack_images(dataset, args.num, args.start)
+    _check_images(ae, images)
+    gen = None
+    if args.sample:
+        import torch
+
+        gen = torch.Generator(device=next(ae.parameters()).device).manual_seed(args.seed)
+    rec = reconstruct(ae, images, sample=args.sample, generator=gen)
+    save_grid(pairs_grid(images, rec), out, nrow=2 * args.nrow)
+    print(f"{len(images)} images of {described} through {source}: PSNR {float(psnr(rec, images).mean()):.2f} dB, "
+          f"SSIM {float(ssim(rec, images).mean()):.4f}; wrote {out} (each original, then its reconstruction)")
+    return 0
+
+
+def _eval_autoencoder(args, metrics, device, common) -> tuple[dict, Path]:
+    """``latentdiff eval`` of an autoencoder: PSNR, SSIM, rFID (+ floor) on held-out images."""
+    import dataclasses
+
+    from .eval import run as ev
+    from .eval.reconstruction import RECONSTRUCTION_METRICS, evaluate_reconstruction, stack_images
+    from .first_stage import load_first_stage
+
+    bad = [m for m in metrics if m not in RECONSTRUCTION_METRICS]
+    if bad:
+        raise CLIError(f"{', '.join(bad)}: not a metric of an autoencoder (those are {', '.join(RECONSTRUCTION_METRICS)})")
+    ae, config, source = load_first_stage(args.model, device=device)
+    split = args.split or "test"
+    dataset, described, has_splits = _autoencoder_data(ae, config, args.reference, split)
+    images = stack_images(dataset, args.num)
+    _check_images(ae, images)
+    net = info = floor = None
+    if "rfid" in metrics:
+        data_name = args.reference if args.reference is not None else (config.data.name if config else None)
+        features = ev.choose_features(args.features, data_name=data_name, reference=None, oracle_path=args.oracle)
+        net, info = ev.feature_network(features, dataset_name=data_name, **common)
+        # The floor: as many other real images, from the other split, else the images after the evaluated ones.
+        if has_splits and split in ("train", "test"):
+            other, _, _ = _autoencoder_data(ae, config, args.reference, "train" if split == "test" else "test")
+            floor = stack_images(other, len(images))
+        elif len(dataset) >= 2 * len(images):
+            floor = stack_images(dataset, len(images), start=len(images))
+    model = evaluate_reconstruction(ae, images, metrics=metrics, net=net, floor_images=floor,
+                                    batch_size=args.batch_size or 64, device=device, progress=not args.quiet)
+    cfg = ae.config
+    result = {"kind": "autoencoder", "model": model, "data": described, "features": info, "source": source,
+              "autoencoder": f"{cfg.regularizer.upper()}-f{cfg.f}, latent {cfg.embed_dim}x{cfg.resolution // cfg.f}x"
+                             f"{cfg.resolution // cfg.f}", "config": dataclasses.asdict(cfg), "model_path": str(args.model)}
+    folder = Path(args.model)
+    out = Path(args.out) if args.out else folder / "eval" / f"eval_reconstruction_{split}_{len(images)}.json"
+    return result, out
 
 
 def _check_sampling(pipe, args) -> None:
@@ -216,7 +363,13 @@ def _check_sampling(pipe, args) -> None:
 def cmd_eval(args) -> int:
     from .eval import run as ev
 
-    metrics = ev.parse_metrics(args.metrics)
+    from .first_stage import is_autoencoder
+
+    autoencoder = args.model is not None and is_autoencoder(args.model)
+    if autoencoder:
+        metrics = [m.strip() for m in (args.metrics or "psnr,ssim,rfid").split(",") if m.strip()]
+    else:
+        metrics = ev.parse_metrics(args.metrics or "fid,kid,is,pr")
     for name in ("num", "max_reference", "batch_size", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -244,6 +397,16 @@ def cmd_eval(args) -> int:
         result = ev.evaluate_folders(ref, fake, net, metrics=metrics, batch_size=bs, device=device, progress=progress,
                                      net_info=info, seed=args.seed or 0)
         out = Path(args.out) if args.out else None
+    elif autoencoder:
+        result, out = _eval_autoencoder(args, metrics, device, common)
+        from .eval.reconstruction import format_reconstruction
+
+        result["device"] = str(device)
+        result["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+        print(format_reconstruction(result))
+        ev.write_json(out, result)
+        print(f"wrote {out}")
+        return 0
     else:
         if args.model is None:
             raise CLIError("give a run or model folder to evaluate, or --real A --fake B to compare two image folders")
@@ -281,16 +444,25 @@ def cmd_oracle(args) -> int:
     from .eval import run as ev
     from .eval.oracle import train_digits_oracle
 
-    if args.epochs < 1:
+    if args.epochs is not None and args.epochs < 1:
         raise CLIError(f"--epochs must be >= 1, got {args.epochs}")
     out = Path(args.out) if args.out else ev.cache_root(args.cache) / "oracles" / args.dataset
-    oracle, acc = train_digits_oracle(out, epochs=args.epochs, seed=args.seed, verbose=False)
+    if args.dataset == "shapes":
+        from .eval.shapes_oracle import train_shapes_oracle
+
+        oracle, scores = train_shapes_oracle(out, epochs=args.epochs or 5, seed=args.seed, verbose=False)
+        print(f"oracle 'shapes': test image accuracy {scores['image_accuracy']:.4f} on {oracle.info['n_test']} held-out real "
+              f"images (every object's shape, colour and cell right; object accuracy {scores['object_accuracy']:.4f}; "
+              f"{oracle.info['train_seconds']} s); saved to {out}")
+        return 0
+    oracle, acc = train_digits_oracle(out, epochs=args.epochs or 30, seed=args.seed, verbose=False)
     print(f"oracle {args.dataset!r}: test accuracy {acc:.4f} on {oracle.info['n_test']} held-out real images "
           f"(train {oracle.info['train_accuracy']:.4f}, {oracle.info['train_seconds']} s); saved to {out}")
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "eval": cmd_eval, "oracle": cmd_oracle}
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "reconstruct": cmd_reconstruct, "eval": cmd_eval,
+            "oracle": cmd_oracle}
 
 
 def main(argv=None) -> int:

@@ -114,6 +114,7 @@ class TrainSection:
     log_every: int = bounded(10, lo=1)                          # steps averaged per log line
     num_workers: int = bounded(0, lo=0)                         # DataLoader worker processes
     find_unused_parameters: bool = False                        # DDP option for models with unused parameters
+    max_minutes: float = bounded(0.0, lo=0.0)                   # stop (with a checkpoint) before a step would end past this; 0 = none
     # ... plus what the run around the loop needs.
     cond_drop_prob: float = bounded(0.0, lo=0.0, hi=1.0)        # drop conditioning (null class / empty prompt) for CFG
     out_dir: str = "runs/default"                               # checkpoints, samples, logs and the resolved config
@@ -145,6 +146,55 @@ class Config:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
+
+
+@dataclass
+class AutoencoderRunConfig:
+    """A run that trains a first stage (``latentdiff train configs/shapes_vae_kl_f4.yaml``). The open sections are
+    checked against their classes by :func:`check_autoencoder_sections` (``load_config`` does it)."""
+    autoencoder: dict[str, Any] = field(default_factory=dict)   # nn.autoencoder.AutoencoderConfig fields; in/out channels and
+                                                                # resolution come from the data
+    loss: dict[str, Any] = field(default_factory=dict)          # train.autoencoder_objective.AutoencoderLossConfig fields
+    discriminator: dict[str, Any] | None = None                 # nn.discriminator.DiscriminatorConfig fields; null = no GAN term
+    lpips: str | None = None                                    # LPIPS weights file (nn/lpips.py); null = perceptual term off
+    data: DataSection = field(default_factory=lambda: DataSection(name="shapes"))
+    train: TrainSection = field(default_factory=lambda: TrainSection(ema_decay=0.0))
+    eval_num: int = bounded(512, lo=1)                          # held-out images scored (PSNR, SSIM) at the end of training
+
+
+def is_autoencoder_config(data: Mapping) -> bool:
+    """Whether the sections of a config file (a mapping) describe an autoencoder run."""
+    return isinstance(data, Mapping) and "autoencoder" in data
+
+
+def check_autoencoder_sections(config: AutoencoderRunConfig, where: str = "config") -> AutoencoderRunConfig:
+    """Every key of the open sections known and typed (against the classes that use them); returns ``config``
+    with the values converted."""
+    from .nn.autoencoder import AutoencoderConfig
+    from .nn.discriminator import DiscriminatorConfig
+    from .train.autoencoder_objective import AutoencoderLossConfig
+
+    filled = ("in_channels", "out_channels", "resolution")
+    given = [k for k in filled if k in config.autoencoder]
+    if given:
+        raise ConfigError(f"{where}: autoencoder.{given[0]} comes from the data (data.channels, data.size); remove it")
+    ae = validate_fields(AutoencoderConfig, config.autoencoder, where, "autoencoder.")
+    loss = validate_fields(AutoencoderLossConfig, config.loss, where, "loss.")
+    disc = None
+    if config.discriminator is not None:
+        if "in_channels" in config.discriminator:
+            raise ConfigError(f"{where}: discriminator.in_channels comes from the data (data.channels); remove it")
+        disc = validate_fields(DiscriminatorConfig, config.discriminator, where, "discriminator.")
+    # The values together (the classes' own checks); the image size is checked once the data is known.
+    levels = len(ae.get("ch_mult", AutoencoderConfig.ch_mult))
+    for section, cls, values in (("autoencoder", AutoencoderConfig, {**ae, "resolution": 2 ** max(levels - 1, 0)}),
+                                 ("loss", AutoencoderLossConfig, loss), ("discriminator", DiscriminatorConfig, disc)):
+        try:
+            if values is not None:
+                cls(**values)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where}: {section}: {e}") from None
+    return dataclasses.replace(config, autoencoder=ae, loss=loss, discriminator=disc)
 
 
 # ---- validation -----------------------------------------------------------------------------------------
@@ -354,6 +404,8 @@ def _set_path(obj, tp, parts: list[str], value, where: str, done: list[str]):
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where}: {e}") from None
     if isinstance(obj, Mapping):
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # Optional[dict[...]]: the dict's annotation
+            tp = next((a for a in typing.get_args(tp) if a is not type(None)), Any)
         args = typing.get_args(tp)
         vt = args[1] if len(args) == 2 else Any
         out = dict(obj)
@@ -430,11 +482,19 @@ def read_yaml(path) -> dict:
     return data
 
 
-def load_config(path, overrides=(), cls=Config):
-    """The config in YAML file ``path`` with ``key=value`` overrides applied in order, validated."""
-    config = from_dict(cls, read_yaml(path), where=str(path))
+def load_config(path, overrides=(), cls=None):
+    """The config in YAML file ``path`` with ``key=value`` overrides applied in order, validated.
+
+    ``cls`` None picks the kind from the file: :class:`AutoencoderRunConfig` when it has an ``autoencoder``
+    section, else :class:`Config` (a diffusion model)."""
+    data = read_yaml(path)
+    if cls is None:
+        cls = AutoencoderRunConfig if is_autoencoder_config(data) else Config
+    config = from_dict(cls, data, where=str(path))
     for text in overrides:
         config = apply_override(config, text)
+    if isinstance(config, AutoencoderRunConfig):
+        config = check_autoencoder_sections(config, where=str(path) + (" (with overrides)" if overrides else ""))
     return config
 
 

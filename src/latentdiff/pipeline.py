@@ -120,9 +120,17 @@ class Pipeline:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist")
+        from .first_stage import is_autoencoder_folder
+
+        if is_autoencoder_folder(path):
+            raise ValueError(f"{path} holds an autoencoder (first stage), not a diffusion model: `latentdiff reconstruct` "
+                             "and `latentdiff eval` read it; latentdiff.first_stage.load_first_stage loads it")
         if not (path / CONFIG_FILE).is_file():
             raise FileNotFoundError(f"{path} is not a latentdiff run or model folder: no {CONFIG_FILE} in it")
         config = load_config(path / CONFIG_FILE)
+        if not isinstance(config, Config):
+            raise ValueError(f"{path} holds an autoencoder (first stage), not a diffusion model: `latentdiff reconstruct` "
+                             "and `latentdiff eval` read it; latentdiff.first_stage.load_first_stage loads it")
         pipe = cls.from_config(config)
         weights = path / WEIGHTS_FILE
         if not weights.is_file():

@@ -96,19 +96,50 @@ def feature_network(features: str, *, fid_weights=None, oracle_path=None, datase
         return net, {"name": "inception", "fingerprint": net.fingerprint()}
     if features != "oracle":
         raise ValueError(f"unknown features {features!r}; expected inception or oracle")
-    from .oracle import load_oracle
     if oracle_path is not None:
-        net = load_oracle(oracle_path, device=device)
+        net = load_any_oracle(oracle_path, device=device)
     elif dataset_name in (None, "digits"):
         net = digits_oracle_cached(cache, device=device, verbose=verbose)
+    elif dataset_name == "shapes":
+        net = shapes_oracle_cached(cache, device=device, verbose=verbose)
     else:
-        raise ValueError(f"no built-in oracle for dataset {dataset_name!r} (there is one for digits); pass an "
-                         "oracle folder (--oracle PATH) or use --features inception")
-    acc = net.info.get("test_accuracy")
+        raise ValueError(f"no built-in oracle for dataset {dataset_name!r} (there are for {', '.join(ORACLE_DATASETS)}); "
+                         "pass an oracle folder (--oracle PATH) or use --features inception")
+    name = getattr(net.config, "name", "shapes")
+    acc = net.info.get("test_accuracy", (net.info.get("test") or {}).get("image_accuracy"))
     if verbose:
         shown = f"{acc:.2%}" if acc is not None else "unknown"
-        print(f"oracle {net.config.name!r}: accuracy {shown} on held-out real images", flush=True)
-    return net, {"name": f"oracle:{net.config.name}", "fingerprint": net.fingerprint(), "oracle_accuracy": acc}
+        print(f"oracle {name!r}: accuracy {shown} on held-out real images", flush=True)
+    return net, {"name": f"oracle:{name}", "fingerprint": net.fingerprint(), "oracle_accuracy": acc}
+
+
+ORACLE_DATASETS = ("digits", "shapes")
+
+
+def load_any_oracle(path, device=None):
+    """A digits-style Oracle or a ShapesOracle folder, told apart by the ``kind`` in its config.json."""
+    from .oracle import CONFIG_FILE, load_oracle
+    from .shapes_oracle import load_shapes_oracle
+
+    folder = Path(path)
+    folder = folder.parent if folder.is_file() else folder
+    try:
+        kind = json.loads((folder / CONFIG_FILE).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None  # load_oracle names the missing or corrupt file
+    return load_shapes_oracle(folder, device=device) if kind == "shapes-oracle" else load_oracle(folder, device=device)
+
+
+def shapes_oracle_cached(cache=None, *, device=None, verbose: bool = True):
+    """The shapes oracle from ``cache_root(cache)/oracles/shapes``, trained and saved there on first use."""
+    from .shapes_oracle import CONFIG_FILE, load_shapes_oracle, train_shapes_oracle
+
+    folder = cache_root(cache) / "oracles" / "shapes"
+    if not (folder / CONFIG_FILE).is_file():
+        if verbose:
+            print(f"training the shapes oracle (first use, a few minutes) into {folder} ...", flush=True)
+        train_shapes_oracle(folder, verbose=verbose)
+    return load_shapes_oracle(folder, device=device)
 
 
 def choose_features(features: str, *, data_name: str | None, reference, oracle_path) -> str:
@@ -122,7 +153,7 @@ def choose_features(features: str, *, data_name: str | None, reference, oracle_p
         network = str(load_stats(reference)[1].get("network", ""))
         if network:
             return "oracle" if network.startswith("oracle:") else "inception"
-    if oracle_path is not None or data_name == "digits":
+    if oracle_path is not None or data_name in ORACLE_DATASETS:
         return "oracle"
     return "inception"
 

@@ -166,7 +166,11 @@ class AutoencoderObjective:
                     d_weight = torch.zeros((), device=x.device)
                 losses["autoencoder"] = loss_ae + d_weight * f_d * g_loss
                 logs.update(g_loss=float(g_loss.detach()), d_weight=float(d_weight))
-            # D is always called (so every process runs the same graph under DDP); f_d = 0 leaves it untrained.
+            if f_d == 0 and not _distributed():  # D off and no DDP graph to keep identical: skip its passes
+                losses["discriminator"] = torch.zeros((), device=x.device, requires_grad=True)
+                logs.update(d_loss=0.0)
+                return losses, logs
+            # Under DDP, D is called even while f_d = 0 (every process must run the same graph); it stays untrained.
             logits_real = disc(x.detach().contiguous())
             logits_fake = disc(x_rec.detach().contiguous())
             d_fn = hinge_d_loss if cfg.disc_loss == "hinge" else vanilla_d_loss
@@ -217,6 +221,10 @@ class AutoencoderObjective:
         finally:
             ae.train(was)
         return {"psnr": float(torch.cat(p).mean()), "ssim": float(torch.cat(s).mean()), "l1": float(torch.cat(l1).mean())}
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor:

@@ -34,6 +34,8 @@ class TrainConfig:
     log_every: int = 10                   # average metrics over N steps, then write them (CSV, TensorBoard, bar)
     num_workers: int = 0                  # DataLoader worker processes (0 = load in the main process)
     find_unused_parameters: bool = False  # DDP: allow parameters that get no gradient in a step (e.g. GAN phases)
+    max_minutes: float = 0.0              # wall-clock budget of this process's run: stop (with a checkpoint) before a step
+                                          # would end past it; 0 = none. A resumed run gets the budget anew.
 
     def __post_init__(self):
         self.betas = tuple(float(b) for b in self.betas)
@@ -52,6 +54,9 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not (isinstance(self.max_minutes, (int, float)) and not isinstance(self.max_minutes, bool)
+                and math.isfinite(self.max_minutes) and self.max_minutes >= 0):
+            raise ValueError(f"TrainConfig.max_minutes must be a number >= 0 (0 = no limit), got {self.max_minutes!r}")
         if self.weight_decay < 0 or self.grad_clip < 0 or self.adam_eps <= 0:
             raise ValueError("TrainConfig.weight_decay and grad_clip must be >= 0 and adam_eps > 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

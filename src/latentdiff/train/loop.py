@@ -165,12 +165,16 @@ def _run(objective, data, config, out_dir, resume, collate_fn, callback, progres
     sums: dict[str, float] = defaultdict(float)  # metrics summed since the last log line, and how often each came
     counts: dict[str, int] = defaultdict(int)
     n_summed, t_last, metrics = 0, time.perf_counter(), {}
+    t_start, steps_here, time_up = time.perf_counter(), 0, False
     try:
-        while step < config.steps:
+        while step < config.steps and not time_up:
             step_losses, logs, norms, lrs = _optimizer_step(objective, accelerator, stream, optimizers, params, config, step, mp, last_ckpt)
             for n, e in ema.items():
                 e.update(unwrapped[n])
             step += 1
+            steps_here += 1
+            if config.max_minutes:
+                time_up = _time_is_up(t_start, steps_here, config.max_minutes, accelerator)
             single = len(step_losses) == 1
             step_metrics = {("loss" if single else f"loss_{k}"): v for k, v in step_losses.items()}
             step_metrics.update({("grad_norm" if single else f"grad_norm_{k}"): v for k, v in norms.items()})
@@ -181,7 +185,8 @@ def _run(objective, data, config, out_dir, resume, collate_fn, callback, progres
                 counts[k] += 1
             n_summed += 1
             pbar.update(1)
-            if step % config.log_every == 0 or step == config.steps:
+            last = step == config.steps or time_up
+            if step % config.log_every == 0 or last:
                 now = time.perf_counter()
                 metrics = _reduce_mean({k: v / counts[k] for k, v in sums.items()}, accelerator)
                 metrics["steps_per_s"] = n_summed / max(now - t_last, 1e-9)
@@ -195,14 +200,29 @@ def _run(objective, data, config, out_dir, resume, collate_fn, callback, progres
                 callback(step, step_metrics)
             if main and config.sample_every and step % config.sample_every == 0 and hasattr(objective, "sample_images"):
                 _sample_grid(objective, unwrapped, ema, config, out_dir, step, logger, device)
-            if (config.checkpoint_every and step % config.checkpoint_every == 0) or step == config.steps:
+            if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
                 last_ckpt = _save(out_dir, step, unwrapped, ema, optimizers, objective, stream, config, accelerator, mp)
+        if time_up and main:
+            print(f"stopped at step {step} of {config.steps}: the time budget train.max_minutes={config.max_minutes:g} "
+                  f"is spent ({(time.perf_counter() - t_start) / 60:.2f} min)", flush=True)
     finally:
         pbar.close()
         logger.close()
         for m in objective.models.values():
             accelerator.unwrap_model(m, keep_fp32_wrapper=False)  # removes the autocast forward from the raw model
     return TrainResult(step=step, checkpoint=last_ckpt, metrics=metrics)
+
+
+def _time_is_up(t_start: float, steps_done: int, max_minutes: float, accelerator) -> bool:
+    """Whether one more step (at the mean step time so far) would end past ``max_minutes``; the main process
+    decides and every process follows it, so all stop after the same step."""
+    elapsed = time.perf_counter() - t_start
+    up = elapsed * (steps_done + 1) / steps_done > 60.0 * max_minutes
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast
+        flag = broadcast(torch.tensor([float(up)], device=accelerator.device), from_process=0)
+        up = bool(flag.item())
+    return up
 
 
 def _optimizer_step(objective, accelerator, stream, optimizers, params, config, step, mp, last_ckpt):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..config import Config, ConfigError, dump_config, load_config
+from ..config import AutoencoderRunConfig, Config, ConfigError, dump_config, load_config
 from ..data import make_dataset
 from ..pipeline import CONFIG_FILE, Pipeline
 from .checkpoint import list_checkpoints
@@ -35,6 +35,16 @@ def train_config(section) -> TrainConfig:
     """The loop's TrainConfig from the config's train section (shared field names)."""
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in dataclasses.asdict(section).items() if k in names})
+
+
+def _data_for_run(config, out_dir: Path):
+    """(dataset, config with the data resolved and train.out_dir set); prints one line about the data."""
+    dataset, config = resolve_data(config)
+    skipped = getattr(dataset, "num_skipped", 0)
+    note = f" ({skipped} unreadable image(s) skipped)" if skipped else ""
+    print(f"data: {len(dataset)} images from {config.data.name!r}{note}, "
+          f"{config.data.channels}x{config.data.size}x{config.data.size}", flush=True)
+    return dataset, dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=str(out_dir)))
 
 
 def check_conditioning(config: Config, dataset, num_classes: int | None) -> None:
@@ -68,7 +78,20 @@ def _resume_target(config: Config, resume):
     return True if config.train.resume == "latest" else config.train.resume
 
 
-def train_from_config(config: Config, out_dir=None, *, resume: bool | str = False, progress: bool = True, callback=None) -> TrainResult:
+def _check_out_dir(config, out_dir: Path, resume, same: tuple[str, ...]) -> None:
+    """A new run may not reuse a folder with checkpoints; a resumed one must keep the sections ``same``."""
+    saved = out_dir / CONFIG_FILE
+    if not resume and list_checkpoints(out_dir):
+        raise ValueError(f"{out_dir} already holds checkpoints of a run; continue it with --resume (resume=True) "
+                         "or choose another --out (nothing there was changed)")
+    if resume and saved.is_file():
+        previous = load_config(saved)
+        if type(previous) is not type(config) or any(getattr(previous, k) != getattr(config, k) for k in same):
+            raise ConfigError(f"{saved}: the run was started with another {' or '.join(same)} config; resume with that "
+                              "config or use a new --out")
+
+
+def train_from_config(config, out_dir=None, *, resume: bool | str = False, progress: bool = True, callback=None) -> TrainResult:
     """Train the config's model in ``out_dir`` (default: ``config.train.out_dir``).
 
     ``resume`` (or ``train.resume: latest``) continues from the newest complete checkpoint there; the model
@@ -76,22 +99,13 @@ def train_from_config(config: Config, out_dir=None, *, resume: bool | str = Fals
     holds checkpoints is an error, and nothing in it is touched. Every check on the config and the data runs
     before the run folder is written.
     """
+    if isinstance(config, AutoencoderRunConfig):
+        return train_autoencoder_from_config(config, out_dir, resume=resume, progress=progress, callback=callback)
     out_dir = Path(out_dir or config.train.out_dir)
     resume = _resume_target(config, resume)
     saved = out_dir / CONFIG_FILE
-    if not resume and list_checkpoints(out_dir):
-        raise ValueError(f"{out_dir} already holds checkpoints of a run; continue it with --resume (resume=True) "
-                         "or choose another --out (nothing there was changed)")
-    if resume and saved.is_file():
-        previous = load_config(saved)
-        if previous.model != config.model or previous.diffusion != config.diffusion:
-            raise ConfigError(f"{saved}: the run was started with another model or diffusion config; resume with that config or use a new --out")
-    dataset, config = resolve_data(config)
-    skipped = getattr(dataset, "num_skipped", 0)
-    note = f" ({skipped} unreadable image(s) skipped)" if skipped else ""
-    print(f"data: {len(dataset)} images from {config.data.name!r}{note}, "
-          f"{config.data.channels}x{config.data.size}x{config.data.size}", flush=True)
-    config = dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=str(out_dir)))
+    _check_out_dir(config, out_dir, resume, ("model", "diffusion"))
+    dataset, config = _data_for_run(config, out_dir)
     pipe = Pipeline.from_config(config)
     num_classes = pipe.num_classes
     check_conditioning(config, dataset, num_classes)
@@ -104,3 +118,56 @@ def train_from_config(config: Config, out_dir=None, *, resume: bool | str = Fals
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(config, saved)
     return train(objective, dataset, train_config(config.train), out_dir, resume=resume, progress=progress, callback=callback)
+
+
+def train_autoencoder_from_config(config: AutoencoderRunConfig, out_dir=None, *, resume: bool | str = False,
+                                  progress: bool = True, callback=None) -> TrainResult:
+    """Train the first stage of ``config`` in ``out_dir`` with the LDM objective; at the end write the model
+    folder ``out_dir/autoencoder`` (weights + latent scale from the first training batch) and print PSNR and
+    SSIM of held-out images when the dataset has a test split. Checks run before anything is written."""
+    from .. import first_stage
+
+    out_dir = Path(out_dir or config.train.out_dir)
+    resume = _resume_target(config, resume)
+    _check_out_dir(config, out_dir, resume, ("autoencoder", "loss", "discriminator"))
+    dataset, config = _data_for_run(config, out_dir)
+    ae, objective = first_stage.build_objective(config)
+    cfg = ae.config
+    n_params = sum(p.numel() for p in ae.parameters())
+    print(f"autoencoder: {cfg.regularizer.upper()}, f={cfg.f}, latent {cfg.embed_dim}x{cfg.resolution // cfg.f}"
+          f"x{cfg.resolution // cfg.f}, {n_params / 1e6:.2f}M parameters", flush=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dump_config(config, out_dir / CONFIG_FILE)
+    result = train(objective, dataset, train_config(config.train), out_dir, resume=resume, progress=progress, callback=callback)
+    if not _is_main_process():
+        return result
+    ae = objective._raw("autoencoder").eval()
+    scale = first_stage.export(ae, out_dir / first_stage.EXPORT_DIR, first_stage.first_images(dataset, config.train.batch_size),
+                               seed=config.train.seed)
+    print(f"wrote {out_dir / first_stage.EXPORT_DIR} (latent scale {scale:.4f})", flush=True)
+    held_out = _held_out(config)
+    if held_out is not None:
+        from ..eval.metrics import psnr, ssim
+
+        x = first_stage.first_images(held_out, config.eval_num)
+        x_rec = first_stage.reconstruct(ae, x)
+        result.metrics.update(eval_psnr=float(psnr(x_rec, x).mean()), eval_ssim=float(ssim(x_rec, x).mean()))
+        print(f"held-out {config.data.name!r} test split, {len(x)} images: PSNR {result.metrics['eval_psnr']:.2f} dB, "
+              f"SSIM {result.metrics['eval_ssim']:.4f}", flush=True)
+    return result
+
+
+def _held_out(config):
+    """The test split of the run's dataset, or None when it has none."""
+    from ..data import DATASETS
+
+    entry = DATASETS.get(config.data.name)
+    if entry is None or "test" not in entry.splits or config.data.split == "test":
+        return None
+    return make_dataset(dataclasses.replace(config.data, split="test", flip=False))
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
