@@ -151,16 +151,20 @@ def _atomic_write_bytes(path: Path, data: bytes):
         raise
 
 
-def save_oracle(oracle: Oracle, out_dir: str | os.PathLike) -> Path:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` (each atomically)."""
+def save_network(model: nn.Module, out_dir: str | os.PathLike, record: dict) -> Path:
+    """Write ``out_dir/model.safetensors`` (the state dict) and ``out_dir/config.json`` (``record``), each atomically."""
     from safetensors.torch import save
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in oracle.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     _atomic_write_bytes(out / WEIGHTS_FILE, save(state))
-    record = {"config": dataclasses.asdict(oracle.config), "info": oracle.info}
     _atomic_write_bytes(out / CONFIG_FILE, (json.dumps(record, indent=2) + "\n").encode())
     return out
+
+
+def save_oracle(oracle: Oracle, out_dir: str | os.PathLike) -> Path:
+    """Write the oracle folder: ``model.safetensors`` and ``config.json`` (config and info)."""
+    return save_network(oracle, out_dir, {"config": dataclasses.asdict(oracle.config), "info": oracle.info})
 
 
 def load_oracle(path: str | os.PathLike, device=None) -> Oracle:

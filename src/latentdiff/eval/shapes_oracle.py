@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.shapes import COLOURS, GRID, POSITIONS, SHAPES, ShapesDataset
+from .oracle import save_network
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 CELL = 12  # pixels per cell side after resizing to GRID·CELL = 36
@@ -263,29 +263,10 @@ def train_shapes_oracle(out_dir: str | os.PathLike | None = None, *, n_train: in
 
 # ---------------------------------------------------------------------------------------------- save / load
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_shapes_oracle(oracle: ShapesOracle, out_dir: str | os.PathLike) -> Path:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/config.json`` (each atomically)."""
-    from safetensors.torch import save
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in oracle.state_dict().items()}
-    _atomic_write_bytes(out / WEIGHTS_FILE, save(state))
-    record = {"kind": "shapes-oracle", "config": dataclasses.asdict(oracle.config), "info": oracle.info}
-    _atomic_write_bytes(out / CONFIG_FILE, (json.dumps(record, indent=2) + "\n").encode())
-    return out
+    """Write the oracle folder: ``model.safetensors`` and ``config.json`` (kind, config and info), each atomically."""
+    return save_network(oracle, out_dir, {"kind": "shapes-oracle", "config": dataclasses.asdict(oracle.config),
+                                          "info": oracle.info})
 
 
 def load_shapes_oracle(path: str | os.PathLike, device=None) -> ShapesOracle:

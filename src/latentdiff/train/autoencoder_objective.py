@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..eval.metrics import psnr, ssim  # noqa: F401  (psnr and ssim are also imported from here)
 from ..nn.autoencoder import Autoencoder, compute_latent_scale, save_autoencoder
 
 REC_LOSSES = ("l1", "l2")
@@ -82,12 +83,6 @@ def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.
 def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """½ (E softplus(−D(x)) + E softplus(D(x̂))): the non-saturating GAN's discriminator loss."""
     return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB per image of [-1, 1] images (peak-to-peak 2): 10 log10(4 / MSE)."""
-    mse = (x.float() - y.float()).pow(2).flatten(1).mean(1)
-    return 10.0 * torch.log10(4.0 / mse.clamp_min(1e-12))
 
 
 class AutoencoderObjective:
@@ -205,7 +200,8 @@ class AutoencoderObjective:
 
     @torch.no_grad()
     def evaluate(self, images: torch.Tensor, batch_size: int = 64) -> dict:
-        """Mean PSNR (dB), SSIM and L1 of reconstructions (posterior mean for KL models) of ``images``."""
+        """Mean PSNR (dB), SSIM (eval.metrics: Gaussian window) and L1 of reconstructions (posterior mean for KL
+        models) of ``images``."""
         ae = self._raw("autoencoder")
         was = ae.training
         ae.eval()
@@ -225,21 +221,3 @@ class AutoencoderObjective:
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004) per image of [-1, 1] images, with a uniform window.
-
-    SSIM = (2 μ_x μ_y + C1)(2 σ_xy + C2) / ((μ_x² + μ_y² + C1)(σ_x² + σ_y² + C2)), C1 = (0.01 L)², C2 = (0.03 L)²,
-    L = 2 (the range), averaged over channels and valid window positions.
-    """
-    x, y = x.float(), y.float()
-    w = min(window, x.shape[-1], x.shape[-2])
-    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
-    pool = lambda t: F.avg_pool2d(t, w, stride=1)  # noqa: E731
-    mx, my = pool(x), pool(y)
-    sxx = pool(x * x) - mx * mx
-    syy = pool(y * y) - my * my
-    sxy = pool(x * y) - mx * my
-    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2))
-    return s.flatten(1).mean(1)
