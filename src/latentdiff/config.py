@@ -8,6 +8,7 @@ One file holds the sections of a run::
     data:       name, root, size, channels, crop, flip, ...                (DataSection)
     train:      steps, batch_size, lr, ema_decay, cond_drop_prob, ...      (TrainSection)
     sample:     sampler, steps, guidance, eta, num, ...                    (SampleSection)
+    latent:     first_stage (an autoencoder folder), scale, ...            (LatentSection; absent = pixel space)
 
 The machinery is generic: :func:`from_dict` builds any dataclass from a plain mapping, checking every value
 against the field's annotation (int, float, bool, str, Literal, Optional/unions, list, tuple, dict, nested
@@ -140,12 +141,22 @@ class SampleSection:
 
 
 @dataclass
+class LatentSection:
+    first_stage: str | None = None                              # autoencoder model or run folder; null = pixel-space diffusion.
+                                                                # Relative: to the working directory, or (in a saved run or
+                                                                # model folder) to that folder
+    scale: float | None = bounded(None, lo=0.0, lo_open=True)   # latent scale factor; null = the one saved with the autoencoder
+    sample_posterior: bool = True                               # KL first stages: train on posterior samples (LDM) or means
+
+
+@dataclass
 class Config:
     model: dict[str, Any] = field(default_factory=dict)         # {"preset": name, field: value, ...} for the network
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    latent: LatentSection = field(default_factory=LatentSection)  # latent diffusion: the first stage to diffuse in
 
 
 @dataclass

@@ -59,32 +59,65 @@ def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int) -> 
     return dataclasses.replace(base, **model)
 
 
-class Pipeline:
-    """Networks + process + config. ``sample`` takes the same options as ``latentdiff sample``."""
+FIRST_STAGE_DIR = "first_stage"  # the autoencoder's copy inside a run or model folder of a latent model
 
-    def __init__(self, unet: UNet, diffusion: GaussianDiffusion, config: Config):
+
+def resolve_first_stage(path: str, base_dir=None) -> Path:
+    """The autoencoder folder ``path`` names: relative to ``base_dir`` (a saved run or model folder) when it
+    exists there, else as given (relative to the working directory)."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and base_dir is not None and (Path(base_dir) / p).exists():
+        return Path(base_dir) / p
+    return p
+
+
+class Pipeline:
+    """Networks + process + config, and for latent diffusion the first stage (a frozen autoencoder) with its
+    latent scale: ``encode`` maps images to scaled latents z = s·ℰ(x), ``decode`` maps them back, 𝒟(z/s), and
+    ``sample`` draws latents and decodes them. ``sample`` takes the same options as ``latentdiff sample``."""
+
+    def __init__(self, unet: UNet, diffusion: GaussianDiffusion, config: Config, autoencoder=None):
         self.unet, self.diffusion, self.config = unet.eval(), diffusion, config
         if config.data.channels is None or config.data.size is None:
             raise ConfigError("pipeline config needs data.channels and data.size (a resolved config)")
+        self.autoencoder = None if autoencoder is None else autoencoder.eval().requires_grad_(False)
+        self.latent_scale = None
+        if autoencoder is not None:
+            self.latent_scale = config.latent.scale or autoencoder.latent_scale
+            if self.latent_scale is None:
+                raise ConfigError("latent.scale is null and the autoencoder has no saved latent scale "
+                                  "(compute one with `latentdiff export` on its run, or set latent.scale)")
 
     # ---------------------------------------------------------------------------------------------------
     # Construction and files
 
     @classmethod
-    def from_config(cls, config: Config) -> "Pipeline":
-        """Fresh (untrained) networks for a resolved config."""
+    def from_config(cls, config: Config, *, base_dir=None) -> "Pipeline":
+        """Fresh (untrained) networks for a resolved config; the first stage (if any) is loaded from its folder,
+        resolved against ``base_dir`` (see :func:`resolve_first_stage`)."""
         diffusion = build_diffusion(config.diffusion)
-        unet = UNet(unet_config(config, diffusion, config.data.channels))
-        return cls(unet, diffusion, config)
+        autoencoder, channels = None, config.data.channels
+        if config.latent.first_stage is not None:
+            autoencoder = load_latent_first_stage(config, base_dir)
+            channels = autoencoder.config.embed_dim
+        unet = UNet(unet_config(config, diffusion, channels))
+        return cls(unet, diffusion, config, autoencoder)
 
     @property
     def num_classes(self) -> int | None:
         return self.unet.config.num_classes
 
     @property
-    def sample_shape(self) -> tuple[int, int, int]:
+    def image_shape(self) -> tuple[int, int, int]:
         d = self.config.data
         return (d.channels, d.size, d.size)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """The shape the diffusion runs in: the image's, or for latent diffusion the latent's."""
+        if self.autoencoder is not None:
+            return self.autoencoder.latent_shape(self.config.data.size, self.config.data.size)
+        return self.image_shape
 
     @property
     def device(self) -> torch.device:
@@ -92,14 +125,44 @@ class Pipeline:
 
     def to(self, device) -> "Pipeline":
         self.unet.to(device)
+        if self.autoencoder is not None:
+            self.autoencoder.to(device)
         return self
 
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1] -> what the diffusion runs on: s·ℰ(x) (KL: a posterior sample, or the mean when
+        latent.sample_posterior is false), or the images themselves for pixel diffusion."""
+        if self.autoencoder is None:
+            return images
+        if next(self.autoencoder.parameters()).device != images.device:  # e.g. the training loop's device
+            self.autoencoder.to(images.device)
+        kl_sample = self.config.latent.sample_posterior and self.autoencoder.config.regularizer == "kl"
+        z = self.autoencoder.encode(images, sample=kl_sample, generator=generator)
+        return z * self.latent_scale
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`encode`: 𝒟(z/s) in [-1, 1] (pixel diffusion: z clamped)."""
+        if self.autoencoder is None:
+            return z.clamp(-1, 1)
+        if next(self.autoencoder.parameters()).device != z.device:
+            self.autoencoder.to(z.device)
+        return self.autoencoder.decode(z / self.latent_scale).clamp(-1, 1)
+
     def save(self, path) -> Path:
-        """Write a model folder: config.yaml and model.safetensors, each replaced atomically."""
+        """Write a model folder: config.yaml and model.safetensors, each replaced atomically; a latent model
+        also gets its first stage in ``first_stage/`` (with the latent scale), which the config then names."""
         from safetensors.torch import save_model
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        config = self.config
+        if self.autoencoder is not None:
+            from .nn.autoencoder import save_autoencoder
+
+            save_autoencoder(self.autoencoder, str(path / FIRST_STAGE_DIR), latent_scale=self.latent_scale)
+            config = dataclasses.replace(config, latent=dataclasses.replace(config.latent, first_stage=FIRST_STAGE_DIR))
         fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=path)
         os.close(fd)
         try:
@@ -108,7 +171,7 @@ class Pipeline:
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        dump_config(self.config, path / CONFIG_FILE)
+        dump_config(config, path / CONFIG_FILE)
         return path
 
     @classmethod
@@ -131,7 +194,7 @@ class Pipeline:
         if not isinstance(config, Config):
             raise ValueError(f"{path} holds an autoencoder (first stage), not a diffusion model: `latentdiff reconstruct` "
                              "and `latentdiff eval` read it; latentdiff.first_stage.load_first_stage loads it")
-        pipe = cls.from_config(config)
+        pipe = cls.from_config(config, base_dir=path)
         weights = path / WEIGHTS_FILE
         if not weights.is_file():
             weights = checkpoint_weights(path, "unet", ema=ema)
@@ -142,6 +205,8 @@ class Pipeline:
 
     def eval(self) -> "Pipeline":
         self.unet.eval()
+        if self.autoencoder is not None:
+            self.autoencoder.eval()
         return self
 
     # ---------------------------------------------------------------------------------------------------
@@ -216,11 +281,32 @@ class Pipeline:
                 seed=[seed + start + i for i in range(n)], guidance_scale=guidance, uncond=uncond, callback=cb,
                 **opts, **cond,
             )
+            if self.autoencoder is not None:
+                x = self.decode(x)
             out.append(x.float().cpu())
         if bar is not None:
             bar.close()
         images = torch.cat(out).clamp(-1, 1)
         return images if output == "tensor" else to_pil(images)
+
+
+def load_latent_first_stage(config: Config, base_dir=None):
+    """The frozen autoencoder that ``config.latent.first_stage`` names, checked against the data section."""
+    from .first_stage import load_first_stage
+
+    folder = resolve_first_stage(config.latent.first_stage, base_dir)
+    try:
+        autoencoder, _, _ = load_first_stage(folder)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"latent.first_stage: {e}") from None
+    cfg, data = autoencoder.config, config.data
+    if data.channels != cfg.in_channels:
+        raise ConfigError(f"latent.first_stage {folder} takes {cfg.in_channels}-channel images; the data has {data.channels}")
+    if data.size % cfg.f:
+        raise ConfigError(f"latent.first_stage {folder} has f={cfg.f}, which does not divide data.size={data.size}")
+    if config.sample.clip_x0:
+        raise ConfigError("sample.clip_x0 clamps x̂_0 to [-1, 1], which is for pixels, not latents; set sample.clip_x0=false")
+    return autoencoder
 
 
 def checkpoint_weights(run, name: str, *, ema: bool = True) -> Path:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..config import AutoencoderRunConfig, Config, ConfigError, dump_config, load_config
 from ..data import make_dataset
-from ..pipeline import CONFIG_FILE, Pipeline
+from ..pipeline import CONFIG_FILE, FIRST_STAGE_DIR, Pipeline
 from .checkpoint import list_checkpoints
 from .config import TrainConfig
 from .loop import TrainResult, train
@@ -106,16 +106,32 @@ def train_from_config(config, out_dir=None, *, resume: bool | str = False, progr
     saved = out_dir / CONFIG_FILE
     _check_out_dir(config, out_dir, resume, ("model", "diffusion"))
     dataset, config = _data_for_run(config, out_dir)
+    own_copy = out_dir / FIRST_STAGE_DIR
+    if resume and config.latent.first_stage is not None and own_copy.is_dir():
+        # A resumed latent run keeps diffusing in the latents of its own copy of the first stage.
+        config = dataclasses.replace(config, latent=dataclasses.replace(config.latent, first_stage=str(own_copy)))
     pipe = Pipeline.from_config(config)
     num_classes = pipe.num_classes
     check_conditioning(config, dataset, num_classes)
+    latent = pipe.autoencoder is not None
+    if latent:
+        ae = pipe.autoencoder.config
+        print(f"latent diffusion in the {ae.regularizer.upper()}-f{ae.f} first stage of {config.latent.first_stage}: "
+              f"latents {'x'.join(map(str, pipe.sample_shape))}, scale {pipe.latent_scale:.4f}", flush=True)
     objective = DiffusionObjective(
         pipe.unet.train(), pipe.diffusion,
         cond_key="label" if num_classes is not None else None, num_classes=num_classes,
         cond_drop_prob=config.train.cond_drop_prob,
         sample_sampler=config.sample.sampler, sample_steps=config.sample.steps,
+        latent_encoder=pipe.encode if latent else None, latent_decoder=pipe.decode if latent else None,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if latent:  # the run carries its first stage, so that it samples and resumes wherever it is moved
+        from ..nn.autoencoder import save_autoencoder
+
+        if not own_copy.is_dir():
+            save_autoencoder(pipe.autoencoder, str(own_copy), latent_scale=pipe.latent_scale)
+        config = dataclasses.replace(config, latent=dataclasses.replace(config.latent, first_stage=FIRST_STAGE_DIR))
     dump_config(config, saved)
     return train(objective, dataset, train_config(config.train), out_dir, resume=resume, progress=progress, callback=callback)
 
