@@ -1,5 +1,5 @@
 """The first stage as a command: train an autoencoder from a config (LDM objective, two optimizers), the
-model folder with its latent scale, reconstruct, export, eval (PSNR, SSIM, rFID with its floor), and the
+model folder with its latent scale, reconstruct, export, eval (PSNR, SSIM, rFID beside the rFID of other real images), and the
 clear outcome of bad input. A tiny autoencoder on 16x16 shapes; the commands run in-process."""
 
 import json
@@ -115,14 +115,14 @@ def test_reconstruct_writes_pairs_and_reports_psnr(trained_run, tmp_path, capsys
     assert f"PSNR {expected:.2f} dB" in stdout
 
 
-def test_eval_reports_psnr_ssim_and_rfid_with_floor(trained_run, tiny_shapes_oracle, tmp_path, capsys):
+def test_eval_reports_psnr_ssim_and_rfid_with_its_reference(trained_run, tiny_shapes_oracle, tmp_path, capsys):
     out = tmp_path / "eval.json"
     rc, stdout, err = run_cli(capsys, "eval", trained_run, "--num", 32, "--oracle", tiny_shapes_oracle, "--out", out, "--quiet")
     assert rc == 0, err
     result = json.loads(out.read_text())
     m = result["model"]
-    assert m["n"] == 32 and m["n_floor"] == 32
-    assert 0 < m["ssim"] < 1 and m["psnr"] > 5 and m["rfid"] > 0 and m["rfid_floor"] > 0
+    assert m["n"] == 32 and m["n_other"] == 32
+    assert 0 < m["ssim"] < 1 and m["psnr"] > 5 and m["rfid"] > 0 and m["rfid_other_real"] > 0
     assert "PSNR (dB)" in stdout and "rFID (oracle:shapes)" in stdout
 
 
@@ -205,15 +205,15 @@ def test_reconstruction_metrics_of_a_perfect_and_a_degraded_autoencoder(tiny_sha
     net = load_any_oracle(tiny_shapes_oracle)
     x, _ = shapes_arrays("test", 24, size=16)
     other, _ = shapes_arrays("train", 24, size=16)
-    perfect = evaluate_reconstruction(_Identity(), x, net=net, floor_images=other)
+    perfect = evaluate_reconstruction(_Identity(), x, net=net, other_images=other)
     assert perfect["rfid"] == pytest.approx(0.0, abs=1e-6) and perfect["ssim"] == pytest.approx(1.0)
-    assert perfect["psnr"] == float("inf") and perfect["rfid_floor"] > 0
+    assert perfect["psnr"] == float("inf") and perfect["rfid_other_real"] > 0
 
     class Blurry(_Identity):
         def decode(self, z):
             return torch.nn.functional.avg_pool2d(z, 3, stride=1, padding=1, count_include_pad=False)
 
-    blurry = evaluate_reconstruction(Blurry(), x, net=net, floor_images=other)
+    blurry = evaluate_reconstruction(Blurry(), x, net=net, other_images=other)
     assert 10 < blurry["psnr"] < 40 and blurry["ssim"] < 0.99 and blurry["rfid"] > 0
     with pytest.raises(ValueError, match="NaN"):
         evaluate_reconstruction(_Identity(), x * float("nan"), metrics=("psnr",))

@@ -307,7 +307,7 @@ def cmd_reconstruct(args) -> int:
 
 
 def _eval_autoencoder(args, metrics, device, common) -> tuple[dict, Path]:
-    """``latentdiff eval`` of an autoencoder: PSNR, SSIM, rFID (+ floor) on held-out images."""
+    """``latentdiff eval`` of an autoencoder: PSNR, SSIM, rFID (+ the rFID of other real images) on held-out images."""
     import dataclasses
 
     from .eval import run as ev
@@ -322,18 +322,18 @@ def _eval_autoencoder(args, metrics, device, common) -> tuple[dict, Path]:
     dataset, described, has_splits = _autoencoder_data(ae, config, args.reference, split)
     images = stack_images(dataset, args.num)
     _check_images(ae, images)
-    net = info = floor = None
+    net = info = other = None
     if "rfid" in metrics:
         data_name = args.reference if args.reference is not None else (config.data.name if config else None)
         features = ev.choose_features(args.features, data_name=data_name, reference=None, oracle_path=args.oracle)
         net, info = ev.feature_network(features, dataset_name=data_name, **common)
-        # The floor: as many other real images, from the other split, else the images after the evaluated ones.
+        # The scale of rFID: as many other real images, from the other split, else those after the evaluated ones.
         if has_splits and split in ("train", "test"):
-            other, _, _ = _autoencoder_data(ae, config, args.reference, "train" if split == "test" else "test")
-            floor = stack_images(other, len(images))
+            other_set, _, _ = _autoencoder_data(ae, config, args.reference, "train" if split == "test" else "test")
+            other = stack_images(other_set, len(images))
         elif len(dataset) >= 2 * len(images):
-            floor = stack_images(dataset, len(images), start=len(images))
-    model = evaluate_reconstruction(ae, images, metrics=metrics, net=net, floor_images=floor,
+            other = stack_images(dataset, len(images), start=len(images))
+    model = evaluate_reconstruction(ae, images, metrics=metrics, net=net, other_images=other,
                                     batch_size=args.batch_size or 64, device=device, progress=not args.quiet)
     cfg = ae.config
     result = {"kind": "autoencoder", "model": model, "data": described, "features": info, "source": source,

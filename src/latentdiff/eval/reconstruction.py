@@ -3,9 +3,9 @@
 - PSNR (dB) and SSIM (Gaussian window 11, σ 1.5) per image, averaged (eval/metrics.py);
 - rFID: the Fréchet distance between the feature statistics of the originals and of their reconstructions
   (LDM's "R-FID", Table 8), with the same feature network as sample FID (the oracle for shapes and digits,
-  Inception otherwise), beside its floor: the same distance between the originals and as many *other* real
-  images (a disjoint part of the data), which is what an autoencoder that changed the images into other
-  real-looking images would score;
+  Inception otherwise), beside a reference for its scale: the same distance between the originals and as
+  many *other* real images (a disjoint part of the data), which is what an autoencoder that turned every
+  image into another real-looking image would score (rFID is 0 for a perfect autoencoder);
 - encode and decode throughput (images per second on the evaluation device).
 
 Images go through 8-bit quantisation before the feature network (eval/features.py), both originals and
@@ -58,13 +58,14 @@ def _sync(device):
 
 
 def evaluate_reconstruction(autoencoder, images: torch.Tensor, *, metrics=RECONSTRUCTION_METRICS, net=None,
-                            floor_images: torch.Tensor | None = None, batch_size: int = 64, sample: bool = False,
+                            other_images: torch.Tensor | None = None, batch_size: int = 64, sample: bool = False,
                             seed: int = 0, device=None, progress: bool = False) -> dict:
     """Scores of ``autoencoder`` on ``images`` (N, C, H, W) in [-1, 1].
 
-    ``net`` (a feature network with ``features_and_logits``) is needed for rfid; ``floor_images`` (other real
-    images, disjoint from ``images``) give its floor. KL models reconstruct from the posterior mean unless
-    ``sample``. Returns psnr, psnr_std, ssim, l1, rfid, rfid_floor, n, encode/decode images per second.
+    ``net`` (a feature network with ``features_and_logits``) is needed for rfid; ``other_images`` (real images
+    disjoint from ``images``) give its reference ``rfid_other_real``. KL models reconstruct from the posterior
+    mean unless ``sample``. Returns psnr, psnr_std, ssim, l1, rfid, rfid_other_real, n, n_other, encode/decode
+    images per second.
     """
     unknown = [m for m in metrics if m not in RECONSTRUCTION_METRICS]
     if unknown:
@@ -90,9 +91,9 @@ def evaluate_reconstruction(autoencoder, images: torch.Tensor, *, metrics=RECONS
         kw = {"batch_size": batch_size, "device": device, "progress": progress}
         real = extract_stats(net, images, **kw)
         out["rfid"] = fid_from_stats(real, extract_stats(net, rec, **kw))
-        if floor_images is not None and len(floor_images) >= 2:
-            out["rfid_floor"] = fid_from_stats(real, extract_stats(net, floor_images[:n], **kw))
-            out["n_floor"] = min(n, len(floor_images))
+        if other_images is not None and len(other_images) >= 2:
+            out["rfid_other_real"] = fid_from_stats(real, extract_stats(net, other_images[:n], **kw))
+            out["n_other"] = min(n, len(other_images))
     return out
 
 
@@ -100,14 +101,14 @@ def format_reconstruction(result: dict) -> str:
     """An aligned text table of a reconstruction result."""
     m = result["model"]
     head = [f"{m['n']} held-out images of {result.get('data', '?')}; {result.get('autoencoder', '')}".rstrip("; ")]
-    rows = [("metric", "autoencoder", "floor")]
+    rows = [("metric", "autoencoder", "reference")]
     rows.append(("PSNR (dB)", f"{m['psnr']:.2f} ± {m['psnr_std']:.2f}", "-"))
     if "ssim" in m:
         rows.append(("SSIM", f"{m['ssim']:.4f}", "1 (identity)"))
     rows.append(("L1", f"{m['l1']:.4f}", "0 (identity)"))
     if "rfid" in m:
-        floor = f"{m['rfid_floor']:.4g} (other real images)" if "rfid_floor" in m else "-"
-        rows.append((f"rFID ({(result.get('features') or {}).get('name', '?')})", f"{m['rfid']:.4g}", floor))
+        other = f"0 (identity); {m['rfid_other_real']:.4g} (other real images)" if "rfid_other_real" in m else "0 (identity)"
+        rows.append((f"rFID ({(result.get('features') or {}).get('name', '?')})", f"{m['rfid']:.4g}", other))
     rows.append(("encode / decode img/s", f"{m['encode_images_per_s']:.0f} / {m['decode_images_per_s']:.0f}", "-"))
     w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
     lines = head + [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in rows]
