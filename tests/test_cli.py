@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import latentdiff
+from clitools import run_cli
 from latentdiff import cli
 from latentdiff.config import load_config
 from latentdiff.pipeline import CONFIG_FILE, WEIGHTS_FILE
@@ -29,27 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_test.yaml")
 
 
-def run_cli(capsys, *args):
-    """(exit status, stdout, stderr) of ``latentdiff ARGS`` run in-process."""
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
 def pixels(path) -> np.ndarray:
     return np.asarray(Image.open(path))
-
-
-def _main_status(capsys, *args):
-    """Exit status and output of a command that fails in argparse (SystemExit) or returns."""
-    capsys.readouterr()
-    try:
-        rc = cli.main([str(a) for a in args])
-    except SystemExit as e:
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -225,7 +207,7 @@ def _subparsers(parser):
 
 @pytest.mark.parametrize("command", ["train", "sample", "export"])
 def test_help_of_each_subcommand_explains_every_option_and_default(command, capsys):
-    rc, out, err = _main_status(capsys, command, "--help")
+    rc, out, err = run_cli(capsys, command, "--help")
     assert rc == 0
     text = " ".join(out.split())  # argparse wraps lines
     parser = _subparsers(cli.build_parser())[command]
@@ -245,12 +227,12 @@ def test_help_of_each_subcommand_explains_every_option_and_default(command, caps
 
 
 def test_top_level_help_lists_commands_and_sample_help_lists_every_sampler(capsys):
-    rc, out, _ = _main_status(capsys, "--help")
+    rc, out, _ = run_cli(capsys, "--help")
     assert rc == 0 and all(c in out for c in ("train", "sample", "export"))
-    rc, out, _ = _main_status(capsys, "sample", "--help")
+    rc, out, _ = run_cli(capsys, "sample", "--help")
     text = " ".join(out.split())
     assert all(name in text for name in SAMPLERS)
-    rc, _, err = _main_status(capsys)
+    rc, _, err = run_cli(capsys)
     assert rc == 2 and "COMMAND" in err
 
 

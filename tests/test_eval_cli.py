@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import latentdiff
+from clitools import run_cli
 from latentdiff import cli
 from latentdiff.data import Digits
 from latentdiff.eval import (OracleConfig, class_accuracy, extract_stats, fid_from_stats, load_oracle, load_stats,
@@ -33,16 +34,6 @@ def _captured(*args):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = cli.main([str(a) for a in args])
     return rc, out.getvalue(), err.getvalue()
-
-
-def run_cli(capsys, *args):
-    capsys.readouterr()
-    try:
-        rc = cli.main([str(a) for a in args])
-    except SystemExit as e:  # argparse
-        rc = e.code
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from clitools import run_cli
 from latentdiff import cli
 from latentdiff.config import AutoencoderRunConfig, ConfigError, load_config
 from latentdiff.eval.metrics import psnr
@@ -28,13 +29,6 @@ data: {name: shapes, size: 16}
 train: {steps: 6, batch_size: 8, lr: 2.0e-3, ema_decay: 0.0, checkpoint_every: 3, log_every: 1, mixed_precision: "no"}
 eval_num: 16
 """
-
-
-def run_cli(capsys, *args):
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import latentdiff
+from clitools import run_cli
 from latentdiff import cli
 from latentdiff.config import ConfigError, load_config
 from latentdiff.data import make_dataset
@@ -27,13 +28,6 @@ latent: {{first_stage: {ae}, sample_posterior: false}}
 train: {{steps: 3, batch_size: 4, lr: 1.0e-3, ema_decay: 0.9, checkpoint_every: 3, log_every: 1, mixed_precision: "no"}}
 sample: {{sampler: ddim, steps: 3, num: 2, batch_size: 2}}
 """
-
-
-def run_cli(capsys, *args):
-    capsys.readouterr()
-    rc = cli.main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture(scope="module")
