@@ -130,3 +130,14 @@ def test_pixel_models_are_unchanged(tmp_path):
     assert pipe.autoencoder is None and torch.equal(pipe.encode(x), x) and pipe.sample_shape == (1, 8, 8)
     with pytest.raises(ConfigError, match="latent.first_stage"):
         load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml", ["latent.first_stagee=x"])
+
+
+def test_a_latent_model_warns_when_sampling_starts_at_an_extreme_sigma(run):
+    pipe = latentdiff.load(run)  # cosine schedule: 1/sqrt(alpha_bar_{T-1}) is in the thousands
+    with pytest.warns(UserWarning, match="blow up"):
+        pipe.sample(1, output="tensor", spacing="trailing")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe.sample(1, output="tensor", spacing="leading")

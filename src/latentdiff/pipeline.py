@@ -230,6 +230,16 @@ class Pipeline:
             raise ValueError(f"class label(s) {bad} out of range 0..{self.num_classes - 1}")
         return torch.tensor([labels[i % len(labels)] for i in range(num)], dtype=torch.long)
 
+    def _warn_ill_conditioned_start(self, opts: dict) -> None:
+        if self.autoencoder is None:  # pixel models have clip_x0 for this
+            return
+        factor = _ill_conditioned_start(self.diffusion, opts)
+        if factor is not None:
+            warnings.warn(f"sampling starts at t = T-1, where 1/sqrt(alpha_bar) = {factor:.3g}: the network's eps error "
+                          "reaches x0_hat multiplied by that and latents (which have no clip_x0) blow up; use "
+                          "spacing='leading', a schedule with a larger alpha_bar_T (scaled_linear), or v-prediction",
+                          stacklevel=3)
+
     @torch.no_grad()
     def sample(
         self,
@@ -259,6 +269,7 @@ class Pipeline:
         opts = {"eta": s.eta, "spacing": s.spacing, "offset": s.offset, "karras": s.karras, "clip_x0": s.clip_x0,
                 "guidance_rescale": s.guidance_rescale}
         opts.update(options)
+        self._warn_ill_conditioned_start(opts)
         y = self._labels(labels, num)
         if guidance != 1.0 and y is None:
             raise ValueError("guidance needs a class-conditional model")
@@ -288,6 +299,16 @@ class Pipeline:
             bar.close()
         images = torch.cat(out).clamp(-1, 1)
         return images if output == "tensor" else to_pil(images)
+
+
+def _ill_conditioned_start(diffusion: GaussianDiffusion, opts: dict) -> float | None:
+    """1/√ᾱ at t = T−1 when sampling starts there with ε-prediction and an unclipped x̂_0 and that factor
+    exceeds 1,000 (an ε error reaches x̂_0 multiplied by it); else None."""
+    starts_at_end = opts.get("karras") or opts.get("spacing") in ("trailing", "linspace")
+    if not starts_at_end or opts.get("clip_x0") or diffusion.prediction != "eps":
+        return None
+    factor = float(diffusion.alphas_cumprod[-1]) ** -0.5
+    return factor if factor > 1e3 else None
 
 
 def load_latent_first_stage(config: Config, base_dir=None):
