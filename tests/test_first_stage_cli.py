@@ -17,7 +17,7 @@ from latentdiff.config import AutoencoderRunConfig, ConfigError, load_config
 from latentdiff.eval.metrics import psnr
 from latentdiff.eval.reconstruction import evaluate_reconstruction
 from latentdiff.first_stage import EXPORT_DIR, load_first_stage, reconstruct
-from latentdiff.nn.autoencoder import load_autoencoder
+from latentdiff.nn.autoencoder import load_autoencoder, save_autoencoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -129,8 +129,16 @@ def test_export_then_eval_the_model_folder(trained_run, tmp_path, capsys):
     rc, stdout, err = run_cli(capsys, "eval", model, "--reference", "shapes", "--metrics", "psnr,ssim", "--num", 8, "--quiet")
     assert rc == 0, err
     assert (model / "eval" / "eval_reconstruction_test_8.json").is_file()
-    # A model folder does not know its data: reconstruct asks for it.
-    rc, _, err = run_cli(capsys, "reconstruct", model, "--out", tmp_path / "r.png")
+    # The exported folder records the data it was trained on: reconstruct and eval find held-out images.
+    rc, stdout, err = run_cli(capsys, "reconstruct", model, "--num", 2, "--out", tmp_path / "r.png")
+    assert rc == 0 and "2 images of shapes (test)" in stdout, err
+    # A folder that records no data asks for it.
+    bare = tmp_path / "bare"
+    save_autoencoder(load_autoencoder(str(model)), str(bare), data={})
+    meta = json.loads((bare / "config.json").read_text())
+    del meta["data"]
+    (bare / "config.json").write_text(json.dumps(meta))
+    rc, _, err = run_cli(capsys, "reconstruct", bare, "--out", tmp_path / "r.png")
     assert rc == 2 and "--data" in err
     # It is not a diffusion model.
     rc, _, err = run_cli(capsys, "sample", model, "--out", tmp_path / "s.png")

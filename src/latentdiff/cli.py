@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Encode and decode held-out images with an autoencoder (run or model folder) and write one grid with "
                        "each original followed by its reconstruction; prints their PSNR and SSIM.")
     r.add_argument("model", help="autoencoder run folder (its autoencoder/ export, else newest checkpoint) or model folder")
-    r.add_argument("--data", default=None, help="a dataset name (shapes, digits, cifar10, ...) or an image folder (default: the run's "
-                   "training data; required for a model folder)")
+    r.add_argument("--data", default=None, help="a dataset name (shapes, digits, cifar10, ...) or an image folder (default: the training data "
+                   "of the run, or the one a model folder records)")
     r.add_argument("--split", choices=["train", "test", "all"], default="test", help="split of a dataset")
     r.add_argument("--num", type=int, default=16, help="images to reconstruct")
     r.add_argument("--start", type=int, default=0, help="index of the first image")
@@ -235,7 +235,7 @@ def _export_autoencoder(run: Path, model_dir: Path) -> int:
     ae = first_stage.Autoencoder(first_stage.autoencoder_config(config))
     load_model_weights(ae, checkpoint_weights(run, "autoencoder", ema=False))
     images = first_stage.first_images(make_dataset(config.data), config.train.batch_size)
-    scale = first_stage.export(ae.eval(), model_dir, images, seed=config.train.seed)
+    scale = first_stage.export(ae.eval(), model_dir, images, seed=config.train.seed, data=config.data)
     print(f"exported the autoencoder of {run} to {model_dir} (latent scale {scale:.4f})")
     return 0
 
@@ -249,15 +249,18 @@ def _autoencoder_data(ae, config, data: str | None, split: str):
     from .data import DATASETS, make_dataset
     from .eval.run import folder_dataset
 
+    from .first_stage import recorded_data
+
     size, channels = ae.config.resolution, ae.config.in_channels
+    recorded = config.data if config is not None else recorded_data(ae, "the model folder")
     if data is None:
-        if config is None:
-            raise CLIError("give --data (a dataset name or an image folder): a model folder does not record its training data")
-        section = dataclasses.replace(config.data, split=split, flip=False, crop="center")
+        if recorded is None:
+            raise CLIError("give --data (a dataset name or an image folder): this model folder does not record its training data")
+        section = dataclasses.replace(recorded, split=split, flip=False, crop="center")
         return make_dataset(section), f"{section.name} ({split})", True
     if data in DATASETS and not Path(data).exists():
-        if config is not None and config.data.name == data:
-            section = dataclasses.replace(config.data, split=split, flip=False, crop="center")
+        if recorded is not None and recorded.name == data:
+            section = dataclasses.replace(recorded, split=split, flip=False, crop="center")
         else:
             section = DataSection(name=data, size=size, channels=channels, split=split)
         return make_dataset(section), f"{data} ({split})", True
@@ -312,7 +315,7 @@ def _eval_autoencoder(args, metrics, device, common) -> tuple[dict, Path]:
 
     from .eval import run as ev
     from .eval.reconstruction import RECONSTRUCTION_METRICS, evaluate_reconstruction, stack_images
-    from .first_stage import load_first_stage
+    from .first_stage import load_first_stage, recorded_data
 
     bad = [m for m in metrics if m not in RECONSTRUCTION_METRICS]
     if bad:
@@ -324,7 +327,8 @@ def _eval_autoencoder(args, metrics, device, common) -> tuple[dict, Path]:
     _check_images(ae, images)
     net = info = other = None
     if "rfid" in metrics:
-        data_name = args.reference if args.reference is not None else (config.data.name if config else None)
+        recorded = config.data if config is not None else recorded_data(ae, str(args.model))
+        data_name = args.reference if args.reference is not None else (recorded.name if recorded else None)
         features = ev.choose_features(args.features, data_name=data_name, reference=None, oracle_path=args.oracle)
         net, info = ev.feature_network(features, dataset_name=data_name, **common)
         # The scale of rFID: as many other real images, from the other split, else those after the evaluated ones.

@@ -68,13 +68,25 @@ def first_images(dataset, n: int) -> torch.Tensor:
     return torch.stack([dataset[i]["image"] for i in range(n)])
 
 
-def export(autoencoder: Autoencoder, folder, images: torch.Tensor, seed: int = 0) -> float:
-    """Compute the latent scale on ``images`` (posterior samples drawn with ``seed``) and write the model folder."""
+def export(autoencoder: Autoencoder, folder, images: torch.Tensor, seed: int = 0, data=None) -> float:
+    """Compute the latent scale on ``images`` (posterior samples drawn with ``seed``) and write the model folder,
+    with ``data`` (the run's data section) recorded so that reconstruct and eval find held-out images."""
+    from .config import to_dict
+
     generator = torch.Generator().manual_seed(seed)
     device = next(autoencoder.parameters()).device
     scale = compute_latent_scale(autoencoder, images.to(device), generator if device.type == "cpu" else None)
-    save_autoencoder(autoencoder, str(folder), latent_scale=scale)
+    save_autoencoder(autoencoder, str(folder), latent_scale=scale, data=None if data is None else to_dict(data))
     return scale
+
+
+def recorded_data(autoencoder: Autoencoder, source: str):
+    """The DataSection recorded in a model folder (``training_data``), validated; None when there is none."""
+    from .config import DataSection, from_dict
+
+    if getattr(autoencoder, "training_data", None) is None:
+        return None
+    return from_dict(DataSection, autoencoder.training_data, where=f"{source}/{AE_CONFIG_FILE}", prefix="data.")
 
 
 def is_autoencoder_folder(path) -> bool:

@@ -301,6 +301,7 @@ class Autoencoder(nn.Module):
         if not kl:
             self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.vq_beta, restart_dead=cfg.vq_restart_dead)
         self.latent_scale: float | None = None  # 1 / std of the latents (compute_latent_scale); None = not computed
+        self.training_data: dict | None = None  # the data section it was trained on (saved with it), if known
 
     @property
     def f(self) -> int:
@@ -389,8 +390,9 @@ def _atomic_write(path: str, write) -> None:
         raise
 
 
-def save_autoencoder(autoencoder: Autoencoder, folder: str, latent_scale: float | None = None) -> None:
-    """Write ``folder/config.json`` (config, latent scale) and ``folder/model.safetensors``, each atomically."""
+def save_autoencoder(autoencoder: Autoencoder, folder: str, latent_scale: float | None = None, data: dict | None = None) -> None:
+    """Write ``folder/config.json`` (config, latent scale, and the data section it was trained on when known:
+    ``data`` or the model's ``training_data``) and ``folder/model.safetensors``, each atomically."""
     from safetensors.torch import save_file
 
     model = getattr(autoencoder, "module", autoencoder)
@@ -400,6 +402,9 @@ def save_autoencoder(autoencoder: Autoencoder, folder: str, latent_scale: float 
     _atomic_write(os.path.join(folder, WEIGHTS_FILE), lambda p: save_file(state, p, metadata={"format": FORMAT}))
     meta = {"format": FORMAT, "version": 1, "config": model.config.to_dict(),
             "latent_scale": None if scale is None else float(scale)}
+    data = data if data is not None else getattr(model, "training_data", None)
+    if data is not None:
+        meta["data"] = dict(data)
 
     def write_json(p):
         with open(p, "w") as fh:
@@ -433,6 +438,10 @@ def load_autoencoder(folder: str, map_location: str | torch.device = "cpu") -> A
     if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
         raise ValueError(f"{cfg_path}: latent_scale must be a positive number or null, got {scale!r}")
     model.latent_scale = None if scale is None else float(scale)
+    data = meta.get("data")
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"{cfg_path}: data must be a mapping (the data section the autoencoder was trained on), got {data!r}")
+    model.training_data = data
     try:
         state = load_file(w_path, device=str(map_location))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:

@@ -159,7 +159,7 @@ def train_autoencoder_from_config(config: AutoencoderRunConfig, out_dir=None, *,
         return result
     ae = objective._raw("autoencoder").eval()
     scale = first_stage.export(ae, out_dir / first_stage.EXPORT_DIR, first_stage.first_images(dataset, config.train.batch_size),
-                               seed=config.train.seed)
+                               seed=config.train.seed, data=config.data)
     print(f"wrote {out_dir / first_stage.EXPORT_DIR} (latent scale {scale:.4f})", flush=True)
     held_out = _held_out(config)
     if held_out is not None:
