@@ -240,49 +240,11 @@ def _export_autoencoder(run: Path, model_dir: Path) -> int:
     return 0
 
 
-def _autoencoder_data(ae, config, data: str | None, split: str):
-    """(dataset, description, has_splits) of the images to reconstruct: ``data`` (a dataset name or an image
-    folder, which has no splits) at the autoencoder's resolution and channels, else the run's own data section."""
-    import dataclasses
-
-    from .config import DataSection
-    from .data import DATASETS, make_dataset
-    from .eval.run import folder_dataset
-
-    from .first_stage import recorded_data
-
-    size, channels = ae.config.resolution, ae.config.in_channels
-    recorded = config.data if config is not None else recorded_data(ae, "the model folder")
-    if data is None:
-        if recorded is None:
-            raise CLIError("give --data (a dataset name or an image folder): this model folder does not record its training data")
-        section = dataclasses.replace(recorded, split=split, flip=False, crop="center")
-        return make_dataset(section), f"{section.name} ({split})", True
-    if data in DATASETS and not Path(data).exists():
-        if recorded is not None and recorded.name == data:
-            section = dataclasses.replace(recorded, split=split, flip=False, crop="center")
-        else:
-            section = DataSection(name=data, size=size, channels=channels, split=split)
-        return make_dataset(section), f"{data} ({split})", True
-    path = Path(data)
-    if not path.is_dir():
-        raise CLIError(f"--data {data}: not a dataset name ({', '.join(sorted(DATASETS))}) nor an image folder")
-    return folder_dataset(path, size=size, channels=channels), str(path), False
-
-
-def _check_images(ae, images) -> None:
-    c, h, w = images.shape[1:]
-    if c != ae.config.in_channels:
-        raise CLIError(f"the images have {c} channels; the autoencoder takes {ae.config.in_channels}")
-    if h % ae.f or w % ae.f:
-        raise CLIError(f"the images are {h}x{w}; the autoencoder's downsampling factor f={ae.f} does not divide that")
-
-
 def cmd_reconstruct(args) -> int:
     from .eval.metrics import psnr, ssim
     from .eval.reconstruction import stack_images
     from .eval.run import default_device
-    from .first_stage import load_first_stage, pairs_grid, reconstruct
+    from .first_stage import check_images, held_out_data, load_first_stage, pairs_grid, reconstruct
     from .train.logging import save_grid
 
     for name in ("num", "nrow"):
@@ -294,9 +256,9 @@ def cmd_reconstruct(args) -> int:
     if out.suffix.lower() != ".png":
         raise CLIError(f"--out must be a .png file, got {out}")
     ae, config, source = load_first_stage(args.model, device=default_device(args.device))
-    dataset, described, _ = _autoencoder_data(ae, config, args.data, args.split)
+    dataset, described, _ = held_out_data(ae, config, args.data, args.split)
     images = stack_images(dataset, args.num, args.start)
-    _check_images(ae, images)
+    check_images(ae, images)
     gen = None
     if args.sample:
         import torch
@@ -315,16 +277,16 @@ def _eval_autoencoder(args, metrics, device, common) -> tuple[dict, Path]:
 
     from .eval import run as ev
     from .eval.reconstruction import RECONSTRUCTION_METRICS, evaluate_reconstruction, stack_images
-    from .first_stage import load_first_stage, recorded_data
+    from .first_stage import check_images, held_out_data, load_first_stage, recorded_data
 
     bad = [m for m in metrics if m not in RECONSTRUCTION_METRICS]
     if bad:
         raise CLIError(f"{', '.join(bad)}: not a metric of an autoencoder (those are {', '.join(RECONSTRUCTION_METRICS)})")
     ae, config, source = load_first_stage(args.model, device=device)
     split = args.split or "test"
-    dataset, described, has_splits = _autoencoder_data(ae, config, args.reference, split)
+    dataset, described, has_splits = held_out_data(ae, config, args.reference, split)
     images = stack_images(dataset, args.num)
-    _check_images(ae, images)
+    check_images(ae, images)
     net = info = other = None
     if "rfid" in metrics:
         recorded = config.data if config is not None else recorded_data(ae, str(args.model))
@@ -333,7 +295,7 @@ def _eval_autoencoder(args, metrics, device, common) -> tuple[dict, Path]:
         net, info = ev.feature_network(features, dataset_name=data_name, **common)
         # The scale of rFID: as many other real images, from the other split, else those after the evaluated ones.
         if has_splits and split in ("train", "test"):
-            other_set, _, _ = _autoencoder_data(ae, config, args.reference, "train" if split == "test" else "test")
+            other_set, _, _ = held_out_data(ae, config, args.reference, "train" if split == "test" else "test")
             other = stack_images(other_set, len(images))
         elif len(dataset) >= 2 * len(images):
             other = stack_images(dataset, len(images), start=len(images))

@@ -11,6 +11,7 @@ the model folder (``config.json`` with the latent scale, ``model.safetensors``) 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -171,3 +172,39 @@ def pairs_grid(originals: torch.Tensor, reconstructions: torch.Tensor) -> torch.
     if originals.shape != reconstructions.shape:
         raise ValueError(f"shapes differ: {tuple(originals.shape)} vs {tuple(reconstructions.shape)}")
     return torch.stack([originals, reconstructions], dim=1).flatten(0, 1)
+
+
+def held_out_data(ae, config, data: str | None, split: str):
+    """(dataset, description, has_splits) of the images to reconstruct: ``data`` (a dataset name or an image
+    folder, which has no splits) at the autoencoder's resolution and channels, else the run's own data section
+    (or the one a model folder records). Errors name the command's --data option."""
+    from .config import DataSection
+    from .data import DATASETS, make_dataset
+    from .eval.run import folder_dataset
+
+    size, channels = ae.config.resolution, ae.config.in_channels
+    recorded = config.data if config is not None else recorded_data(ae, "the model folder")
+    if data is None:
+        if recorded is None:
+            raise ValueError("give --data (a dataset name or an image folder): this model folder does not record its training data")
+        section = dataclasses.replace(recorded, split=split, flip=False, crop="center")
+        return make_dataset(section), f"{section.name} ({split})", True
+    if data in DATASETS and not Path(data).exists():
+        if recorded is not None and recorded.name == data:
+            section = dataclasses.replace(recorded, split=split, flip=False, crop="center")
+        else:
+            section = DataSection(name=data, size=size, channels=channels, split=split)
+        return make_dataset(section), f"{data} ({split})", True
+    path = Path(data)
+    if not path.is_dir():
+        raise ValueError(f"--data {data}: not a dataset name ({', '.join(sorted(DATASETS))}) nor an image folder")
+    return folder_dataset(path, size=size, channels=channels), str(path), False
+
+
+def check_images(ae, images) -> None:
+    """Images (N, C, H, W) that the autoencoder takes: its channels, sides divisible by f."""
+    c, h, w = images.shape[1:]
+    if c != ae.config.in_channels:
+        raise ValueError(f"the images have {c} channels; the autoencoder takes {ae.config.in_channels}")
+    if h % ae.f or w % ae.f:
+        raise ValueError(f"the images are {h}x{w}; the autoencoder's downsampling factor f={ae.f} does not divide that")
