@@ -167,31 +167,45 @@ def save_oracle(oracle: Oracle, out_dir: str | os.PathLike) -> Path:
     return save_network(oracle, out_dir, {"config": dataclasses.asdict(oracle.config), "info": oracle.info})
 
 
-def load_oracle(path: str | os.PathLike, device=None) -> Oracle:
-    """Load an oracle folder (or its config.json / model.safetensors path); eval mode, no gradients."""
+def load_network(path: str | os.PathLike, build, *, what: str, hint: str, kind: str | None = None, device=None) -> nn.Module:
+    """Load a folder written by :func:`save_network` (or a file in it): ``build(record["config"])`` makes the
+    module, whose weights must match the file's names and shapes; ``kind`` (when given) must equal the
+    record's. Eval mode, no gradients, ``.info`` from the record. Missing or corrupt files raise errors that
+    name them and ``what`` was being loaded."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
+
     path = Path(path)
     folder = path.parent if path.name in (WEIGHTS_FILE, CONFIG_FILE) else path
     cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for p in (cfg_path, w_path):
         if not p.is_file():
-            raise FileNotFoundError(f"oracle file not found: {p} (train one with train_digits_oracle)")
+            raise FileNotFoundError(f"{what} file not found: {p} ({hint})")
     try:
         record = json.loads(cfg_path.read_text())
-        config = OracleConfig.from_dict(record["config"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"corrupt oracle config {cfg_path}: {e}") from e
-    oracle = Oracle(config)
-    state = load_file(str(w_path))
-    missing = sorted(set(oracle.state_dict()) - set(state))
-    unexpected = sorted(set(state) - set(oracle.state_dict()))
-    if missing or unexpected:
-        raise ValueError(f"oracle weights {w_path} do not match its config: missing {missing[:8]}, "
-                         f"unexpected {unexpected[:8]}")
-    oracle.load_state_dict(state)
-    oracle.info = record.get("info", {})
-    oracle.eval().requires_grad_(False)
-    return oracle.to(device) if device is not None else oracle
+        if kind is not None and record.get("kind") != kind:
+            raise KeyError(f"kind is {record.get('kind')!r}, expected {kind!r}")
+        net = build(record["config"])
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"corrupt {what} config {cfg_path}: {e!r}") from None
+    try:
+        state = load_file(str(w_path))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"corrupt {what} weights {w_path}: {e}") from None
+    expected = net.state_dict()
+    bad = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if bad:
+        raise ValueError(f"{what} weights {w_path} do not match its config: {bad[:8]}")
+    net.load_state_dict(state)
+    net.info = record.get("info", {})
+    net.eval().requires_grad_(False)
+    return net.to(device) if device is not None else net
+
+
+def load_oracle(path: str | os.PathLike, device=None) -> Oracle:
+    """Load an oracle folder (or its config.json / model.safetensors path); eval mode, no gradients."""
+    return load_network(path, lambda c: Oracle(OracleConfig.from_dict(c)), what="oracle",
+                        hint="train one with train_digits_oracle", device=device)
 
 
 # ---------------------------------------------------------------------------------------------- training

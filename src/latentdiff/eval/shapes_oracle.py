@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.shapes import COLOURS, GRID, POSITIONS, SHAPES, ShapesDataset
-from .oracle import save_network
+from .oracle import load_network, save_network
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 CELL = 12  # pixels per cell side after resizing to GRID·CELL = 36
@@ -271,35 +271,8 @@ def save_shapes_oracle(oracle: ShapesOracle, out_dir: str | os.PathLike) -> Path
 
 def load_shapes_oracle(path: str | os.PathLike, device=None) -> ShapesOracle:
     """Load an oracle folder (or a file in it); eval mode, no gradients. Missing/corrupt files raise clear errors."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    folder = path.parent if path.name in (WEIGHTS_FILE, CONFIG_FILE) else path
-    cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"shapes oracle file not found: {p} (train one: python -m latentdiff.eval.shapes_oracle DIR)")
-    try:
-        record = json.loads(cfg_path.read_text())
-        if record.get("kind") != "shapes-oracle":
-            raise KeyError("kind")
-        config = ShapesOracleConfig.from_dict(record["config"])
-    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"corrupt shapes oracle config {cfg_path}: {e!r}") from None
-    oracle = ShapesOracle(config)
-    try:
-        state = load_file(str(w_path))
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"corrupt shapes oracle weights {w_path}: {e}") from None
-    expected = oracle.state_dict()
-    bad = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and state[k].shape != expected[k].shape]
-    if bad:
-        raise ValueError(f"shapes oracle weights {w_path} do not match its config: {bad[:8]}")
-    oracle.load_state_dict(state)
-    oracle.info = record.get("info", {})
-    oracle.eval().requires_grad_(False)
-    return oracle.to(device) if device is not None else oracle
+    return load_network(path, lambda c: ShapesOracle(ShapesOracleConfig.from_dict(c)), what="shapes oracle",
+                        hint="train one: latentdiff oracle shapes", kind="shapes-oracle", device=device)
 
 
 def main(argv=None):
