@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn.inception import state_dict_hash
+from ..strict import strict_from_dict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -57,11 +58,8 @@ class OracleConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "OracleConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown OracleConfig keys: {unknown}")
-        return cls(**d)
+        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
+        return strict_from_dict(cls, d)
 
 
 class Oracle(nn.Module):

@@ -35,6 +35,7 @@ from torch import nn
 
 from ..data.shapes import COLOURS, GRID, POSITIONS, SHAPES, ShapesDataset
 from .oracle import load_network, save_network
+from ..strict import strict_from_dict
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 CELL = 12  # pixels per cell side after resizing to GRID·CELL = 36
@@ -60,11 +61,8 @@ class ShapesOracleConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ShapesOracleConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ShapesOracleConfig keys: {unknown}")
-        return cls(**d)
+        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
+        return strict_from_dict(cls, d)
 
 
 class ShapesOracle(nn.Module):

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quantize import VectorQuantizer
+from ..strict import strict_from_dict
 
 REGULARIZERS = ("kl", "vq")
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -86,11 +87,8 @@ class AutoencoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown AutoencoderConfig key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        return cls(**d)
+        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
+        return strict_from_dict(cls, d)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionBlock, SpatialTransformer
 from .layers import Downsample, ResBlock, SinusoidalEmbedding, Upsample, group_norm, group_norm_silu, zero_module
+from ..strict import strict_from_dict
 
 
 @dataclass
@@ -95,12 +96,8 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "UNetConfig":
-        """Build from a plain dict (YAML/JSON); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown UNetConfig keys {unknown}; known: {sorted(known)}")
-        return cls(**d)
+        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
+        return strict_from_dict(cls, d)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -22,7 +22,7 @@ The loop sees only ``models``, ``optimizers``, ``ema`` and ``losses``; this file
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torch import nn
 
 from ..eval.metrics import psnr, ssim  # noqa: F401  (psnr and ssim are also imported from here)
 from ..nn.autoencoder import Autoencoder, compute_latent_scale, save_autoencoder
+from ..strict import strict_from_dict
 
 REC_LOSSES = ("l1", "l2")
 DISC_LOSSES = ("hinge", "vanilla")
@@ -60,11 +61,8 @@ class AutoencoderLossConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AutoencoderLossConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown AutoencoderLossConfig key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        return cls(**d)
+        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
+        return strict_from_dict(cls, d)
 
 
 def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:

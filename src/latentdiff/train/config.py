@@ -6,6 +6,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from ..strict import strict_from_dict
+
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 
@@ -70,12 +72,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        """Build from a plain dict (YAML); an unknown key is an error that names it."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
-        return cls(**d)
+        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
+        return strict_from_dict(cls, d)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
