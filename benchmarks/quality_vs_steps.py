@@ -16,9 +16,7 @@ Steps beyond the model's T are lowered to T (said so in the output).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -74,20 +72,6 @@ def markdown(rows: list[dict], floor: dict | None, oracle_acc) -> str:
     return "\n".join(lines)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Atomic: a temporary file in the same folder, then rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def plot(rows: list[dict], floor: dict | None, path: Path, title: str) -> None:
     """FID against steps, log x, one line (with markers) per sampler, the floor as a dotted line."""
     import matplotlib
@@ -112,17 +96,12 @@ def plot(rows: list[dict], floor: dict | None, path: Path, title: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    from latentdiff.fileio import atomic_write
+
     try:
-        fig.savefig(tmp, format="png")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def main(argv=None) -> int:
@@ -154,8 +133,6 @@ def main(argv=None) -> int:
 
     import torch
 
-    from latentdiff.eval import run as ev
-    from latentdiff.pipeline import load
     from latentdiff.samplers import SAMPLERS
 
     unknown = [s for s in grid if s not in SAMPLERS]
@@ -175,6 +152,7 @@ def sweep(args, model: Path, grid: dict[str, list[int]]) -> int:
     import torch
 
     from latentdiff.eval import run as ev
+    from latentdiff.fileio import atomic_write_text
     from latentdiff.pipeline import load
 
     device = ev.default_device(args.device)
@@ -214,7 +192,7 @@ def sweep(args, model: Path, grid: dict[str, list[int]]) -> int:
               "torch_threads": torch.get_num_threads(), "features": info, "reference": ref.info, "floor": floor,
               "notes": notes, "results": rows, "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     ev.write_json(out / f"{STEM}.json", result)
-    write_text(out / f"{STEM}.md", f"{title}\n\n{table}\n")
+    atomic_write_text(out / f"{STEM}.md", f"{title}\n\n{table}\n")
     print(f"\nwrote {out / STEM}.png, .json and .md")
     return 0
 

@@ -17,9 +17,7 @@ Heavy imports (torch, the networks) happen inside each subcommand so that `--hel
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -195,15 +193,9 @@ def cmd_sample(args) -> int:
 
 
 def _save_png_atomic(image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .fileio import atomic_write
+
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def cmd_export(args) -> int:

@@ -27,8 +27,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
-import tempfile
 import types
 import typing
 from collections.abc import Mapping
@@ -38,6 +36,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .fileio import atomic_write_text
 from .diffusion import LOSSES, PREDICTIONS, VARIANCES
 from .schedules import SCHEDULES, SPACINGS
 
@@ -512,14 +511,4 @@ def load_config(path, overrides=(), cls=None):
 def dump_config(config, path) -> None:
     """Write ``config`` (a dataclass) as YAML that :func:`load_config` reads back equal; atomic."""
     text = "# resolved latentdiff config\n" + yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, text)

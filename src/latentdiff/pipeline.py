@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from .fileio import atomic_write
 from .config import Config, ConfigError, dump_config, load_config, update
 from .diffusion import GaussianDiffusion
 from .nn.unet import PRESETS, UNet, UNetConfig
@@ -163,14 +162,7 @@ class Pipeline:
 
             save_autoencoder(self.autoencoder, str(path / FIRST_STAGE_DIR), latent_scale=self.latent_scale)
             config = dataclasses.replace(config, latent=dataclasses.replace(config.latent, first_stage=FIRST_STAGE_DIR))
-        fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".tmp", dir=path)
-        os.close(fd)
-        try:
-            save_model(self.unet, tmp)
-            os.replace(tmp, path / WEIGHTS_FILE)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_model(self.unet, tmp))
         dump_config(config, path / CONFIG_FILE)
         return path
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..fileio import atomic_write_bytes
 from ..nn.inception import state_dict_hash
 from ..strict import strict_from_dict
 
@@ -137,26 +137,14 @@ def _hash_text(s: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- save / load
 
-def _atomic_write_bytes(path: Path, data: bytes):
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_network(model: nn.Module, out_dir: str | os.PathLike, record: dict) -> Path:
     """Write ``out_dir/model.safetensors`` (the state dict) and ``out_dir/config.json`` (``record``), each atomically."""
     from safetensors.torch import save
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write_bytes(out / WEIGHTS_FILE, save(state))
-    _atomic_write_bytes(out / CONFIG_FILE, (json.dumps(record, indent=2) + "\n").encode())
+    atomic_write_bytes(out / WEIGHTS_FILE, save(state))
+    atomic_write_bytes(out / CONFIG_FILE, (json.dumps(record, indent=2) + "\n").encode())
     return out
 
 

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..fileio import atomic_write_text
 from .evaluate import split_stats
 from .features import extract_stats, quantize_8bit
 from .metrics import FeatureStats, class_accuracy, fid_from_stats, inception_score, kid, precision_recall
@@ -557,17 +557,4 @@ def _jsonable(o):
 
 def write_json(path, obj) -> Path:
     """Write ``obj`` as indented JSON, atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(obj), f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is for reading
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")

@@ -15,13 +15,13 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..fileio import atomic_write
 from .features import extract_stats
 from .metrics import FeatureStats
 
@@ -59,22 +59,15 @@ def cache_path(cache_dir: str | os.PathLike, dataset_id: dict, network_fingerpri
 
 def save_stats(path: str | os.PathLike, stats: FeatureStats, meta: dict | None = None) -> Path:
     """Write stats (+ JSON meta) to ``path`` atomically: a temporary file in the same folder, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {"n": np.array(stats.n, np.int64), "mean": stats.mean, "cov": stats.cov,
               "features": stats.features, "meta": np.array(json.dumps(meta or {}, sort_keys=True))}
     if stats.logits is not None:
         arrays["logits"] = stats.logits
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to a name
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def load_stats(path: str | os.PathLike) -> tuple[FeatureStats, dict]:

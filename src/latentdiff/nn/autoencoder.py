@@ -25,13 +25,13 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fileio import atomic_write, atomic_write_text
 from .quantize import VectorQuantizer
 from ..strict import strict_from_dict
 
@@ -375,19 +375,6 @@ def compute_latent_scale(autoencoder: Autoencoder, images: torch.Tensor, generat
     return 1.0 / std
 
 
-def _atomic_write(path: str, write) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_autoencoder(autoencoder: Autoencoder, folder: str, latent_scale: float | None = None, data: dict | None = None) -> None:
     """Write ``folder/config.json`` (config, latent scale, and the data section it was trained on when known:
     ``data`` or the model's ``training_data``) and ``folder/model.safetensors``, each atomically."""
@@ -397,18 +384,13 @@ def save_autoencoder(autoencoder: Autoencoder, folder: str, latent_scale: float 
     scale = latent_scale if latent_scale is not None else model.latent_scale
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    _atomic_write(os.path.join(folder, WEIGHTS_FILE), lambda p: save_file(state, p, metadata={"format": FORMAT}))
+    atomic_write(os.path.join(folder, WEIGHTS_FILE), lambda p: save_file(state, p, metadata={"format": FORMAT}))
     meta = {"format": FORMAT, "version": 1, "config": model.config.to_dict(),
             "latent_scale": None if scale is None else float(scale)}
     data = data if data is not None else getattr(model, "training_data", None)
     if data is not None:
         meta["data"] = dict(data)
-
-    def write_json(p):
-        with open(p, "w") as fh:
-            json.dump(meta, fh, indent=2)
-
-    _atomic_write(os.path.join(folder, CONFIG_FILE), write_json)
+    atomic_write_text(os.path.join(folder, CONFIG_FILE), json.dumps(meta, indent=2))
     if latent_scale is not None:
         model.latent_scale = float(latent_scale)
 
