@@ -1,5 +1,8 @@
 """Running the `latentdiff` command in-process from tests."""
 
+import contextlib
+import io
+
 from latentdiff import cli
 
 
@@ -13,3 +16,12 @@ def run_cli(capsys, *args):
         rc = e.code
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def captured(*args):
+    """(exit status, stdout, stderr) of ``latentdiff ARGS`` run in-process without pytest's capsys (for
+    module-scoped fixtures)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()

@@ -4,8 +4,6 @@ the clear outcome of each kind of bad input. The commands run in-process through
 runs the installed console script."""
 
 import argparse
-import contextlib
-import io
 import os
 import shutil
 import subprocess
@@ -19,6 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import latentdiff
+from clitools import captured as _captured
 from clitools import run_cli
 from latentdiff import cli
 from latentdiff.config import load_config
@@ -58,13 +57,6 @@ def run(tmp_path_factory):
     ]:
         logs[name] = _captured(*args)
     return {"root": root, "run": run_dir, "model": root / "model", "logs": logs}
-
-
-def _captured(*args):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

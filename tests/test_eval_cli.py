@@ -5,9 +5,7 @@ benchmarks/quality_vs_steps.py on the same run. The figures are recomputed here 
 check the glue (seeds, label cycling, splits), not only that numbers appear."""
 
 import argparse
-import contextlib
 import importlib.util
-import io
 import json
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 from PIL import Image
 
 import latentdiff
+from clitools import captured as _captured
 from clitools import run_cli
 from latentdiff import cli
 from latentdiff.data import Digits
@@ -27,13 +26,6 @@ from latentdiff.pipeline import to_pil
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_test.yaml")
-
-
-def _captured(*args):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
