@@ -21,9 +21,11 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import RequestError, UserError
 
-class CLIError(Exception):
-    """A user error: printed as one line, exit status 2."""
+
+class CLIError(RequestError):
+    """A command's arguments that do not fit: printed as one line, exit status 2 (as every UserError)."""
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -199,43 +201,32 @@ def _save_png_atomic(image, path: Path) -> None:
 
 
 def cmd_export(args) -> int:
-    from .pipeline import CONFIG_FILE, WEIGHTS_FILE, load
+    from .folders import AUTOENCODER, AUTOENCODER_RUN, CONFIG_FILE, MODEL, folder_kind
 
     run = Path(args.run)
-    from .first_stage import is_autoencoder_run
+    kind = folder_kind(run)
+    if kind == AUTOENCODER_RUN:
+        from .first_stage import export_run
 
-    if is_autoencoder_run(run):
-        return _export_autoencoder(run, Path(args.model_dir))
-    if (run / WEIGHTS_FILE).is_file():
+        scale = export_run(run, Path(args.model_dir))
+        print(f"exported the autoencoder of {run} to {args.model_dir} (latent scale {scale:.4f})")
+        return 0
+    if kind in (MODEL, AUTOENCODER):
         raise CLIError(f"{run} is already a model folder")
-    if not (run / CONFIG_FILE).is_file():
+    if kind is None:
         raise CLIError(f"{run} is not a run folder: no {CONFIG_FILE}")
+    from .pipeline import load
+
     pipe = load(run, ema=not args.no_ema)
     path = pipe.save(args.model_dir)
     print(f"exported {'trained' if args.no_ema else 'EMA'} weights of {run} to {path}")
     return 0
 
 
-def _export_autoencoder(run: Path, model_dir: Path) -> int:
-    """The newest checkpoint of an autoencoder run as a model folder, with the latent scale of the first training batch."""
-    from . import first_stage
-    from .data import make_dataset
-    from .pipeline import checkpoint_weights
-    from .train.checkpoint import load_model_weights
-
-    config = first_stage.load_run_config(run)
-    ae = first_stage.Autoencoder(first_stage.autoencoder_config(config))
-    load_model_weights(ae, checkpoint_weights(run, "autoencoder", ema=False))
-    images = first_stage.first_images(make_dataset(config.data), config.train.batch_size)
-    scale = first_stage.export(ae.eval(), model_dir, images, seed=config.train.seed, data=config.data)
-    print(f"exported the autoencoder of {run} to {model_dir} (latent scale {scale:.4f})")
-    return 0
-
-
 def cmd_reconstruct(args) -> int:
     from .eval.metrics import psnr, ssim
+    from .devices import default_device
     from .eval.reconstruction import stack_images
-    from .eval.run import default_device
     from .first_stage import check_images, held_out_data, load_first_stage, pairs_grid, reconstruct
     from .train.logging import save_grid
 
@@ -318,10 +309,67 @@ def _check_sampling(pipe, args) -> None:
         raise CLIError("--guidance needs a class-conditional model (this one is unconditional)")
 
 
-def cmd_eval(args) -> int:
+def _eval_folders(args, metrics, device, common) -> tuple[dict, Path | None]:
+    """``latentdiff eval --real A --fake B``: the metrics between two image sets."""
+    from .data.folder import folder_dataset
     from .eval import run as ev
 
-    from .first_stage import is_autoencoder
+    if args.model is not None:
+        raise CLIError("give a model folder or --real and --fake, not both")
+    if args.real is None or args.fake is None:
+        raise CLIError("--real and --fake go together: the real images and the folder of generated ones")
+    if "bpd" in metrics:
+        raise CLIError("bpd needs a model: it is not a metric between two image sets")
+    fake_dir = Path(args.fake)
+    if not fake_dir.is_dir():
+        raise CLIError(f"--fake {fake_dir} is not a folder of images" + ("" if fake_dir.exists() else " (it does not exist)"))
+    progress = not args.quiet
+    features = ev.choose_features(args.features, data_name=None, reference=args.real, oracle_path=args.oracle)
+    net, info = ev.feature_network(features, **common)
+    channels = getattr(getattr(net, "config", None), "in_channels", 3)
+    fake = folder_dataset(fake_dir, channels=channels)
+    bs = args.batch_size or 64
+    ref = ev.load_reference(args.real, net, split=args.split, cache=args.cache, max_items=args.max_reference,
+                            batch_size=bs, device=device, progress=progress)
+    result = ev.evaluate_folders(ref, fake, net, metrics=metrics, batch_size=bs, device=device, progress=progress,
+                                 net_info=info, seed=args.seed or 0)
+    return result, Path(args.out) if args.out else None
+
+
+def _eval_model(args, metrics, device, common) -> tuple[dict, Path]:
+    """``latentdiff eval MODEL`` of a diffusion model: its samples scored against real images, and bits/dim."""
+    from .data import DATASETS
+    from .eval import run as ev
+    from .pipeline import load
+
+    if args.model is None:
+        raise CLIError("give a run or model folder to evaluate, or --real A --fake B to compare two image folders")
+    progress = not args.quiet
+    pipe = load(args.model, ema=not args.no_ema, device=device)
+    _check_sampling(pipe, args)
+    net = ref = info = None
+    if any(m != "bpd" for m in metrics):
+        data_name = args.reference if args.reference in DATASETS else pipe.config.data.name
+        features = ev.choose_features(args.features, data_name=data_name, reference=args.reference,
+                                      oracle_path=args.oracle)
+        net, info = ev.feature_network(features, dataset_name=data_name, **common)
+        ref = ev.load_reference(args.reference, net, pipe=pipe, split=args.split, cache=args.cache,
+                                max_items=args.max_reference, batch_size=args.batch_size or pipe.config.sample.batch_size,
+                                device=device, progress=progress)
+        if ref.info.get("stats_file") and ref.info["kind"] != "stats":
+            print(f"reference statistics: {ref.info['stats_file']} (reuse with --reference)")
+    result = ev.evaluate_model(pipe, net, ref, metrics=metrics, num=args.num, sampler=args.sampler, steps=args.steps,
+                               guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, device=device,
+                               progress=progress, net_info=info, **({} if args.eta is None else {"eta": args.eta}))
+    result["model_path"], result["ema"] = str(args.model), not args.no_ema
+    return result, Path(args.out) if args.out else ev.default_json_path(args.model, result)
+
+
+def cmd_eval(args) -> int:
+    from .devices import default_device
+    from .eval import run as ev
+    from .eval.reconstruction import format_reconstruction
+    from .folders import is_autoencoder
 
     autoencoder = args.model is not None and is_autoencoder(args.model)
     if autoencoder:
@@ -332,66 +380,18 @@ def cmd_eval(args) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    progress = not args.quiet
-    device = ev.default_device(args.device)
+    device = default_device(args.device)
     common = {"fid_weights": args.fid_weights, "oracle_path": args.oracle, "cache": args.cache, "device": device}
     if args.real is not None or args.fake is not None:
-        if args.model is not None:
-            raise CLIError("give a model folder or --real and --fake, not both")
-        if args.real is None or args.fake is None:
-            raise CLIError("--real and --fake go together: the real images and the folder of generated ones")
-        if "bpd" in metrics:
-            raise CLIError("bpd needs a model: it is not a metric between two image sets")
-        fake_dir = Path(args.fake)
-        if not fake_dir.is_dir():
-            raise CLIError(f"--fake {fake_dir} is not a folder of images" + ("" if fake_dir.exists() else " (it does not exist)"))
-        features = ev.choose_features(args.features, data_name=None, reference=args.real, oracle_path=args.oracle)
-        net, info = ev.feature_network(features, **common)
-        channels = getattr(getattr(net, "config", None), "in_channels", 3)
-        fake = ev.folder_dataset(fake_dir, channels=channels)
-        bs = args.batch_size or 64
-        ref = ev.load_reference(args.real, net, split=args.split, cache=args.cache, max_items=args.max_reference,
-                                batch_size=bs, device=device, progress=progress)
-        result = ev.evaluate_folders(ref, fake, net, metrics=metrics, batch_size=bs, device=device, progress=progress,
-                                     net_info=info, seed=args.seed or 0)
-        out = Path(args.out) if args.out else None
+        evaluate, table = _eval_folders, ev.format_table
     elif autoencoder:
-        result, out = _eval_autoencoder(args, metrics, device, common)
-        from .eval.reconstruction import format_reconstruction
-
-        result["device"] = str(device)
-        result["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-        print(format_reconstruction(result))
-        ev.write_json(out, result)
-        print(f"wrote {out}")
-        return 0
+        evaluate, table = _eval_autoencoder, format_reconstruction
     else:
-        if args.model is None:
-            raise CLIError("give a run or model folder to evaluate, or --real A --fake B to compare two image folders")
-        from .data import DATASETS
-        from .pipeline import load
-
-        pipe = load(args.model, ema=not args.no_ema, device=device)
-        _check_sampling(pipe, args)
-        net = ref = info = None
-        if any(m != "bpd" for m in metrics):
-            data_name = args.reference if args.reference in DATASETS else pipe.config.data.name
-            features = ev.choose_features(args.features, data_name=data_name, reference=args.reference,
-                                          oracle_path=args.oracle)
-            net, info = ev.feature_network(features, dataset_name=data_name, **common)
-            ref = ev.load_reference(args.reference, net, pipe=pipe, split=args.split, cache=args.cache,
-                                    max_items=args.max_reference, batch_size=args.batch_size or pipe.config.sample.batch_size,
-                                    device=device, progress=progress)
-            if ref.info.get("stats_file") and ref.info["kind"] != "stats":
-                print(f"reference statistics: {ref.info['stats_file']} (reuse with --reference)")
-        result = ev.evaluate_model(pipe, net, ref, metrics=metrics, num=args.num, sampler=args.sampler, steps=args.steps,
-                                   guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, device=device,
-                                   progress=progress, net_info=info, **({} if args.eta is None else {"eta": args.eta}))
-        result["model_path"], result["ema"] = str(args.model), not args.no_ema
-        out = Path(args.out) if args.out else ev.default_json_path(args.model, result)
+        evaluate, table = _eval_model, ev.format_table
+    result, out = evaluate(args, metrics, device, common)
     result["device"] = str(device)
     result["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-    print(ev.format_table(result))
+    print(table(result))
     if out is not None:
         ev.write_json(out, result)
         print(f"wrote {out}")
@@ -434,14 +434,10 @@ def main(argv=None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return COMMANDS[args.command](args)
-    except CLIError as e:
+    except (UserError, OSError) as e:
+        # The user's input (a config, data, a folder, an option) or the system (a file that cannot be read or
+        # written): one line that names it, no traceback. Anything else is a bug and keeps its traceback.
         print(f"latentdiff {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, OSError, KeyError) as e:
-        # Bad input (config, data, model folder; OSError covers missing files and folders): one clear line,
-        # no traceback.
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"latentdiff {args.command}: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         hint = " (continue with --resume)" if args.command == "train" else ""

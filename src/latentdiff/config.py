@@ -36,17 +36,12 @@ from typing import Any, Literal
 
 import yaml
 
-from .fileio import atomic_write_text
 from .diffusion import LOSSES, PREDICTIONS, VARIANCES
+from .errors import ConfigError, ConfigTypeError
+from .fileio import atomic_write_text
+from .folders import is_autoencoder_config
 from .schedules import SCHEDULES, SPACINGS
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the file (or override) and the key."""
-
-
-class ConfigTypeError(ConfigError, TypeError):
-    """A config value of the wrong type."""
+from .strict import strict_from_dict
 
 
 def bounded(default=dataclasses.MISSING, *, lo=None, hi=None, lo_open=False, hi_open=False, factory=dataclasses.MISSING):
@@ -164,7 +159,7 @@ class AutoencoderRunConfig:
     checked against their classes by :func:`check_autoencoder_sections` (``load_config`` does it)."""
     autoencoder: dict[str, Any] = field(default_factory=dict)   # nn.autoencoder.AutoencoderConfig fields; in/out channels and
                                                                 # resolution come from the data
-    loss: dict[str, Any] = field(default_factory=dict)          # train.autoencoder_objective.AutoencoderLossConfig fields
+    loss: dict[str, Any] = field(default_factory=dict)          # AutoencoderLossConfig fields
     discriminator: dict[str, Any] | None = None                 # nn.discriminator.DiscriminatorConfig fields; null = no GAN term
     lpips: str | None = None                                    # LPIPS weights file (nn/lpips.py); null = perceptual term off
     data: DataSection = field(default_factory=lambda: DataSection(name="shapes"))
@@ -172,9 +167,38 @@ class AutoencoderRunConfig:
     eval_num: int = bounded(512, lo=1)                          # held-out images scored (PSNR, SSIM) at the end of training
 
 
-def is_autoencoder_config(data: Mapping) -> bool:
-    """Whether the sections of a config file (a mapping) describe an autoencoder run."""
-    return isinstance(data, Mapping) and "autoencoder" in data
+# The loss weights of the first stage (train/autoencoder_objective.py has the loss itself).
+REC_LOSSES = ("l1", "l2")
+DISC_LOSSES = ("hinge", "vanilla")
+
+
+@dataclass
+class AutoencoderLossConfig:
+    rec_loss: str = "l1"              # pixel reconstruction loss: "l1" or "l2"
+    perceptual_weight: float = 1.0    # w_p of LPIPS; ignored (off) when no LPIPS net is given
+    kl_weight: float = 1e-6           # KL models: weight of the KL (per image, LDM's scale; see module docstring)
+    codebook_weight: float = 1.0      # VQ models: weight of L_codebook + β·L_commit
+    disc_weight: float = 0.5          # w_d, multiplies the adaptive weight λ
+    disc_factor: float = 1.0          # f_d once the adversarial term is on
+    disc_start: int = 0               # optimizer step at which the adversarial term and D's training start
+    disc_loss: str = "hinge"          # "hinge" or "vanilla" (softplus) GAN loss
+    max_adaptive_weight: float = 1e4  # clamp of λ before w_d
+    sample_posterior: bool = True     # KL models: decode a posterior sample (True) or the mean
+    image_key: str = "image"          # batch key of the images
+
+    def __post_init__(self):
+        if self.rec_loss not in REC_LOSSES:
+            raise ValueError(f"unknown rec_loss {self.rec_loss!r}; expected one of {', '.join(REC_LOSSES)}")
+        if self.disc_loss not in DISC_LOSSES:
+            raise ValueError(f"unknown disc_loss {self.disc_loss!r}; expected one of {', '.join(DISC_LOSSES)}")
+        for name in ("perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor", "max_adaptive_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"AutoencoderLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "AutoencoderLossConfig":
+        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
+        return strict_from_dict(cls, d)
 
 
 def check_autoencoder_sections(config: AutoencoderRunConfig, where: str = "config") -> AutoencoderRunConfig:
@@ -182,7 +206,6 @@ def check_autoencoder_sections(config: AutoencoderRunConfig, where: str = "confi
     with the values converted."""
     from .nn.autoencoder import AutoencoderConfig
     from .nn.discriminator import DiscriminatorConfig
-    from .train.autoencoder_objective import AutoencoderLossConfig
 
     filled = ("in_channels", "out_channels", "resolution")
     given = [k for k in filled if k in config.autoencoder]

@@ -11,20 +11,30 @@ A model folder holds ``config.yaml`` (the resolved config) and ``model.safetenso
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from pathlib import Path
 
 import torch
 
-from .fileio import atomic_write
-from .config import Config, ConfigError, dump_config, load_config, update
+from .config import Config, dump_config, load_config, update
 from .diffusion import GaussianDiffusion
+from .errors import CheckpointError, ConfigError, MissingFileError, RequestError
+from .fileio import atomic_write
+from .first_stage import load_first_stage
+from .folders import (  # noqa: F401  (CONFIG_FILE, WEIGHTS_FILE, FIRST_STAGE_DIR, resolve_first_stage: re-exported)
+    AUTOENCODER,
+    AUTOENCODER_RUN,
+    CONFIG_FILE,
+    FIRST_STAGE_DIR,
+    WEIGHTS_FILE,
+    folder_kind,
+    load_model_weights,
+    model_weights,
+    resolve_first_stage,
+)
+from .nn.autoencoder import save_autoencoder
 from .nn.unet import PRESETS, UNet, UNetConfig
 from .schedules import make_betas, rescale_zero_terminal_snr
-
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "model.safetensors"
 
 
 def build_diffusion(section) -> GaussianDiffusion:
@@ -56,18 +66,6 @@ def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int) -> 
     model.setdefault("in_channels", channels)
     model.setdefault("out_channels", diffusion.output_channels(channels))
     return dataclasses.replace(base, **model)
-
-
-FIRST_STAGE_DIR = "first_stage"  # the autoencoder's copy inside a run or model folder of a latent model
-
-
-def resolve_first_stage(path: str, base_dir=None) -> Path:
-    """The autoencoder folder ``path`` names: relative to ``base_dir`` (a saved run or model folder) when it
-    exists there, else as given (relative to the working directory)."""
-    p = Path(path).expanduser()
-    if not p.is_absolute() and base_dir is not None and (Path(base_dir) / p).exists():
-        return Path(base_dir) / p
-    return p
 
 
 class Pipeline:
@@ -158,8 +156,6 @@ class Pipeline:
         path.mkdir(parents=True, exist_ok=True)
         config = self.config
         if self.autoencoder is not None:
-            from .nn.autoencoder import save_autoencoder
-
             save_autoencoder(self.autoencoder, str(path / FIRST_STAGE_DIR), latent_scale=self.latent_scale)
             config = dataclasses.replace(config, latent=dataclasses.replace(config.latent, first_stage=FIRST_STAGE_DIR))
         atomic_write(path / WEIGHTS_FILE, lambda tmp: save_model(self.unet, tmp))
@@ -170,27 +166,17 @@ class Pipeline:
     def load(cls, path, *, ema: bool = True, device=None) -> "Pipeline":
         """Load a model folder (config.yaml + model.safetensors) or a run folder (its newest complete
         checkpoint; EMA weights unless ``ema=False``)."""
-        from .train.checkpoint import load_model_weights
-
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"{path} does not exist")
-        from .first_stage import is_autoencoder_folder
-
-        if is_autoencoder_folder(path):
-            raise ValueError(f"{path} holds an autoencoder (first stage), not a diffusion model: `latentdiff reconstruct` "
-                             "and `latentdiff eval` read it; latentdiff.first_stage.load_first_stage loads it")
-        if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a latentdiff run or model folder: no {CONFIG_FILE} in it")
-        config = load_config(path / CONFIG_FILE)
-        if not isinstance(config, Config):
-            raise ValueError(f"{path} holds an autoencoder (first stage), not a diffusion model: `latentdiff reconstruct` "
-                             "and `latentdiff eval` read it; latentdiff.first_stage.load_first_stage loads it")
-        pipe = cls.from_config(config, base_dir=path)
-        weights = path / WEIGHTS_FILE
-        if not weights.is_file():
-            weights = checkpoint_weights(path, "unet", ema=ema)
-        load_model_weights(pipe.unet, weights)
+            raise MissingFileError(f"{path} does not exist")
+        kind = folder_kind(path)
+        if kind in (AUTOENCODER, AUTOENCODER_RUN):
+            raise CheckpointError(f"{path} holds an autoencoder (first stage), not a diffusion model: `latentdiff "
+                                  "reconstruct` and `latentdiff eval` read it; latentdiff.first_stage.load_first_stage loads it")
+        if kind is None:
+            raise MissingFileError(f"{path} is not a latentdiff run or model folder: no {CONFIG_FILE} in it")
+        pipe = cls.from_config(load_config(path / CONFIG_FILE), base_dir=path)
+        load_model_weights(pipe.unet, model_weights(path, "unet", ema=ema))
         if device is not None:
             pipe.to(device)
         return pipe.eval()
@@ -210,16 +196,16 @@ class Pipeline:
     def _labels(self, labels, num: int) -> torch.Tensor | None:
         if self.num_classes is None:
             if labels is not None:
-                raise ValueError("this model is unconditional: it takes no class labels")
+                raise RequestError("this model is unconditional: it takes no class labels")
             return None
         if labels is None:
             labels = list(range(self.num_classes))
         labels = [int(v) for v in (labels if hasattr(labels, "__iter__") else [labels])]
         if not labels:
-            raise ValueError("labels is empty")
+            raise RequestError("labels is empty")
         bad = [v for v in labels if not 0 <= v < self.num_classes]
         if bad:
-            raise ValueError(f"class label(s) {bad} out of range 0..{self.num_classes - 1}")
+            raise RequestError(f"class label(s) {bad} out of range 0..{self.num_classes - 1}")
         return torch.tensor([labels[i % len(labels)] for i in range(num)], dtype=torch.long)
 
     def _warn_ill_conditioned_start(self, opts: dict) -> None:
@@ -250,7 +236,7 @@ class Pipeline:
         from .samplers import sample as run_sampler
 
         if output not in ("pil", "tensor"):
-            raise ValueError(f"output must be 'pil' or 'tensor', got {output!r}")
+            raise RequestError(f"output must be 'pil' or 'tensor', got {output!r}")
         # The given values replace the config's sample section, checked like the config (types and ranges).
         given = {"num": num, "sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed, "batch_size": batch_size}
         given = {k: (v.item() if hasattr(v, "item") else v) for k, v in given.items() if v is not None}  # numpy/torch scalars
@@ -264,7 +250,7 @@ class Pipeline:
         self._warn_ill_conditioned_start(opts)
         y = self._labels(labels, num)
         if guidance != 1.0 and y is None:
-            raise ValueError("guidance needs a class-conditional model")
+            raise RequestError("guidance needs a class-conditional model")
         out = []
         bar = None
         if progress:
@@ -305,8 +291,6 @@ def _ill_conditioned_start(diffusion: GaussianDiffusion, opts: dict) -> float | 
 
 def load_latent_first_stage(config: Config, base_dir=None):
     """The frozen autoencoder that ``config.latent.first_stage`` names, checked against the data section."""
-    from .first_stage import load_first_stage
-
     folder = resolve_first_stage(config.latent.first_stage, base_dir)
     try:
         autoencoder, _, _ = load_first_stage(folder)
@@ -320,46 +304,6 @@ def load_latent_first_stage(config: Config, base_dir=None):
     if config.sample.clip_x0:
         raise ConfigError("sample.clip_x0 clamps x̂_0 to [-1, 1], which is for pixels, not latents; set sample.clip_x0=false")
     return autoencoder
-
-
-def checkpoint_weights(run, name: str, *, ema: bool = True) -> Path:
-    """The weights file of model ``name`` in the newest complete checkpoint of run folder ``run``: its EMA
-    copy (``ema/<name>.safetensors``) when there is one and ``ema``, else ``models/<name>.safetensors``.
-
-    Complete means state.json exists and lists the file with its size and sha256, which are checked; only
-    that file is hashed (not the optimizer state, as a resume must), so sampling from a big run starts fast.
-    A broken newest checkpoint is reported with a warning and the one before it used.
-    """
-    from .train.checkpoint import STATE_FILE, CheckpointError, list_checkpoints, sha256
-
-    run = Path(run)
-    problems = []
-    for _, ckpt in reversed(list_checkpoints(run)):
-        try:
-            files = json.loads((ckpt / STATE_FILE).read_text())["files"]
-            if not isinstance(files, dict):
-                raise TypeError("its file manifest is not a mapping")
-        except FileNotFoundError:
-            problems.append(f"{ckpt.name} is incomplete (no {STATE_FILE})")
-            continue
-        except (ValueError, KeyError, TypeError) as e:
-            problems.append(f"{ckpt / STATE_FILE} is corrupt ({e})")
-            continue
-        rel = str(Path("ema") / f"{name}.safetensors")
-        if not (ema and rel in files):
-            rel = str(Path("models") / f"{name}.safetensors")
-        f, info = ckpt / rel, files.get(rel)
-        if info is None or not f.is_file():
-            problems.append(f"{f} is missing")
-        elif f.stat().st_size != info["size"] or sha256(f) != info["sha256"]:
-            problems.append(f"{f} is truncated or corrupt (size or sha256 differs from {STATE_FILE})")
-        else:
-            if problems:
-                warnings.warn(f"using {ckpt.name}: " + "; ".join(problems), stacklevel=3)
-            return f
-    if problems:
-        raise CheckpointError(f"no complete checkpoint in {run}: " + "; ".join(problems))
-    raise FileNotFoundError(f"{run} has neither {WEIGHTS_FILE} nor a complete checkpoint under checkpoints/")
 
 
 def to_pil(images: torch.Tensor) -> list:

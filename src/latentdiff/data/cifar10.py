@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import DataError, MissingFileError
 from .transforms import item_generator, random_flip
 
 FOLDER_NAME = "cifar-10-batches-py"
@@ -32,7 +33,7 @@ CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 _RECONSTRUCT = np.zeros(1).__reduce__()[0]  # numpy's array reconstructor, whatever module numpy keeps it in
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(DataError, pickle.UnpicklingError):
     """A data pickle asked for something other than plain data (a global outside the allowed few)."""
 
 
@@ -76,7 +77,7 @@ def load_pickle(path) -> object:
     except UnsafePickleError as e:
         raise UnsafePickleError(f"{path}: {e}") from None
     except Exception as e:  # truncated or garbage file
-        raise ValueError(f"{path}: not a readable CIFAR-10 batch ({type(e).__name__}: {e})") from None
+        raise DataError(f"{path}: not a readable CIFAR-10 batch ({type(e).__name__}: {e})") from None
 
 
 def _get(d: dict, key: str):
@@ -91,7 +92,7 @@ def find_batches_folder(root) -> Path:
     """``root`` itself if it holds the batches, else ``root/cifar-10-batches-py``."""
     root = Path(root).expanduser()
     if not root.exists():
-        raise FileNotFoundError(f"CIFAR-10 folder {str(root)!r} does not exist")
+        raise MissingFileError(f"CIFAR-10 folder {str(root)!r} does not exist")
     for cand in (root, root / FOLDER_NAME):
         if (cand / TRAIN_FILES[0]).exists() or (cand / TEST_FILES[0]).exists():
             return cand
@@ -102,19 +103,19 @@ def load_batch(path) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, 3, 32, 32) uint8, labels (N,) int64) of one batch file, validated."""
     d = load_pickle(path)
     if not isinstance(d, dict):
-        raise ValueError(f"{path}: expected a dict, got {type(d).__name__}")
+        raise DataError(f"{path}: expected a dict, got {type(d).__name__}")
     try:
         data, labels = _get(d, "data"), _get(d, "labels")
     except KeyError as e:
-        raise ValueError(f"{path}: missing key {e.args[0]!r}") from None
+        raise DataError(f"{path}: missing key {e.args[0]!r}") from None
     data = np.asarray(data)
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{path}: 'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
+        raise DataError(f"{path}: 'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
     labels = np.asarray(labels)
     if labels.shape != (data.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{path}: 'labels' must be {data.shape[0]} ints, got {labels.dtype} {labels.shape}")
+        raise DataError(f"{path}: 'labels' must be {data.shape[0]} ints, got {labels.dtype} {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{path}: labels must be in 0..9, got {labels.min()}..{labels.max()}")
+        raise DataError(f"{path}: labels must be in 0..9, got {labels.min()}..{labels.max()}")
     return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)  # (N, C, H, W): planes R, G, B of 32 rows
 
 
@@ -135,7 +136,7 @@ class CIFAR10(Dataset):
         names = TRAIN_FILES if train else TEST_FILES
         missing = [n for n in names if not (folder / n).is_file()]
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"CIFAR-10 file {str(folder / missing[0])!r} is missing"
                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 + "; extract cifar-10-python.tar.gz there (the python version; nothing is downloaded)"
@@ -150,9 +151,9 @@ class CIFAR10(Dataset):
             try:
                 names_ = [n.decode() if isinstance(n, bytes) else str(n) for n in _get(meta, "label_names")]
             except (KeyError, TypeError, AttributeError):
-                raise ValueError(f"{folder / META_FILE}: expected a dict with 'label_names'") from None
+                raise DataError(f"{folder / META_FILE}: expected a dict with 'label_names'") from None
             if len(names_) != 10:
-                raise ValueError(f"{folder / META_FILE}: expected 10 label names, got {len(names_)}")
+                raise DataError(f"{folder / META_FILE}: expected 10 label names, got {len(names_)}")
             self.classes = names_
         self.root, self.train, self.flip, self.seed, self.epoch = folder, bool(train), bool(flip), int(seed), 0
         self.num_classes, self.channels, self.size, self.has_captions = 10, 3, (32, 32), True

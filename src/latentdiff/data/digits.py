@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError, DataError
+
 NUM_IMAGES = 1797
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLITS = ("train", "test", "all")
@@ -33,7 +35,7 @@ _INSTALL_HINT = (
 def _read_csv(path: str) -> tuple[np.ndarray, np.ndarray]:
     table = np.loadtxt(path, delimiter=",")  # (1797, 65): 64 pixels then the label
     if table.shape != (NUM_IMAGES, 65):
-        raise ValueError(f"{path}: expected a ({NUM_IMAGES}, 65) table, got {table.shape}")
+        raise DataError(f"{path}: expected a ({NUM_IMAGES}, 65) table, got {table.shape}")
     return table[:, :64].reshape(-1, 8, 8), table[:, 64].astype(np.int64)
 
 
@@ -64,9 +66,9 @@ def load_digits_array() -> tuple[np.ndarray, np.ndarray]:
 def split_indices(n: int, split: str, test_fraction: float) -> np.ndarray:
     """Indices of ``split`` under a fixed permutation of 0..n-1: the last round(n * test_fraction) are test."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+        raise ConfigError(f"test_fraction must be in (0, 1), got {test_fraction}")
     perm = np.random.default_rng(_SPLIT_SEED).permutation(n)
     n_test = round(n * test_fraction)
     if split == "all":
@@ -89,9 +91,9 @@ class Digits(Dataset):
 
     def __init__(self, size: int = 8, split: str = "train", *, resize: str = "bilinear", test_fraction: float = 0.2):
         if isinstance(size, bool) or not isinstance(size, int) or size < 8:
-            raise ValueError(f"digits size must be an int >= 8, got {size!r}")
+            raise ConfigError(f"digits size must be an int >= 8, got {size!r}")
         if resize not in RESIZE_MODES:
-            raise ValueError(f"unknown resize {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
+            raise ConfigError(f"unknown resize {resize!r}; expected one of {', '.join(RESIZE_MODES)}")
         images, labels = load_digits_array()
         keep = split_indices(len(images), split, test_fraction)
         x = torch.from_numpy(images[keep]).to(torch.float32)[:, None] / 8.0 - 1.0  # (N, 1, 8, 8) in [-1, 1]

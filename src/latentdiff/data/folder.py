@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from ..errors import DataError, MissingFileError
 from .transforms import (
     _size_hw,
     check_channels,
@@ -91,12 +92,12 @@ class ImageFolder(Dataset):
         self.crop, self.flip, self.seed, self.epoch = crop, bool(flip), int(seed), 0
 
         if not self.root.exists():
-            raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
+            raise MissingFileError(f"image folder {str(self.root)!r} does not exist")
         if not self.root.is_dir():
-            raise NotADirectoryError(f"{str(self.root)!r} is not a folder")
+            raise DataError(f"{str(self.root)!r} is not a folder")
         found = self._scan()
         if not found:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(self.root)!r}")
+            raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {str(self.root)!r}")
         paths, bad = self._verify(found)
         self.num_skipped = len(bad)
         if bad:
@@ -104,7 +105,7 @@ class ImageFolder(Dataset):
             more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
             logger.warning("skipped %d unreadable image(s) under %s: %s%s", len(bad), self.root, shown, more)
         if not paths:
-            raise ValueError(f"none of the {len(found)} image(s) under {str(self.root)!r} could be read")
+            raise DataError(f"none of the {len(found)} image(s) under {str(self.root)!r} could be read")
 
         records = self._read_metadata(set(found))
         self.caption_source = self._resolve_captions(captions, records, paths)
@@ -144,7 +145,7 @@ class ImageFolder(Dataset):
             if mode not in modes_ok:
                 modes_ok[mode] = convertible(mode, self.channels)
             if not modes_ok[mode]:
-                raise ValueError(
+                raise DataError(
                     f"{p}: image mode {mode!r} cannot be converted to {self.channels} channel(s); "
                     "convert it to RGB, RGBA or greyscale first"
                 )
@@ -165,24 +166,24 @@ class ImageFolder(Dataset):
                     try:
                         rec = json.loads(line)
                     except json.JSONDecodeError as e:
-                        raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+                        raise DataError(f"{where}: not valid JSON ({e.msg})") from None
                     if not isinstance(rec, dict):
-                        raise ValueError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+                        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
                     if "file_name" not in rec:
-                        raise ValueError(f"{where}: missing required field 'file_name'")
+                        raise DataError(f"{where}: missing required field 'file_name'")
                     name = rec["file_name"]
                     if not isinstance(name, str) or not name:
-                        raise ValueError(f"{where}: field 'file_name' must be a non-empty string, got {name!r}")
+                        raise DataError(f"{where}: field 'file_name' must be a non-empty string, got {name!r}")
                     key = Path(os.path.normpath(meta.parent / name))  # lexical, like the scanned paths
                     if key not in existing:
                         if not key.is_file():
-                            raise ValueError(f"{where}: file_name {name!r} does not exist under {str(meta.parent)!r}")
-                        raise ValueError(
+                            raise DataError(f"{where}: file_name {name!r} does not exist under {str(meta.parent)!r}")
+                        raise DataError(
                             f"{where}: file_name {name!r} is not an image this dataset reads ({', '.join(IMAGE_EXTENSIONS)})"
                         )
                     if key in records:
                         first = records[key]
-                        raise ValueError(f"{where}: {name!r} is already described at {first[0]}:{first[1]}")
+                        raise DataError(f"{where}: {name!r} is already described at {first[0]}:{first[1]}")
                     records[key] = (str(meta), lineno, rec)
         return records
 
@@ -194,7 +195,7 @@ class ImageFolder(Dataset):
                 return "txt"
             return "none"
         if source == "metadata" and not records:
-            raise ValueError(f"captions='metadata' but there is no {METADATA_NAME} under {str(self.root)!r}")
+            raise DataError(f"captions='metadata' but there is no {METADATA_NAME} under {str(self.root)!r}")
         return source
 
     def _resolve_labels(self, source, records, paths) -> str:
@@ -206,13 +207,13 @@ class ImageFolder(Dataset):
                 return "folder"
             return "none"
         if source == "metadata" and not records:
-            raise ValueError(f"labels='metadata' but there is no {METADATA_NAME} under {str(self.root)!r}")
+            raise DataError(f"labels='metadata' but there is no {METADATA_NAME} under {str(self.root)!r}")
         return source
 
     def _record(self, p: Path, records, need: str):
         rec = records.get(p)
         if rec is None:
-            raise ValueError(f"{p}: no line in {METADATA_NAME} describes this image (needed for its {need})")
+            raise DataError(f"{p}: no line in {METADATA_NAME} describes this image (needed for its {need})")
         return rec
 
     def _captions(self, paths, records) -> list[str]:
@@ -222,14 +223,14 @@ class ImageFolder(Dataset):
                 meta, lineno, rec = self._record(p, records, "caption")
                 field = _caption_field(rec)
                 if field is None:
-                    raise ValueError(f"{meta}:{lineno}: missing required field 'text' (or 'caption')")
+                    raise DataError(f"{meta}:{lineno}: missing required field 'text' (or 'caption')")
                 if not isinstance(rec[field], str):
-                    raise ValueError(f"{meta}:{lineno}: field {field!r} must be a string, got {rec[field]!r}")
+                    raise DataError(f"{meta}:{lineno}: field {field!r} must be a string, got {rec[field]!r}")
                 caps.append(rec[field])
             else:  # txt
                 txt = p.with_suffix(".txt")
                 if not txt.is_file():
-                    raise FileNotFoundError(f"{p}: caption file {txt.name!r} is missing (captions='txt')")
+                    raise MissingFileError(f"{p}: caption file {txt.name!r} is missing (captions='txt')")
                 caps.append(txt.read_text(encoding="utf-8").strip())
         return caps
 
@@ -239,12 +240,12 @@ class ImageFolder(Dataset):
             if self.label_source == "metadata":
                 meta, lineno, rec = self._record(p, records, "label")
                 if "label" not in rec:
-                    raise ValueError(f"{meta}:{lineno}: missing required field 'label'")
+                    raise DataError(f"{meta}:{lineno}: missing required field 'label'")
                 out.append((f"{meta}:{lineno}", rec["label"]))
             else:  # folder
                 parts = p.relative_to(self.root).parts
                 if len(parts) < 2:
-                    raise ValueError(f"{p}: labels='folder' needs every image in a subfolder named by its class")
+                    raise DataError(f"{p}: labels='folder' needs every image in a subfolder named by its class")
                 out.append((str(p), parts[0]))
         return out
 
@@ -283,7 +284,7 @@ class ImageFolder(Dataset):
                     logger.warning("could not decode %s (%s: %s); using the next image", self.paths[src], type(e).__name__, e)
                 src = (src + 1) % n
         else:
-            raise RuntimeError(f"no image under {str(self.root)!r} could be decoded")
+            raise DataError(f"no image under {str(self.root)!r} could be decoded")
         item = {"image": image, "path": str(self.paths[src]), "index": index}
         if self.captions is not None:
             item["caption"] = self.captions[src]
@@ -320,16 +321,37 @@ def _label_ids(raw: list[tuple[str, object]]) -> tuple[list[str], list[int]]:
     kinds = set()
     for where, v in raw:
         if isinstance(v, bool) or not isinstance(v, (int, str)):
-            raise ValueError(f"{where}: field 'label' must be an int or a string, got {v!r}")
+            raise DataError(f"{where}: field 'label' must be an int or a string, got {v!r}")
         if isinstance(v, int) and v < 0:
-            raise ValueError(f"{where}: field 'label' must be >= 0, got {v}")
+            raise DataError(f"{where}: field 'label' must be >= 0, got {v}")
         kinds.add(type(v))
     if len(kinds) > 1:
         where = next(w for w, v in raw if isinstance(v, str))
-        raise ValueError(f"{where}: labels mix ints and strings; use one kind for every image")
+        raise DataError(f"{where}: labels mix ints and strings; use one kind for every image")
     values = [v for _, v in raw]
     if kinds == {int}:
         return [str(i) for i in range(max(values) + 1)], list(values)
     classes = sorted(set(values))
     ids = {c: i for i, c in enumerate(classes)}
     return classes, [ids[v] for v in values]
+
+
+def first_image_side(root: Path) -> int | None:
+    """The shorter side of the first readable image under ``root`` (sorted paths), or None."""
+    for p in sorted(root.rglob("*")):
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."):
+            try:
+                with Image.open(p) as im:
+                    return min(im.size)
+            except Exception:  # unreadable: ImageFolder skips it and reports it
+                continue
+    return None
+
+
+def folder_dataset(path, *, size: int | None = None, channels: int = 3) -> ImageFolder:
+    """An ImageFolder of ``path`` (no labels, captions or random transforms) at ``size`` (default: the
+    shorter side of its first image)."""
+    root = Path(path)
+    if root.is_dir() and size is None:
+        size = first_image_side(root)
+    return ImageFolder(root, size or 8, channels=channels, captions="none", labels="none")

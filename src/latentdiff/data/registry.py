@@ -14,6 +14,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError, ConfigTypeError
+
 # The shared settings and their defaults (mirrors config.DataSection; this module does not import config).
 DEFAULTS: dict[str, Any] = {
     "root": None,
@@ -55,7 +57,7 @@ def _settings(spec, overrides: dict) -> tuple[str, dict]:
     raw.update(overrides)
     name = raw.pop("name", None)
     if not isinstance(name, str) or not name:
-        raise ValueError("the dataset settings need a 'name'")
+        raise ConfigError("the dataset settings need a 'name'")
     options = dict(raw.pop("options", None) or {})
     settings = dict(DEFAULTS)
     for k, v in raw.items():
@@ -71,30 +73,30 @@ def make_dataset(spec, **overrides) -> Dataset:
     """Build a dataset from a name (+ keyword settings), a mapping, or a data config section."""
     name, s = _settings(spec, overrides)
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {', '.join(sorted(DATASETS))}")
+        raise ConfigError(f"unknown dataset {name!r}; expected one of {', '.join(sorted(DATASETS))}")
     entry = DATASETS[name]
     for k, default in DEFAULTS.items():
         if k not in entry.uses and s[k] != default:
-            raise ValueError(f"dataset {name!r} does not use the setting {k!r} (got {s[k]!r}); remove it")
+            raise ConfigError(f"dataset {name!r} does not use the setting {k!r} (got {s[k]!r}); remove it")
     if s["split"] not in entry.splits:
-        raise ValueError(f"dataset {name!r} has no split {s['split']!r}; expected one of {', '.join(entry.splits)}")
+        raise ConfigError(f"dataset {name!r} has no split {s['split']!r}; expected one of {', '.join(entry.splits)}")
     try:
         return entry.build(s)
     except TypeError as e:  # most often an unknown keyword in options
         if "keyword" in str(e):
-            raise TypeError(f"dataset {name!r}: bad option in {sorted(s['options'])}: {e}") from None
+            raise ConfigTypeError(f"dataset {name!r}: bad option in {sorted(s['options'])}: {e}") from None
         raise
 
 
 def _require(s: dict, key: str, name: str):
     if s[key] is None:
-        raise ValueError(f"dataset {name!r} needs the setting {key!r} (data.{key} in a config)")
+        raise ConfigError(f"dataset {name!r} needs the setting {key!r} (data.{key} in a config)")
     return s[key]
 
 
 def _fixed(s: dict, key: str, value, name: str):
     if s[key] is not None and s[key] != value:
-        raise ValueError(f"dataset {name!r} has {key} {value}, got {s[key]!r}")
+        raise ConfigError(f"dataset {name!r} has {key} {value}, got {s[key]!r}")
 
 
 def _build_folder(s: dict) -> Dataset:

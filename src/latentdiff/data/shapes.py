@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError
+
 SHAPES = ("circle", "square", "triangle")
 # Colour name -> RGB (0..255). Chosen pairwise far apart so the oracle can read them back exactly.
 COLOURS = {
@@ -70,17 +72,17 @@ class ShapesConfig:
     def __post_init__(self):
         self.shapes, self.colours, self.backgrounds = tuple(self.shapes), tuple(self.colours), tuple(self.backgrounds)
         if not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"shapes: size must be a positive int, got {self.size!r}")
+            raise ConfigError(f"shapes: size must be a positive int, got {self.size!r}")
         if not 1 <= self.min_objects <= self.max_objects <= GRID * GRID:
-            raise ValueError(f"shapes: need 1 <= min_objects <= max_objects <= {GRID * GRID}, got {self.min_objects}, {self.max_objects}")
+            raise ConfigError(f"shapes: need 1 <= min_objects <= max_objects <= {GRID * GRID}, got {self.min_objects}, {self.max_objects}")
         for kind, names, known in (("shape", self.shapes, SHAPES), ("colour", self.colours, COLOURS), ("background", self.backgrounds, BACKGROUNDS)):
             bad = [n for n in names if n not in known]
             if bad or not names or len(set(names)) != len(names):
-                raise ValueError(f"shapes: bad {kind} list {names!r}; choose distinct names from {', '.join(known)}")
+                raise ConfigError(f"shapes: bad {kind} list {names!r}; choose distinct names from {', '.join(known)}")
         if not isinstance(self.antialias, int) or self.antialias < 1:
-            raise ValueError(f"shapes: antialias must be an int >= 1, got {self.antialias!r}")
+            raise ConfigError(f"shapes: antialias must be an int >= 1, got {self.antialias!r}")
         if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"shapes: test_fraction must be in (0, 1), got {self.test_fraction}")
+            raise ConfigError(f"shapes: test_fraction must be in (0, 1), got {self.test_fraction}")
 
     @property
     def num_classes(self) -> int:
@@ -154,7 +156,7 @@ def draw_scene(rng: np.random.Generator, cfg: ShapesConfig) -> Scene:
 def scene_at(seed: int, index: int, split: str, cfg: ShapesConfig) -> Scene:
     """The scene of item ``index``: deterministic in (seed, split, index) and always in ``split``."""
     if split not in SPLITS:
-        raise ValueError(f"shapes: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise ConfigError(f"shapes: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
     rng = np.random.default_rng([int(seed), SPLITS.index(split), int(index)])
     for _ in range(10_000):
         scene = draw_scene(rng, cfg)
@@ -245,13 +247,13 @@ class ShapesDataset(Dataset):
 
     def __init__(self, split: str = "train", length: int = 50_000, seed: int = 0, config: ShapesConfig | None = None, **overrides):
         if split not in SPLITS:
-            raise ValueError(f"shapes: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+            raise ConfigError(f"shapes: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         if length < 1:
-            raise ValueError(f"shapes: length must be >= 1, got {length}")
+            raise ConfigError(f"shapes: length must be >= 1, got {length}")
         known = {f.name for f in fields(ShapesConfig)}
         unknown = sorted(set(overrides) - known)
         if unknown:
-            raise ValueError(f"shapes: unknown config keys {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"shapes: unknown config keys {unknown}; known: {sorted(known)}")
         base = config or ShapesConfig()
         self.config = ShapesConfig(**{**{f.name: getattr(base, f.name) for f in fields(ShapesConfig)}, **overrides})
         self.split, self.length, self.seed = split, int(length), int(seed)

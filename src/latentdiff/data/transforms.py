@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import DataError
+
 # Channel count -> PIL mode of the converted image.
 CHANNEL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}
 
@@ -43,7 +45,7 @@ def convert_channels(img: Image.Image, channels: int) -> Image.Image:
     """
     target = CHANNEL_MODES[check_channels(channels)]
     if not convertible(img.mode, channels):
-        raise ValueError(f"cannot convert an image of mode {img.mode!r} to {channels} channel(s)")
+        raise DataError(f"cannot convert an image of mode {img.mode!r} to {channels} channel(s)")
     if img.mode in _SIXTEEN_BIT_MODES:
         arr = np.asarray(img, dtype=np.int64)
         img = Image.fromarray(np.clip(arr >> 8, 0, 255).astype(np.uint8), mode="L")

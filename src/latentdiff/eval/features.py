@@ -21,6 +21,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from ..errors import DataError
 from .metrics import FeatureStats
 
 
@@ -114,5 +115,5 @@ def extract_stats(net, source, *, batch_size: int = 64, indices: Sequence[int] |
     if bar is not None:
         bar.close()
     if stats.n == 0:
-        raise ValueError("no images to extract features from")
+        raise DataError("no images to extract features from")
     return stats

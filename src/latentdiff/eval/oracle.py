@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import CheckpointError, MissingFileError
 from ..fileio import atomic_write_bytes
 from ..nn.inception import state_dict_hash
 from ..strict import strict_from_dict
@@ -166,22 +167,22 @@ def load_network(path: str | os.PathLike, build, *, what: str, hint: str, kind: 
     cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
     for p in (cfg_path, w_path):
         if not p.is_file():
-            raise FileNotFoundError(f"{what} file not found: {p} ({hint})")
+            raise MissingFileError(f"{what} file not found: {p} ({hint})")
     try:
         record = json.loads(cfg_path.read_text())
         if kind is not None and record.get("kind") != kind:
             raise KeyError(f"kind is {record.get('kind')!r}, expected {kind!r}")
         net = build(record["config"])
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
-        raise ValueError(f"corrupt {what} config {cfg_path}: {e!r}") from None
+        raise CheckpointError(f"corrupt {what} config {cfg_path}: {e!r}") from None
     try:
         state = load_file(str(w_path))
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"corrupt {what} weights {w_path}: {e}") from None
+        raise CheckpointError(f"corrupt {what} weights {w_path}: {e}") from None
     expected = net.state_dict()
     bad = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if bad:
-        raise ValueError(f"{what} weights {w_path} do not match its config: {bad[:8]}")
+        raise CheckpointError(f"{what} weights {w_path} do not match its config: {bad[:8]}")
     net.load_state_dict(state)
     net.info = record.get("info", {})
     net.eval().requires_grad_(False)

@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from ..errors import DataError, RequestError
 from .features import extract_stats
 from .metrics import fid_from_stats, psnr, ssim
 
@@ -28,7 +29,7 @@ def stack_images(dataset, num: int, start: int = 0) -> torch.Tensor:
     """Images ``start .. start + num`` of a map-style dataset (items are dicts with "image" or tensors)."""
     end = min(len(dataset), start + num)
     if end <= start:
-        raise ValueError(f"the dataset has {len(dataset)} images; none from index {start}")
+        raise RequestError(f"the dataset has {len(dataset)} images; none from index {start}")
     items = [dataset[i] for i in range(start, end)]
     return torch.stack([it["image"] if isinstance(it, dict) else it for it in items])
 
@@ -69,13 +70,13 @@ def evaluate_reconstruction(autoencoder, images: torch.Tensor, *, metrics=RECONS
     """
     unknown = [m for m in metrics if m not in RECONSTRUCTION_METRICS]
     if unknown:
-        raise ValueError(f"unknown reconstruction metric(s) {', '.join(unknown)}; expected {', '.join(RECONSTRUCTION_METRICS)}")
+        raise RequestError(f"unknown reconstruction metric(s) {', '.join(unknown)}; expected {', '.join(RECONSTRUCTION_METRICS)}")
     if images.ndim != 4 or images.shape[1] != autoencoder.config.in_channels:
-        raise ValueError(f"the autoencoder takes ({autoencoder.config.in_channels}, H, W) images, got {tuple(images.shape[1:])}")
+        raise DataError(f"the autoencoder takes ({autoencoder.config.in_channels}, H, W) images, got {tuple(images.shape[1:])}")
     if not torch.isfinite(images).all():
-        raise ValueError("the images contain NaN or inf")
+        raise DataError("the images contain NaN or inf")
     if "rfid" in metrics and net is None:
-        raise ValueError("rfid needs a feature network")
+        raise RequestError("rfid needs a feature network")
     if device is not None:
         autoencoder = autoencoder.to(device)
     rec, t_enc, t_dec = reconstruct_timed(autoencoder, images, batch_size=batch_size, sample=sample, seed=seed)

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import MissingFileError, RequestError
 from ..fileio import atomic_write_text
 from .evaluate import split_stats
 from .features import extract_stats, quantize_8bit
@@ -60,10 +61,10 @@ def parse_metrics(text) -> list[str]:
     names = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
     unknown = [m for m in names if m not in METRICS]
     if unknown:
-        raise ValueError(f"unknown metric(s) {', '.join(map(repr, unknown))}; expected a comma-separated "
+        raise RequestError(f"unknown metric(s) {', '.join(map(repr, unknown))}; expected a comma-separated "
                          f"list of {', '.join(METRICS)}")
     if not names:
-        raise ValueError(f"no metric given; expected a comma-separated list of {', '.join(METRICS)}")
+        raise RequestError(f"no metric given; expected a comma-separated list of {', '.join(METRICS)}")
     return [m for m in METRICS if m in names]
 
 
@@ -95,7 +96,7 @@ def feature_network(features: str, *, fid_weights=None, oracle_path=None, datase
         net = load_fid_inception(fid_weights, device=device)
         return net, {"name": "inception", "fingerprint": net.fingerprint()}
     if features != "oracle":
-        raise ValueError(f"unknown features {features!r}; expected inception or oracle")
+        raise RequestError(f"unknown features {features!r}; expected inception or oracle")
     if oracle_path is not None:
         net = load_any_oracle(oracle_path, device=device)
     elif dataset_name in (None, "digits"):
@@ -103,7 +104,7 @@ def feature_network(features: str, *, fid_weights=None, oracle_path=None, datase
     elif dataset_name == "shapes":
         net = shapes_oracle_cached(cache, device=device, verbose=verbose)
     else:
-        raise ValueError(f"no built-in oracle for dataset {dataset_name!r} (there are for {', '.join(ORACLE_DATASETS)}); "
+        raise RequestError(f"no built-in oracle for dataset {dataset_name!r} (there are for {', '.join(ORACLE_DATASETS)}); "
                          "pass an oracle folder (--oracle PATH) or use --features inception")
     name = getattr(net.config, "name", "shapes")
     acc = net.info.get("test_accuracy", (net.info.get("test") or {}).get("image_accuracy"))
@@ -146,7 +147,7 @@ def choose_features(features: str, *, data_name: str | None, reference, oracle_p
     """Resolve "auto": for a .npz reference, the kind of network its statistics came from; else the oracle
     when one is given or the data is the digits; else Inception."""
     if features not in FEATURES:
-        raise ValueError(f"unknown features {features!r}; expected one of {', '.join(FEATURES)}")
+        raise RequestError(f"unknown features {features!r}; expected one of {', '.join(FEATURES)}")
     if features != "auto":
         return features
     if reference is not None and str(reference).endswith(".npz") and Path(reference).is_file():
@@ -224,7 +225,7 @@ def load_reference(spec, net, *, pipe=None, split: str | None = None, size: int 
         channels = pipe.config.data.channels if channels is None else channels
     if spec is None or (isinstance(spec, str) and spec in DATASETS and not Path(spec).exists()):
         if spec is None and pipe is None:
-            raise ValueError("no reference: give a model, or a reference folder, statistics file or dataset")
+            raise RequestError("no reference: give a model, or a reference folder, statistics file or dataset")
         if pipe is not None and (spec is None or spec == pipe.config.data.name):
             section = pipe.config.data
         else:
@@ -233,7 +234,7 @@ def load_reference(spec, net, *, pipe=None, split: str | None = None, size: int 
         try:
             ds, section = dataset_for(section, split)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"{e} (the reference defaults to the model's training data; pass "
+            raise MissingFileError(f"{e} (the reference defaults to the model's training data; pass "
                                     "--reference FOLDER, STATS.npz or a dataset name)") from None
         ident = dataset_identity(section.name, len(ds), section.size, section.split,
                                  data=json.loads(json.dumps(dataclasses.asdict(section), default=str)))
@@ -241,7 +242,7 @@ def load_reference(spec, net, *, pipe=None, split: str | None = None, size: int 
                                  batch_size=batch_size, device=device, progress=progress)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"reference {str(spec)!r} not found: expected an image folder, a .npz statistics "
+        raise MissingFileError(f"reference {str(spec)!r} not found: expected an image folder, a .npz statistics "
                                 f"file or a dataset name ({', '.join(sorted(DATASETS))})")
     if path.is_dir():
         if channels is None:  # the oracle's channels; Inception takes RGB
@@ -252,14 +253,14 @@ def load_reference(spec, net, *, pipe=None, split: str | None = None, size: int 
         return _cached_reference(net, ds, ident, kind="folder", cache=cache, max_items=max_items,
                                  batch_size=batch_size, device=device, progress=progress)
     if path.suffix != ".npz":
-        raise ValueError(f"reference {path} is a file but not a .npz statistics file")
+        raise RequestError(f"reference {path} is a file but not a .npz statistics file")
     stats, meta = load_stats(path)
     want = net.fingerprint()
     if meta.get("network") not in (None, want):
-        raise ValueError(f"statistics file {path} was computed with another feature network "
+        raise RequestError(f"statistics file {path} was computed with another feature network "
                          f"({meta['network']}), not this one ({want})")
     if stats.dim != getattr(net, "feature_dim", stats.dim):
-        raise ValueError(f"statistics file {path} has {stats.dim}-d features; the network gives {net.feature_dim}")
+        raise RequestError(f"statistics file {path} has {stats.dim}-d features; the network gives {net.feature_dim}")
     ds_meta = meta.get("dataset", {})
     return Reference(stats, {"kind": "stats", "name": ds_meta.get("name", str(path)), "split": ds_meta.get("split"),
                              "n": stats.n, "stats_file": str(path)})
@@ -276,7 +277,7 @@ def sample_batches(pipe, num: int, *, sampler=None, steps=None, guidance=None, s
     batch_size = batch_size or s.batch_size
     seed = s.seed if seed is None else seed
     if num < 1 or batch_size < 1:
-        raise ValueError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
+        raise RequestError(f"num and batch_size must be >= 1, got {num} and {batch_size}")
     k = pipe.num_classes
     labels = None if k is None else np.arange(num) % k
     calls = [0]
@@ -327,7 +328,7 @@ def feature_metrics(real: FeatureStats, fake: FeatureStats, metrics, *, fake_lab
     out = {"n_real": real.n, "n_fake": fake.n}
     need_feats = [m for m in ("kid", "pr") if m in metrics]
     if need_feats and (len(real.features) < 2 or len(fake.features) < 2):
-        raise ValueError(f"{' and '.join(need_feats)} need the features themselves, and the reference keeps "
+        raise RequestError(f"{' and '.join(need_feats)} need the features themselves, and the reference keeps "
                          f"{len(real.features)}: recompute its statistics (a folder or dataset reference)")
     if "fid" in metrics:
         out["fid"] = fid_from_stats(real, fake)
@@ -361,11 +362,11 @@ def bits_per_dim(pipe, dataset, num: int, *, batch_size: int = 64, seed: int = 0
     ``dataset`` (8-bit quantised): mean total, its standard error, and the prior L_T, the diffusion terms
     L_1..L_{T-1} and the decoder L_0 (mean over images; total = prior + diffusion + decoder)."""
     if getattr(pipe, "autoencoder", None) is not None:
-        raise ValueError("bits per dimension are defined here for pixel-space models; this model diffuses in an "
+        raise RequestError("bits per dimension are defined here for pixel-space models; this model diffuses in an "
                          "autoencoder's latent space (its bound is not a bound on image likelihood)")
     n = min(int(num), len(dataset))
     if n < 1:
-        raise ValueError("bpd needs at least one real image")
+        raise RequestError("bpd needs at least one real image")
     device = device or pipe.device
     gen = torch.Generator().manual_seed(seed)
     T, k = pipe.diffusion.num_steps, pipe.num_classes
@@ -422,7 +423,7 @@ def evaluate_model(pipe, net, ref: Reference | None, *, metrics, num: int, sampl
     feats = [m for m in metrics if m != "bpd"]
     if feats:
         if net is None or ref is None:
-            raise ValueError("feature metrics need a feature network and a reference")
+            raise RequestError("feature metrics need a feature network and a reference")
         fake, rec = sample_stats(pipe, net, num, device=device, progress=progress, **setting)
         # Class accuracy: an oracle with the model's classes judges whether each sample shows its class.
         is_oracle = "oracle_accuracy" in (net_info or {})
@@ -445,7 +446,7 @@ def evaluate_folders(real: Reference, fake_dataset, net, *, metrics, batch_size:
                      progress: bool = False, net_info: dict | None = None, seed: int = 0) -> dict:
     """The feature metrics of the images of ``fake_dataset`` against ``real``, with the floor."""
     if "bpd" in metrics:
-        raise ValueError("bpd needs a model: it is not a metric between two image sets")
+        raise RequestError("bpd needs a model: it is not a metric between two image sets")
     fake = extract_stats(net, fake_dataset, batch_size=batch_size, device=device, progress=progress)
     return {"num": fake.n, "metrics_asked": list(metrics), "features": net_info or {}, "reference": real.info,
             "fake": str(getattr(fake_dataset, "root", "")),

@@ -21,6 +21,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..errors import DataError, MissingFileError
 from ..fileio import atomic_write
 from .features import extract_stats
 from .metrics import FeatureStats
@@ -74,7 +75,7 @@ def load_stats(path: str | os.PathLike) -> tuple[FeatureStats, dict]:
     """Read a statistics file written by save_stats -> (FeatureStats, meta). No pickle is loaded."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"statistics file not found: {path}")
+        raise MissingFileError(f"statistics file not found: {path}")
     try:
         with np.load(path, allow_pickle=False) as z:
             need = {"n", "mean", "cov", "features", "meta"}
@@ -84,7 +85,7 @@ def load_stats(path: str | os.PathLike) -> tuple[FeatureStats, dict]:
                                               z["logits"] if "logits" in z.files else None)
             meta = json.loads(str(z["meta"]))
     except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
-        raise ValueError(f"corrupt statistics file {path}: {e}") from e
+        raise DataError(f"corrupt statistics file {path}: {e}") from e
     return stats, meta
 
 

@@ -31,13 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CheckpointError, MissingFileError
 from ..fileio import atomic_write, atomic_write_text
-from .quantize import VectorQuantizer
+from ..folders import AE_CONFIG_FILE as CONFIG_FILE
+from ..folders import AE_FORMAT as FORMAT
+from ..folders import WEIGHTS_FILE
 from ..strict import strict_from_dict
+from .quantize import VectorQuantizer
 
 REGULARIZERS = ("kl", "vq")
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
-FORMAT = "latentdiff-autoencoder"
 
 
 @dataclass
@@ -401,41 +403,41 @@ def load_autoencoder(folder: str, map_location: str | torch.device = "cpu") -> A
     from safetensors.torch import load_file
 
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"autoencoder folder not found: {folder}")
+        raise MissingFileError(f"autoencoder folder not found: {folder}")
     cfg_path, w_path = os.path.join(folder, CONFIG_FILE), os.path.join(folder, WEIGHTS_FILE)
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
-            raise FileNotFoundError(f"autoencoder file missing: {p}")
+            raise MissingFileError(f"autoencoder file missing: {p}")
     try:
         with open(cfg_path) as fh:
             meta = json.load(fh)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"corrupt autoencoder config {cfg_path}: {e}") from None
+        raise CheckpointError(f"corrupt autoencoder config {cfg_path}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
-        raise ValueError(f"{cfg_path} is not a latentdiff autoencoder config (format {FORMAT!r} with a 'config' object)")
+        raise CheckpointError(f"{cfg_path} is not a latentdiff autoencoder config (format {FORMAT!r} with a 'config' object)")
     model = Autoencoder(AutoencoderConfig.from_dict(meta["config"]))
     scale = meta.get("latent_scale")
     if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
-        raise ValueError(f"{cfg_path}: latent_scale must be a positive number or null, got {scale!r}")
+        raise CheckpointError(f"{cfg_path}: latent_scale must be a positive number or null, got {scale!r}")
     model.latent_scale = None if scale is None else float(scale)
     data = meta.get("data")
     if data is not None and not isinstance(data, dict):
-        raise ValueError(f"{cfg_path}: data must be a mapping (the data section the autoencoder was trained on), got {data!r}")
+        raise CheckpointError(f"{cfg_path}: data must be a mapping (the data section the autoencoder was trained on), got {data!r}")
     model.training_data = data
     try:
         state = load_file(w_path, device=str(map_location))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"corrupt autoencoder weights {w_path}: {e}") from None
+        raise CheckpointError(f"corrupt autoencoder weights {w_path}: {e}") from None
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"{w_path} does not match the config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+        raise CheckpointError(f"{w_path} does not match the config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                          f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     wrong = [k for k in expected if expected[k].shape != state[k].shape]
     if wrong:
-        raise ValueError(f"{w_path}: tensor shapes differ from the config for {wrong[:5]}")
+        raise CheckpointError(f"{w_path}: tensor shapes differ from the config for {wrong[:5]}")
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
-        raise ValueError(f"{w_path}: non-finite values (NaN/inf) in {bad[:5]}")
+        raise CheckpointError(f"{w_path}: non-finite values (NaN/inf) in {bad[:5]}")
     model.load_state_dict(state)
     return model.to(map_location)

@@ -28,6 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..errors import CheckpointError, MissingFileError
+
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_ENV = "LATENTDIFF_FID_WEIGHTS"
 INPUT_SIZE = 299
@@ -267,10 +269,10 @@ def resolve_weights_path(path: str | os.PathLike | None = None) -> Path:
     if path is None:
         path = os.environ.get(FID_WEIGHTS_ENV) or None
     if path is None:
-        raise FileNotFoundError("no FID Inception weights given. " + how)
+        raise MissingFileError("no FID Inception weights given. " + how)
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"FID Inception weights file not found: {path}. " + how)
+        raise MissingFileError(f"FID Inception weights file not found: {path}. " + how)
     return path
 
 
@@ -281,11 +283,11 @@ def _read_state_dict(path: Path) -> dict:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file, or a pickle that is more than tensors
-        raise ValueError(f"cannot read FID Inception weights {path}: {e}") from e
+        raise CheckpointError(f"cannot read FID Inception weights {path}: {e}") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"FID Inception weights {path} do not hold a state dict of tensors")
+        raise CheckpointError(f"FID Inception weights {path} do not hold a state dict of tensors")
     return obj
 
 
@@ -318,7 +320,7 @@ def load_fid_inception(path: str | os.PathLike | None = None, device=None) -> FI
         if wrong:
             parts.append("wrong shapes: " + show([f"{k} {tuple(given[k].shape)} != {tuple(own[k].shape)}"
                                                   for k in wrong]))
-        raise ValueError(f"{path} is not the FID Inception state dict ({FID_WEIGHTS_NAME}): " + "; ".join(parts))
+        raise CheckpointError(f"{path} is not the FID Inception state dict ({FID_WEIGHTS_NAME}): " + "; ".join(parts))
     net.load_state_dict(given, strict=False)  # only optional BN counters may be left out
     net.eval().requires_grad_(False)
     if device is not None:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CheckpointError, MissingFileError
+
 VGG16_WIDTHS = (64, 128, 256, 512, 512)
 VGG16_DEPTHS = (2, 2, 3, 3, 3)
 # Index of each 3x3 convolution in torchvision's vgg16().features, stage by stage.
@@ -94,7 +96,7 @@ def load_lpips(path: str, map_location: str | torch.device = "cpu") -> LPIPS:
     from safetensors.torch import load_file
 
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"LPIPS weights not found: {path}")
+        raise MissingFileError(f"LPIPS weights not found: {path}")
     try:
         with safe_open(path, framework="pt") as fh:
             meta = fh.metadata() or {}
@@ -102,13 +104,13 @@ def load_lpips(path: str, map_location: str | torch.device = "cpu") -> LPIPS:
         widths = tuple(json.loads(meta["widths"])) if "widths" in meta else VGG16_WIDTHS
         depths = tuple(json.loads(meta["depths"])) if "depths" in meta else VGG16_DEPTHS
     except (SafetensorError, OSError, json.JSONDecodeError, RuntimeError) as e:
-        raise ValueError(f"corrupt LPIPS weights {path}: {e}") from None
+        raise CheckpointError(f"corrupt LPIPS weights {path}: {e}") from None
     model = LPIPS(widths, depths)
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and expected[k].shape != state[k].shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"LPIPS weights {path} do not fit the network: missing {missing[:4]}, unexpected {unexpected[:4]}, "
+        raise CheckpointError(f"LPIPS weights {path} do not fit the network: missing {missing[:4]}, unexpected {unexpected[:4]}, "
                          f"wrong shapes {wrong[:4]}")
     model.load_state_dict(state)
     return model.to(map_location)

@@ -22,48 +22,13 @@ The loop sees only ``models``, ``optimizers``, ``ema`` and ``losses``; this file
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import DISC_LOSSES, REC_LOSSES, AutoencoderLossConfig  # noqa: F401  (re-exported: the loss weights)
 from ..eval.metrics import psnr, ssim  # noqa: F401  (psnr and ssim are also imported from here)
 from ..nn.autoencoder import Autoencoder, compute_latent_scale, save_autoencoder
-from ..strict import strict_from_dict
-
-REC_LOSSES = ("l1", "l2")
-DISC_LOSSES = ("hinge", "vanilla")
-
-
-@dataclass
-class AutoencoderLossConfig:
-    rec_loss: str = "l1"              # pixel reconstruction loss: "l1" or "l2"
-    perceptual_weight: float = 1.0    # w_p of LPIPS; ignored (off) when no LPIPS net is given
-    kl_weight: float = 1e-6           # KL models: weight of the KL (per image, LDM's scale; see module docstring)
-    codebook_weight: float = 1.0      # VQ models: weight of L_codebook + β·L_commit
-    disc_weight: float = 0.5          # w_d, multiplies the adaptive weight λ
-    disc_factor: float = 1.0          # f_d once the adversarial term is on
-    disc_start: int = 0               # optimizer step at which the adversarial term and D's training start
-    disc_loss: str = "hinge"          # "hinge" or "vanilla" (softplus) GAN loss
-    max_adaptive_weight: float = 1e4  # clamp of λ before w_d
-    sample_posterior: bool = True     # KL models: decode a posterior sample (True) or the mean
-    image_key: str = "image"          # batch key of the images
-
-    def __post_init__(self):
-        if self.rec_loss not in REC_LOSSES:
-            raise ValueError(f"unknown rec_loss {self.rec_loss!r}; expected one of {', '.join(REC_LOSSES)}")
-        if self.disc_loss not in DISC_LOSSES:
-            raise ValueError(f"unknown disc_loss {self.disc_loss!r}; expected one of {', '.join(DISC_LOSSES)}")
-        for name in ("perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor", "max_adaptive_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"AutoencoderLossConfig.{name} must be >= 0, got {getattr(self, name)}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AutoencoderLossConfig":
-        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
-        return strict_from_dict(cls, d)
-
 
 def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
     """λ = ||∇_{G_L} L_rec|| / (||∇_{G_L} L_G|| + 1e-4), clamped to [0, max_weight], detached (VQGAN eq. 7)."""

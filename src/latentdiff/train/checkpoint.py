@@ -15,11 +15,12 @@ Layout of ``out_dir/checkpoints/``::
 A checkpoint is written into ``.tmp_step_XXXXXXX``, every file fsynced, then renamed to its final name in one
 ``os.replace`` and only then named in ``latest`` (also replaced atomically). The ``.pt`` files hold tensors
 and plain containers only and are read with ``torch.load(weights_only=True)``: no pickled code is ever run.
+Finding, verifying and reading checkpoints (for a resume or for inference) is latentdiff.folders'; the names
+are re-exported here.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -31,22 +32,24 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
+
+from ..errors import CheckpointError
+from ..folders import (  # noqa: F401  (finding, verifying and reading checkpoints: re-exported from here)
+    LATEST_FILE,
+    STATE_FILE,
+    checkpoint_root,
+    find_resume_checkpoint,
+    latest_checkpoint,
+    list_checkpoints,
+    load_model_weights,
+    sha256,
+    step_name,
+    verify_checkpoint,
+    weights_in_checkpoint,
+)
 
 FORMAT = 1
-STATE_FILE = "state.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, truncated or corrupt; the message names the file."""
-
-
-def checkpoint_root(out_dir) -> Path:
-    return Path(out_dir) / "checkpoints"
-
-
-def step_name(step: int) -> str:
-    return f"step_{int(step):07d}"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -82,14 +85,6 @@ def write_text_atomic(path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _torch_save(obj, path: Path) -> None:
@@ -164,9 +159,9 @@ def save_checkpoint(
     _torch_save(rng_state, tmp / "rng" / f"rank{rank}.pt")
     if is_main:
         for n, m in models.items():
-            _save_model(m, tmp / "models" / f"{n}.safetensors")
+            _save_model(m, tmp / weights_in_checkpoint(n, ema=False))
         for n, e in ema.items():
-            _save_model(e.model, tmp / "ema" / f"{n}.safetensors")
+            _save_model(e.model, tmp / weights_in_checkpoint(n, ema=True))
         _torch_save({n: {"optimizer": o.state_dict(), "scheduler": s.state_dict()} for n, (o, s) in optimizers.items()},
                     tmp / "optimizers.pt")
         if objective_state is not None:
@@ -187,7 +182,7 @@ def save_checkpoint(
             _remove_tree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
-        write_text_atomic(root / "latest", name + "\n")
+        write_text_atomic(root / LATEST_FILE, name + "\n")
         if keep > 0:
             for _, old in list_checkpoints(out_dir)[:-keep]:
                 _remove_tree(old)
@@ -203,81 +198,6 @@ def _remove_tree(path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Finding and verifying
-
-
-def list_checkpoints(out_dir) -> list[tuple[int, Path]]:
-    """(step, path) of every step directory, oldest first; temporary and trash directories are ignored."""
-    root = checkpoint_root(out_dir)
-    if not root.is_dir():
-        return []
-    found = []
-    for p in root.iterdir():
-        if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit():
-            found.append((int(p.name[5:]), p))
-    return sorted(found)
-
-
-def verify_checkpoint(path) -> dict:
-    """Return the checkpoint's state.json after checking every file against its manifest.
-
-    Raises CheckpointError naming the first missing, truncated or altered file.
-    """
-    path = Path(path)
-    state_file = path / STATE_FILE
-    if not state_file.is_file():
-        raise CheckpointError(f"incomplete checkpoint: {state_file} is missing")
-    try:
-        state = json.loads(state_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt checkpoint file {state_file}: {e}") from None
-    if not isinstance(state, dict) or "files" not in state or "step" not in state:
-        raise CheckpointError(f"corrupt checkpoint file {state_file}: no step or file manifest")
-    for rel, info in state["files"].items():
-        f = path / rel
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint file {f} is missing")
-        size = f.stat().st_size
-        if size != info["size"]:
-            raise CheckpointError(f"checkpoint file {f} is truncated or altered: {size} bytes, expected {info['size']}")
-        if sha256(f) != info["sha256"]:
-            raise CheckpointError(f"checkpoint file {f} is corrupt: its sha256 does not match the manifest")
-    return state
-
-
-def find_resume_checkpoint(out_dir) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint (path, state) under ``out_dir``, or None if there is none at all.
-
-    Broken ones are reported with a warning naming the file and skipped; if checkpoints exist but none is
-    complete, CheckpointError lists what is wrong with each.
-    """
-    problems = []
-    for _, path in reversed(list_checkpoints(out_dir)):
-        try:
-            return path, verify_checkpoint(path)
-        except CheckpointError as e:
-            warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=2)
-            problems.append(str(e))
-    if problems:
-        raise CheckpointError("no complete checkpoint to resume from: " + "; ".join(problems))
-    return None
-
-
-def latest_checkpoint(out_dir) -> Path | None:
-    """The checkpoint named by ``latest`` if complete, else the newest complete one; None if none exists."""
-    pointer = checkpoint_root(out_dir) / "latest"
-    if pointer.is_file():
-        path = checkpoint_root(out_dir) / pointer.read_text().strip()
-        try:
-            verify_checkpoint(path)
-            return path
-        except CheckpointError as e:
-            warnings.warn(f"'latest' names a broken checkpoint ({e}); looking for an older one", stacklevel=2)
-    found = find_resume_checkpoint(out_dir)
-    return found[0] if found else None
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Reading
 
 
@@ -288,25 +208,14 @@ def _torch_load(path: Path, map_location="cpu"):
         raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from None
 
 
-def load_model_weights(model: torch.nn.Module, path) -> None:
-    """Load a safetensors file into ``model`` (strict); errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} not found")
-    try:
-        load_model(model, str(path), strict=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot load weights {path} into {type(model).__name__}: {e}") from None
-
-
 def load_models(path, models: dict, *, ema: bool = False) -> None:
     """Load a checkpoint's weights into ``models`` (name -> nn.Module); ``ema=True`` reads the EMA weights
     (falling back to the trained ones for models without an EMA). For inference from a checkpoint."""
     path = Path(path)
     for name, model in models.items():
-        f = path / "ema" / f"{name}.safetensors"
+        f = path / weights_in_checkpoint(name, ema=True)
         if not (ema and f.is_file()):
-            f = path / "models" / f"{name}.safetensors"
+            f = path / weights_in_checkpoint(name, ema=False)
         load_model_weights(model, f)
 
 
@@ -316,9 +225,9 @@ def load_training_state(path, *, models: dict, ema: dict, optimizers: dict, obje
     path = Path(path)
     state = verify_checkpoint(path)
     for n, m in models.items():
-        load_model_weights(m, path / "models" / f"{n}.safetensors")
+        load_model_weights(m, path / weights_in_checkpoint(n, ema=False))
     for n, e in ema.items():
-        f = path / "ema" / f"{n}.safetensors"
+        f = path / weights_in_checkpoint(n, ema=True)
         if f.is_file():
             load_model_weights(e.model, f)
             e.num_updates = int(state.get("ema_updates", {}).get(n, 0))

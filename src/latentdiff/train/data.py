@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from ..errors import ConfigError, DataError
+
 
 class EpochBatchSampler:
     """Index batches of one process for one epoch; ``epoch`` and ``start`` are set before each ``iter``.
@@ -30,9 +32,9 @@ class EpochBatchSampler:
 
     def __init__(self, num_samples: int, global_batch: int, *, world_size: int = 1, rank: int = 0, grad_accum: int = 1, seed: int = 0):
         if global_batch % (world_size * grad_accum):
-            raise ValueError(f"batch_size {global_batch} must be divisible by processes × grad_accum = {world_size} × {grad_accum}")
+            raise ConfigError(f"batch_size {global_batch} must be divisible by processes × grad_accum = {world_size} × {grad_accum}")
         if num_samples < global_batch:
-            raise ValueError(f"the dataset has {num_samples} samples, fewer than one batch of batch_size={global_batch}")
+            raise ConfigError(f"the dataset has {num_samples} samples, fewer than one batch of batch_size={global_batch}")
         self.num_samples, self.global_batch = num_samples, global_batch
         self.world_size, self.rank, self.grad_accum, self.seed = world_size, rank, grad_accum, seed
         self.micro = global_batch // (world_size * grad_accum)
@@ -143,7 +145,7 @@ class BatchStream:
             except StopIteration:
                 self._iter = None
                 self.epoch, self.index = self.epoch + 1, 0
-        raise ValueError("the training data yielded no batch in a whole epoch (is it empty?)")
+        raise DataError("the training data yielded no batch in a whole epoch (is it empty?)")
 
 
 def to_device(batch, device: torch.device):

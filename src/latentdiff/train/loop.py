@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import UserError
 from .checkpoint import (
     capture_rng_state,
     find_resume_checkpoint,
@@ -48,7 +49,7 @@ from .ema import EMA
 from .logging import MetricsLogger, save_grid
 
 
-class TrainingDiverged(ValueError):
+class TrainingDiverged(UserError, ValueError):
     """A loss or gradient norm became NaN or inf; no weights were updated from it and no checkpoint written."""
 
     def __init__(self, message: str, step: int, checkpoint: Path | None):

@@ -10,10 +10,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from ..config import AutoencoderRunConfig, Config, ConfigError, dump_config, load_config
+from .. import first_stage
+from ..config import AutoencoderLossConfig, AutoencoderRunConfig, Config, ConfigError, dump_config, load_config
 from ..data import make_dataset
-from ..pipeline import CONFIG_FILE, FIRST_STAGE_DIR, Pipeline
-from .checkpoint import list_checkpoints
+from ..errors import DataError, MissingFileError, RequestError
+from ..folders import CONFIG_FILE, EXPORT_DIR, FIRST_STAGE_DIR, list_checkpoints
+from ..nn.autoencoder import save_autoencoder
+from ..pipeline import Pipeline
+from .autoencoder_objective import AutoencoderObjective
 from .config import TrainConfig
 from .loop import TrainResult, train
 from .objective import DiffusionObjective
@@ -23,10 +27,10 @@ def resolve_data(config: Config):
     """Build the dataset and fill in ``data.channels`` and ``data.size`` from its first item."""
     dataset = make_dataset(config.data)
     if len(dataset) == 0:
-        raise ValueError(f"dataset {config.data.name!r} is empty")
+        raise DataError(f"dataset {config.data.name!r} is empty")
     image = dataset[0]["image"]
     if image.ndim != 3 or image.shape[1] != image.shape[2]:
-        raise ValueError(f"dataset {config.data.name!r} gives images of shape {tuple(image.shape)}; expected square (C, H, W)")
+        raise DataError(f"dataset {config.data.name!r} gives images of shape {tuple(image.shape)}; expected square (C, H, W)")
     data = dataclasses.replace(config.data, channels=int(image.shape[0]), size=int(image.shape[1]))
     return dataset, dataclasses.replace(config, data=data)
 
@@ -82,7 +86,7 @@ def _check_out_dir(config, out_dir: Path, resume, same: tuple[str, ...]) -> None
     """A new run may not reuse a folder with checkpoints; a resumed one must keep the sections ``same``."""
     saved = out_dir / CONFIG_FILE
     if not resume and list_checkpoints(out_dir):
-        raise ValueError(f"{out_dir} already holds checkpoints of a run; continue it with --resume (resume=True) "
+        raise RequestError(f"{out_dir} already holds checkpoints of a run; continue it with --resume (resume=True) "
                          "or choose another --out (nothing there was changed)")
     if resume and saved.is_file():
         previous = load_config(saved)
@@ -127,8 +131,6 @@ def train_from_config(config, out_dir=None, *, resume: bool | str = False, progr
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     if latent:  # the run carries its first stage, so that it samples and resumes wherever it is moved
-        from ..nn.autoencoder import save_autoencoder
-
         if not own_copy.is_dir():
             save_autoencoder(pipe.autoencoder, str(own_copy), latent_scale=pipe.latent_scale)
         config = dataclasses.replace(config, latent=dataclasses.replace(config.latent, first_stage=FIRST_STAGE_DIR))
@@ -141,13 +143,11 @@ def train_autoencoder_from_config(config: AutoencoderRunConfig, out_dir=None, *,
     """Train the first stage of ``config`` in ``out_dir`` with the LDM objective; at the end write the model
     folder ``out_dir/autoencoder`` (weights + latent scale from the first training batch) and print PSNR and
     SSIM of held-out images when the dataset has a test split. Checks run before anything is written."""
-    from .. import first_stage
-
     out_dir = Path(out_dir or config.train.out_dir)
     resume = _resume_target(config, resume)
     _check_out_dir(config, out_dir, resume, ("autoencoder", "loss", "discriminator"))
     dataset, config = _data_for_run(config, out_dir)
-    ae, objective = first_stage.build_objective(config)
+    ae, objective = build_autoencoder_objective(config)
     cfg = ae.config
     n_params = sum(p.numel() for p in ae.parameters())
     print(f"autoencoder: {cfg.regularizer.upper()}, f={cfg.f}, latent {cfg.embed_dim}x{cfg.resolution // cfg.f}"
@@ -158,9 +158,9 @@ def train_autoencoder_from_config(config: AutoencoderRunConfig, out_dir=None, *,
     if not _is_main_process():
         return result
     ae = objective._raw("autoencoder").eval()
-    scale = first_stage.export(ae, out_dir / first_stage.EXPORT_DIR, first_stage.first_images(dataset, config.train.batch_size),
+    scale = first_stage.export(ae, out_dir / EXPORT_DIR, first_stage.first_images(dataset, config.train.batch_size),
                                seed=config.train.seed, data=config.data)
-    print(f"wrote {out_dir / first_stage.EXPORT_DIR} (latent scale {scale:.4f})", flush=True)
+    print(f"wrote {out_dir / EXPORT_DIR} (latent scale {scale:.4f})", flush=True)
     held_out = _held_out(config)
     if held_out is not None:
         from ..eval.metrics import psnr, ssim
@@ -171,6 +171,26 @@ def train_autoencoder_from_config(config: AutoencoderRunConfig, out_dir=None, *,
         print(f"held-out {config.data.name!r} test split, {len(x)} images: PSNR {result.metrics['eval_psnr']:.2f} dB, "
               f"SSIM {result.metrics['eval_ssim']:.4f}", flush=True)
     return result
+
+
+def build_autoencoder_objective(config: AutoencoderRunConfig):
+    """(autoencoder, AutoencoderObjective) of a resolved run config: the discriminator when the config has
+    one, LPIPS from its local weights file when given."""
+    from ..nn.discriminator import DiscriminatorConfig, PatchDiscriminator
+    from ..nn.lpips import load_lpips
+
+    ae = first_stage.Autoencoder(first_stage.autoencoder_config(config))
+    disc = None
+    if config.discriminator is not None:
+        disc = PatchDiscriminator(DiscriminatorConfig(**config.discriminator, in_channels=config.data.channels))
+    lpips = None
+    if config.lpips is not None:
+        if not Path(config.lpips).is_file():
+            raise MissingFileError(f"lpips: weights file {config.lpips} not found (LPIPS weights are never downloaded; "
+                                   "set lpips: null to train without the perceptual term)")
+        lpips = load_lpips(config.lpips)
+    loss = AutoencoderLossConfig(**config.loss)
+    return ae, AutoencoderObjective(ae, discriminator=disc, lpips=lpips, config=loss)
 
 
 def _held_out(config):

@@ -1,0 +1,261 @@
+"""Run folders, model folders and checkpoints on disk: their file names, what kind a folder is, the newest
+complete checkpoint, and reading weights from them.
+
+Four kinds of folder, told apart by :func:`folder_kind`::
+
+    model             config.yaml (a resolved diffusion config) + model.safetensors    (`latentdiff export`)
+                      + first_stage/ (an autoencoder model folder) for latent diffusion
+    run               config.yaml + checkpoints/ (+ first_stage/ for latent diffusion) (`latentdiff train`)
+    autoencoder       config.json (format "latentdiff-autoencoder", the latent scale) + model.safetensors
+    autoencoder run   config.yaml with an ``autoencoder`` section + checkpoints/, and autoencoder/ (an
+                      autoencoder model folder) once training has finished
+
+A checkpoint is ``checkpoints/step_XXXXXXX/`` with ``models/<name>.safetensors`` (trained weights),
+``ema/<name>.safetensors`` (EMA weights) and, written last, ``state.json``, whose ``files`` manifest lists the
+size and sha256 of every other file: a checkpoint is complete when state.json exists and the files agree with
+it. Writing checkpoints is the training loop's (train/checkpoint.py); this module only reads them.
+
+Nothing here imports torch at module level: the command line answers ``--help`` without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+
+from .errors import CheckpointError, MissingFileError
+
+CONFIG_FILE = "config.yaml"                 # the resolved config of a run or (diffusion) model folder
+WEIGHTS_FILE = "model.safetensors"          # the network of a model folder (diffusion or autoencoder)
+AE_CONFIG_FILE = "config.json"              # an autoencoder model folder's config and latent scale
+AE_FORMAT = "latentdiff-autoencoder"        # its "format" field
+FIRST_STAGE_DIR = "first_stage"             # the autoencoder's copy inside a latent run or model folder
+EXPORT_DIR = "autoencoder"                  # the model folder an autoencoder run writes at its end
+CHECKPOINTS_DIR = "checkpoints"
+STATE_FILE = "state.json"                   # a checkpoint's state and file manifest, written last
+LATEST_FILE = "latest"                      # names the newest complete checkpoint (a hint; verified on use)
+MODELS_DIR, EMA_DIR = "models", "ema"       # a checkpoint's trained and EMA weights
+
+MODEL, RUN, AUTOENCODER, AUTOENCODER_RUN = "model", "run", "autoencoder", "autoencoder run"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a folder is
+
+
+def is_autoencoder_config(data) -> bool:
+    """Whether the sections of a config file (a mapping) describe an autoencoder run."""
+    return isinstance(data, Mapping) and "autoencoder" in data
+
+
+def is_autoencoder_folder(path) -> bool:
+    """A model folder written by :func:`~latentdiff.nn.autoencoder.save_autoencoder`."""
+    f = Path(path) / AE_CONFIG_FILE
+    if not f.is_file():
+        return False
+    try:
+        return json.loads(f.read_text()).get("format") == AE_FORMAT
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def is_autoencoder_run(path) -> bool:
+    """A run folder whose config.yaml has an ``autoencoder`` section (an unreadable one does not count: loading
+    it as a config then names the problem)."""
+    import yaml
+
+    f = Path(path) / CONFIG_FILE
+    if not f.is_file():
+        return False
+    try:
+        return is_autoencoder_config(yaml.safe_load(f.read_text()))
+    except (yaml.YAMLError, ValueError, OSError):
+        return False
+
+
+def is_autoencoder(path) -> bool:
+    return is_autoencoder_folder(path) or is_autoencoder_run(path)
+
+
+def folder_kind(path) -> str | None:
+    """MODEL, RUN, AUTOENCODER or AUTOENCODER_RUN (see the module docstring), or None for anything else."""
+    path = Path(path)
+    if is_autoencoder_folder(path):
+        return AUTOENCODER
+    if not (path / CONFIG_FILE).is_file():
+        return None
+    if is_autoencoder_run(path):
+        return AUTOENCODER_RUN
+    return MODEL if (path / WEIGHTS_FILE).is_file() else RUN
+
+
+def resolve_first_stage(path: str, base_dir=None) -> Path:
+    """The autoencoder folder ``path`` names: relative to ``base_dir`` (a saved run or model folder) when it
+    exists there, else as given (relative to the working directory)."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and base_dir is not None and (Path(base_dir) / p).exists():
+        return Path(base_dir) / p
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: finding and verifying
+
+
+def checkpoint_root(out_dir) -> Path:
+    return Path(out_dir) / CHECKPOINTS_DIR
+
+
+def step_name(step: int) -> str:
+    return f"step_{int(step):07d}"
+
+
+def list_checkpoints(out_dir) -> list[tuple[int, Path]]:
+    """(step, path) of every step directory, oldest first; temporary and trash directories are ignored."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit():
+            found.append((int(p.name[5:]), p))
+    return sorted(found)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def read_state(path) -> dict:
+    """A checkpoint's state.json (step, file manifest, ...), without checking the files it lists."""
+    state_file = Path(path) / STATE_FILE
+    if not state_file.is_file():
+        raise CheckpointError(f"incomplete checkpoint: {state_file} is missing")
+    try:
+        state = json.loads(state_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupt checkpoint file {state_file}: {e}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or "step" not in state:
+        raise CheckpointError(f"corrupt checkpoint file {state_file}: no step or file manifest")
+    return state
+
+
+def check_file(path, rel: str, manifest: dict) -> Path:
+    """``path / rel`` after checking its size and sha256 against the manifest of state.json."""
+    f, info = Path(path) / rel, manifest.get(rel)
+    if info is None or not f.is_file():
+        raise CheckpointError(f"checkpoint file {f} is missing")
+    size = f.stat().st_size
+    if size != info["size"]:
+        raise CheckpointError(f"checkpoint file {f} is truncated or corrupt: {size} bytes, {STATE_FILE} lists {info['size']}")
+    if sha256(f) != info["sha256"]:
+        raise CheckpointError(f"checkpoint file {f} is corrupt: its sha256 differs from the one {STATE_FILE} lists")
+    return f
+
+
+def verify_checkpoint(path) -> dict:
+    """Return the checkpoint's state.json after checking every file against its manifest.
+
+    Raises CheckpointError naming the first missing, truncated or altered file.
+    """
+    state = read_state(path)
+    for rel in state["files"]:
+        check_file(path, rel, state["files"])
+    return state
+
+
+def find_resume_checkpoint(out_dir) -> tuple[Path, dict] | None:
+    """The newest complete checkpoint (path, state) under ``out_dir``, or None if there is none at all.
+
+    Broken ones are reported with a warning naming the file and skipped; if checkpoints exist but none is
+    complete, CheckpointError lists what is wrong with each.
+    """
+    problems = []
+    for _, path in reversed(list_checkpoints(out_dir)):
+        try:
+            return path, verify_checkpoint(path)
+        except CheckpointError as e:
+            warnings.warn(f"skipping checkpoint {path.name}: {e}", stacklevel=2)
+            problems.append(str(e))
+    if problems:
+        raise CheckpointError("no complete checkpoint to resume from: " + "; ".join(problems))
+    return None
+
+
+def latest_checkpoint(out_dir) -> Path | None:
+    """The checkpoint named by ``latest`` if complete, else the newest complete one; None if none exists."""
+    pointer = checkpoint_root(out_dir) / LATEST_FILE
+    if pointer.is_file():
+        path = checkpoint_root(out_dir) / pointer.read_text().strip()
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as e:
+            warnings.warn(f"'latest' names a broken checkpoint ({e}); looking for an older one", stacklevel=2)
+    found = find_resume_checkpoint(out_dir)
+    return found[0] if found else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights
+
+
+def weights_in_checkpoint(name: str, *, ema: bool) -> str:
+    """Where a checkpoint keeps the weights of model ``name``, relative to it (as its manifest names them):
+    ``ema/<name>.safetensors`` or ``models/<name>.safetensors``."""
+    return str(Path(EMA_DIR if ema else MODELS_DIR) / f"{name}.safetensors")
+
+
+def checkpoint_weights(run, name: str, *, ema: bool = True) -> Path:
+    """The weights file of model ``name`` in the newest complete checkpoint of run folder ``run``: its EMA
+    copy when there is one and ``ema``, else the trained weights.
+
+    Complete means state.json exists and lists the file with its size and sha256, which are checked; only
+    that file is hashed (not the optimizer state, as a resume must), so sampling from a big run starts fast.
+    A broken newest checkpoint is reported with a warning and the one before it used.
+    """
+    run = Path(run)
+    problems = []
+    for _, ckpt in reversed(list_checkpoints(run)):
+        try:
+            files = read_state(ckpt)["files"]
+            rel = weights_in_checkpoint(name, ema=True)
+            if not (ema and rel in files):
+                rel = weights_in_checkpoint(name, ema=False)
+            f = check_file(ckpt, rel, files)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if problems:
+            warnings.warn(f"using {ckpt.name}: " + "; ".join(problems), stacklevel=3)
+        return f
+    if problems:
+        raise CheckpointError(f"no complete checkpoint in {run}: " + "; ".join(problems))
+    raise MissingFileError(f"{run} has neither {WEIGHTS_FILE} nor a complete checkpoint under {CHECKPOINTS_DIR}/")
+
+
+def model_weights(folder, name: str, *, ema: bool = True) -> Path:
+    """The weights of network ``name`` in a model folder (its model.safetensors) or a run folder (the newest
+    complete checkpoint, see :func:`checkpoint_weights`)."""
+    f = Path(folder) / WEIGHTS_FILE
+    return f if f.is_file() else checkpoint_weights(folder, name, ema=ema)
+
+
+def load_model_weights(model, path) -> None:
+    """Load a safetensors file into ``model`` (an nn.Module; strict); errors name the file."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"weights file {path} not found")
+    try:
+        load_model(model, str(path), strict=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot load weights {path} into {type(model).__name__}: {e}") from None
