@@ -151,11 +151,12 @@ def main(argv=None) -> int:
 def sweep(args, model: Path, grid: dict[str, list[int]]) -> int:
     import torch
 
+    from latentdiff.devices import default_device
     from latentdiff.eval import run as ev
     from latentdiff.fileio import atomic_write_text
     from latentdiff.pipeline import load
 
-    device = ev.default_device(args.device)
+    device = default_device(args.device)
     pipe = load(model, device=device)
     runs, notes = clamp_grid(grid, pipe.diffusion.num_steps)
     for note in notes:

@@ -92,12 +92,12 @@ class Pipeline:
     def from_config(cls, config: Config, *, base_dir=None) -> "Pipeline":
         """Fresh (untrained) networks for a resolved config; the first stage (if any) is loaded from its folder,
         resolved against ``base_dir`` (see :func:`resolve_first_stage`)."""
-        diffusion = build_diffusion(config.diffusion)
+        diffusion = _built("diffusion", build_diffusion, config.diffusion)
         autoencoder, channels = None, config.data.channels
         if config.latent.first_stage is not None:
             autoencoder = load_latent_first_stage(config, base_dir)
             channels = autoencoder.config.embed_dim
-        unet = UNet(unet_config(config, diffusion, channels))
+        unet = UNet(_built("model", unet_config, config, diffusion, channels))
         return cls(unet, diffusion, config, autoencoder)
 
     @property
@@ -277,6 +277,17 @@ class Pipeline:
             bar.close()
         images = torch.cat(out).clamp(-1, 1)
         return images if output == "tensor" else to_pil(images)
+
+
+def _built(section: str, build, *args):
+    """``build(*args)`` from values of the config's ``section``; a value it refuses (its ValueError) is a
+    ConfigError that names the section."""
+    try:
+        return build(*args)
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{section}: {e}") from None
 
 
 def _ill_conditioned_start(diffusion: GaussianDiffusion, opts: dict) -> float | None:

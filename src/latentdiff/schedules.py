@@ -1,6 +1,6 @@
 """Noise schedules, timestep spacings and sigma grids. Pure functions, float64 throughout.
 
-Code index t = 0..T-1 is the seed's step t+1 = 1..T (see docs/notation.md).
+Code index t = 0..T-1 is DDPM's step t+1 = 1..T (Ho et al. 2020; see docs/notation.md).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _check_num_steps(num_steps: int, name: str = "num_steps") -> None:
 def make_betas(name: str, num_steps: int = 1000, **options) -> np.ndarray:
     """β_1..β_T of a named schedule as a float64 array of length T.
 
-    - ``linear``: β from ``beta_start`` (1e-4) to ``beta_end`` (0.02), the seed's and DDPM's schedule.
+    - ``linear``: β from ``beta_start`` (1e-4) to ``beta_end`` (0.02), DDPM's schedule (Ho et al. 2020).
       ``rescale=True`` multiplies both ends by 1000/T (improved DDPM), so other T keep the same total noise.
     - ``scaled_linear``: √β linear from √0.00085 to √0.012 (LDM, Stable Diffusion; CompVis calls it "linear").
     - ``cosine``: ᾱ(t) = cos²(((t/T + s)/(1 + s)) π/2), s = 0.008, β_t = 1 − ᾱ(t)/ᾱ(t−1) clipped at
@@ -42,7 +42,7 @@ def make_betas(name: str, num_steps: int = 1000, **options) -> np.ndarray:
     }[name]
     unknown = set(options) - allowed
     if unknown:
-        raise TypeError(f"schedule {name!r} got unknown option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise ValueError(f"schedule {name!r} got unknown option(s) {sorted(unknown)}; allowed: {sorted(allowed)}")
     T = int(num_steps)
     if name == "linear":
         start, end = options.get("beta_start", 1e-4), options.get("beta_end", 0.02)
