@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data.folder import folder_dataset
+from ..devices import default_device  # noqa: F401  (re-exported: eval.run.default_device)
 from ..errors import MissingFileError, RequestError
 from ..fileio import atomic_write_text
 from .evaluate import split_stats
@@ -43,17 +45,6 @@ CACHE_ENV = "LATENTDIFF_CACHE"
 def cache_root(path=None) -> Path:
     """``path``, else ``$LATENTDIFF_CACHE``, else ``~/.cache/latentdiff``."""
     return Path(path or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "latentdiff").expanduser()
-
-
-def default_device(name: str | None = None) -> torch.device:
-    """``name`` if given, else the first of cuda, mps, cpu that is available."""
-    if name:
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def parse_metrics(text) -> list[str]:
@@ -165,31 +156,6 @@ def choose_features(features: str, *, data_name: str | None, reference, oracle_p
 class Reference:
     stats: FeatureStats   # features (all kept) of the real images
     info: dict = field(default_factory=dict)  # kind (dataset | folder | stats), name, split, n, stats_file
-
-
-def _first_image_side(root: Path) -> int | None:
-    from PIL import Image
-
-    from ..data.folder import IMAGE_EXTENSIONS
-    for p in sorted(root.rglob("*")):
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."):
-            try:
-                with Image.open(p) as im:
-                    return min(im.size)
-            except Exception:  # unreadable: ImageFolder skips it and reports it
-                continue
-    return None
-
-
-def folder_dataset(path, *, size: int | None = None, channels: int = 3):
-    """An ImageFolder of ``path`` (no labels, captions or random transforms) at ``size`` (default: the
-    shorter side of its first image)."""
-    from ..data import ImageFolder
-
-    root = Path(path)
-    if root.is_dir() and size is None:
-        size = _first_image_side(root)
-    return ImageFolder(root, size or 8, channels=channels, captions="none", labels="none")
 
 
 def dataset_for(data_section, split: str | None):
