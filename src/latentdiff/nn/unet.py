@@ -13,7 +13,6 @@ time_embed, label_emb, out) so that Stable Diffusion 1.x/2.x and CompVis LDM che
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +22,11 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionBlock, SpatialTransformer
 from .layers import Downsample, ResBlock, SinusoidalEmbedding, Upsample, group_norm, group_norm_silu, zero_module
-from ..strict import strict_from_dict
+from ..dataclass_io import FromDict, update
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(FromDict):
     in_channels: int = 3  # channels of x_t (image or latent); concatenated conditions come on top
     out_channels: int = 3  # output channels: C for ε / x0 / v, 2C with a learned variance
     model_channels: int = 128  # base width; level i has model_channels * channel_mult[i] channels
@@ -93,14 +92,6 @@ class UNetConfig:
     def downsampling_factor(self) -> int:
         """H and W of the input must be multiples of this."""
         return 2 ** (len(self.channel_mult) - 1)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
-        return strict_from_dict(cls, d)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class UNetBlock(nn.ModuleList):
@@ -324,11 +315,7 @@ PRESETS: dict[str, UNetConfig] = {
 
 
 def unet_from_preset(name: str, **overrides) -> UNet:
-    """UNet of the preset ``name`` with fields replaced by ``overrides`` (unknown names are errors)."""
+    """UNet of the preset ``name`` with fields replaced by ``overrides`` (checked like a config file's)."""
     if name not in PRESETS:
         raise ValueError(f"unknown UNet preset {name!r}; known: {', '.join(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(UNetConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown UNetConfig keys {unknown}; known: {sorted(known)}")
-    return UNet(dataclasses.replace(PRESETS[name], **overrides))
+    return UNet(update(PRESETS[name], overrides, where=f"UNet preset {name!r}"))

@@ -30,14 +30,14 @@ from torch import nn
 
 from ..eval.metrics import psnr, ssim  # noqa: F401  (psnr and ssim are also imported from here)
 from ..nn.autoencoder import Autoencoder, compute_latent_scale, save_autoencoder
-from ..strict import strict_from_dict
+from ..dataclass_io import FromDict
 
 REC_LOSSES = ("l1", "l2")
 DISC_LOSSES = ("hinge", "vanilla")
 
 
 @dataclass
-class AutoencoderLossConfig:
+class AutoencoderLossConfig(FromDict):
     rec_loss: str = "l1"              # pixel reconstruction loss: "l1" or "l2"
     perceptual_weight: float = 1.0    # w_p of LPIPS; ignored (off) when no LPIPS net is given
     kl_weight: float = 1e-6           # KL models: weight of the KL (per image, LDM's scale; see module docstring)
@@ -58,11 +58,6 @@ class AutoencoderLossConfig:
         for name in ("perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor", "max_adaptive_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AutoencoderLossConfig.{name} must be >= 0, got {getattr(self, name)}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AutoencoderLossConfig":
-        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
-        return strict_from_dict(cls, d)
 
 
 def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
