@@ -85,7 +85,7 @@ def test_too_long_prompt_names_both_lengths_and_the_prompt():
         tok.encode(["a red circle left"])
     with pytest.raises(TypeError, match="list of prompts"):
         tok.encode("a red circle")
-    with pytest.raises(ValueError, match=r"15 tokens.*context_length=4.*'A red square.*raise context_length to at least 15"):
+    with pytest.raises(ValueError, match=r"15 tokens.*context_length=4.*'A red square.*at least 15"):
         WordTokenizer.build(CAPTIONS, 4)
     assert WordTokenizer.build(CAPTIONS).context_length == 15  # None = the longest caption
 
