@@ -71,7 +71,8 @@ def _canonical(obj, what: str) -> str:
     try:
         return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
-        raise TypeError(f"latent cache: the {what} must be JSON-able (dicts, lists, str, numbers, bool, None): {e}") from None
+        raise TypeError(f"latent cache: the {what} must be JSON-able (dicts, lists, str, numbers, bool, None): "
+                        f"{e}") from None
 
 
 def autoencoder_hash(autoencoder) -> str:
@@ -250,8 +251,9 @@ class _Fields:
                 continue
             seen = self.tensors[name]
             if seen and (v.shape, v.dtype) != (seen[0].shape, seen[0].dtype):
-                raise ValueError(f"latent cache: field {name!r} of item {i} is {tuple(v.shape)} {v.dtype}, item {self.first}'s "
-                                 f"{tuple(seen[0].shape)} {seen[0].dtype}; leave it out with fields=[...]")
+                raise ValueError(f"latent cache: field {name!r} of item {i} is {tuple(v.shape)} {v.dtype}, item "
+                                 f"{self.first}'s {tuple(seen[0].shape)} {seen[0].dtype}; leave it out with "
+                                 "fields=[...]")
             seen.append(v)
 
     def stacked(self) -> tuple[dict, dict]:
@@ -343,9 +345,9 @@ def _write(folder: Path, key: dict, ds: LatentDataset) -> None:
     trash = None
     try:
         save_file(tensors, str(tmp / LATENTS_FILE), metadata={"format": FORMAT})
-        meta = {"format": FORMAT, "version": VERSION, "key": key, "count": len(ds), "latent_shape": list(ds.latent_shape),
-                "mode": ds.mode, "sha256": _sha256_file(tmp / LATENTS_FILE), "tensor_fields": sorted(ds.tensor_fields),
-                "json_fields": ds.json_fields, "latent_scale_applied": False}
+        meta = {"format": FORMAT, "version": VERSION, "key": key, "count": len(ds),
+                "latent_shape": list(ds.latent_shape), "mode": ds.mode, "sha256": _sha256_file(tmp / LATENTS_FILE),
+                "tensor_fields": sorted(ds.tensor_fields), "json_fields": ds.json_fields, "latent_scale_applied": False}
         (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700
         if folder.exists():  # an unusable cache (we only build when loading failed): move it aside first
@@ -393,7 +395,8 @@ def _load(folder: Path, key: dict, seed: int) -> LatentDataset:
     shape = (n, *meta.get("latent_shape", []))
     mean, std = tensors.get("mean"), tensors.get("std")
     if mean is None or tuple(mean.shape) != shape or (mode == "sample") != (std is not None):
-        raise CorruptCache(f"{data_path}: expected 'mean' of shape {shape}" + (" and 'std'" if mode == "sample" else ""))
+        want = " and 'std'" if mode == "sample" else " and no 'std'"
+        raise CorruptCache(f"{data_path}: expected 'mean' of shape {shape}{want}")
     if std is not None and (tuple(std.shape) != shape or not (std > 0).all()):
         raise CorruptCache(f"{data_path}: 'std' must be positive, of shape {shape}")
     if not torch.isfinite(mean).all() or (std is not None and not torch.isfinite(std).all()):
@@ -406,7 +409,8 @@ def _load(folder: Path, key: dict, seed: int) -> LatentDataset:
                                                                        if not isinstance(v, list) or len(v) != n]
     if bad:
         raise CorruptCache(f"{folder}: fields {bad} do not have {n} entries")
-    return LatentDataset(mean, std, tensor_fields=tensor_fields, json_fields=json_fields, seed=seed, key=key, folder=folder)
+    return LatentDataset(mean, std, tensor_fields=tensor_fields, json_fields=json_fields, seed=seed, key=key,
+                         folder=folder)
 
 
 def build_or_load_latent_cache(dataset, autoencoder, *, root, identity: dict, mode: str = "sample",
@@ -448,6 +452,7 @@ def build_or_load_latent_cache(dataset, autoencoder, *, root, identity: dict, mo
     mean, std, tensor_fields, json_fields = encode_dataset(
         dataset, autoencoder, count=n, mode=key["mode"], image_key=image_key, fields=fields, batch_size=batch_size,
         device=device, progress=progress)
-    ds = LatentDataset(mean, std, tensor_fields=tensor_fields, json_fields=json_fields, seed=seed, key=key, folder=folder)
+    ds = LatentDataset(mean, std, tensor_fields=tensor_fields, json_fields=json_fields, seed=seed, key=key,
+                       folder=folder)
     _write(folder, key, ds)
     return ds
