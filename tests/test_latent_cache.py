@@ -261,3 +261,16 @@ def test_latent_dataset_index_errors():
     with pytest.raises(IndexError, match="3 cached items"):
         ds[3]
 
+
+
+def test_dataloader_workers_draw_different_reproducible_noise():
+    ds = LatentDataset(torch.zeros(8, 1, 1, 1), torch.ones(8, 1, 1, 1), seed=0)  # latent = ε
+
+    def draws(seed):
+        g = torch.Generator().manual_seed(seed)
+        loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2, generator=g)
+        return torch.cat([b["latent"].flatten() for b in loader])
+
+    a = draws(0)
+    assert len(set(a.tolist())) == 8  # copies of one generator in two workers would repeat each other
+    assert torch.equal(a, draws(0)) and not torch.equal(a, draws(1))

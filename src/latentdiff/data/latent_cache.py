@@ -160,7 +160,7 @@ class LatentDataset(Dataset):
         info = get_worker_info()
         if info is not None and self._worker_seed != info.seed:
             self._worker_seed = info.seed
-            mixed = np.random.SeedSequence([self.seed & 0xFFFFFFFF, info.seed & 0xFFFFFFFF, info.seed >> 32])
+            mixed = np.random.SeedSequence([self.seed & 0xFFFFFFFF, info.seed])  # worker seed: base + worker id
             self.generator.manual_seed(int(mixed.generate_state(1, np.uint64)[0] >> 1))
         return self.generator
 
