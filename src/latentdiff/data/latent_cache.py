@@ -98,6 +98,8 @@ def cache_key(identity: dict, autoencoder, *, mode: str, count: int, image_key: 
     _canonical(identity, "dataset identity")
     if mode not in MODES:
         raise ValueError(f"latent cache: mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if fields is not None and (isinstance(fields, str) or not all(isinstance(f, str) for f in fields)):
+        raise TypeError(f"latent cache: fields must be a list of item keys, got {fields!r}")
     model = getattr(autoencoder, "module", autoencoder)
     if model.config.regularizer != "kl":
         mode = "mean"  # VQ: a deterministic latent, no posterior to sample
@@ -442,6 +444,8 @@ def build_or_load_latent_cache(dataset, autoencoder, *, root, identity: dict, mo
         n = min(n, pool)
     if n < 1:
         raise ValueError("latent cache: the dataset is empty")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"latent cache: batch_size must be a positive int, got {batch_size!r}")
     key = cache_key(identity, autoencoder, mode=mode, count=n, image_key=image_key, fields=fields)
     folder = Path(root) / key_hash(key)
     if folder.exists():
