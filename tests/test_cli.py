@@ -305,7 +305,7 @@ def test_settings_that_the_model_cannot_honour_fail_before_training(tmp_path, ca
         ("train.cond_drop_prob=0.1", "train.cond_drop_prob"),
         ("sample.guidance=2", "sample.guidance"),
         ("model.num_classes=3", "has no labels"),
-        ("model.chanels=4", "unknown U-Net key"),
+        ("model.chanels=4", "unknown key 'model.chanels'"),
     ]:
         rc, out, err = run_cli(capsys, *args, override)
         assert rc == 2 and message in err, (override, err)

@@ -208,3 +208,64 @@ def test_train_section_is_a_superset_of_the_loop_config():
     missing = loop_fields - {f.name for f in dataclasses.fields(TrainSection)}
     assert not missing, f"TrainSection lacks {sorted(missing)}"
     train_config.TrainConfig(**{name: getattr(section, name) for name in loop_fields})  # the defaults are valid there
+
+
+def test_one_train_config_with_one_set_of_defaults():
+    from latentdiff import config as config_mod
+    from latentdiff.train import TrainConfig
+
+    assert TrainConfig is config_mod.TrainConfig is TrainSection
+    assert load_config(CONFIGS / "digits_ddpm.yaml").train.__class__ is TrainConfig  # what the loop gets
+    defaults = TrainConfig()
+    assert (defaults.steps, defaults.batch_size, defaults.lr) == (10_000, 64, 2e-4)
+    assert config_mod.Config().train == defaults and config_mod.AutoencoderRunConfig().train.ema_decay == 0.0
+    # Built in Python, the class checks what a file would: types and ranges, errors naming the field.
+    with pytest.raises(ConfigError, match=r"^TrainConfig: lr must be > 0.0, got 0.0$"):
+        TrainConfig(lr=0)
+    with pytest.raises(ConfigError, match=r"^TrainConfig: betas\[1\] must be < 1.0, got 1.0$"):
+        TrainConfig(betas=(0.9, 1.0))
+    with pytest.raises(ConfigTypeError, match=r"^TrainConfig: lr_schedule must be one of .*\(did you mean 'cosine'"):
+        TrainConfig(lr_schedule="cosin")
+    assert TrainConfig(betas=[0.5, 0.6], steps=1.0).betas == (0.5, 0.6)  # lists as YAML gives them; 1.0 as 1
+
+
+def test_unknown_keys_get_the_same_message_from_every_config_class():
+    import importlib
+
+    from latentdiff.eval.oracle import OracleConfig
+    from latentdiff.eval.shapes_oracle import ShapesOracleConfig
+    from latentdiff.nn.autoencoder import AutoencoderConfig
+    from latentdiff.nn.unet import UNetConfig, unet_from_preset
+    from latentdiff.train import TrainConfig
+    from latentdiff.train.autoencoder_objective import AutoencoderLossConfig
+
+    for cls, typo, near in ((TrainConfig, "stepz", "steps"), (UNetConfig, "num_head", "num_heads"),
+                            (AutoencoderConfig, "embed_dims", "embed_dim"),
+                            (AutoencoderLossConfig, "kl_weigth", "kl_weight"),
+                            (OracleConfig, "feature_dims", "feature_dim"), (ShapesOracleConfig, "widht", "widths")):
+        with pytest.raises(ConfigError) as e:
+            cls.from_dict({typo: 1})
+        assert str(e.value) == f"{cls.__name__}: unknown key '{typo}' (did you mean '{near}'?)"
+        with pytest.raises(ConfigError, match=rf"^f.json: unknown key 'config.{typo}' \(did you mean 'config.{near}'"):
+            cls.from_dict({typo: 1}, where="f.json", prefix="config.")
+    with pytest.raises(ConfigError, match=r"^UNet preset 'tiny': unknown key 'num_head' \(did you mean 'num_heads'"):
+        unet_from_preset("tiny", num_head=2)
+    with pytest.raises(ValueError, match="unknown UNet preset 'nope'"):
+        unet_from_preset("nope")
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("latentdiff.strict")  # the second builder is gone
+
+
+def test_model_section_unknown_key_names_the_dotted_key(tmp_path):
+    from latentdiff.diffusion import GaussianDiffusion
+    from latentdiff.pipeline import unet_config
+    from latentdiff.schedules import make_betas
+
+    diffusion = GaussianDiffusion(make_betas("linear", 10))
+    cfg = Config(model={"preset": "tiny", "num_head": 2})
+    with pytest.raises(ConfigError, match=r"^config: unknown key 'model.num_head' \(did you mean 'model.num_heads'"):
+        unet_config(cfg, diffusion, 3)
+    with pytest.raises(ConfigError, match=r"^model.preset: unknown U-Net preset 'tinyy'"):
+        unet_config(Config(model={"preset": "tinyy"}), diffusion, 3)
+    unet = unet_config(Config(model={"preset": "tiny", "channel_mult": [1, 2]}), diffusion, 3)
+    assert unet.channel_mult == (1, 2) and unet.in_channels == 3

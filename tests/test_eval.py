@@ -414,7 +414,7 @@ def test_fid_inception_missing_or_wrong_weights_give_clear_errors(tmp_path, monk
 # ---------------------------------------------------------------------------------------------- oracle
 
 def test_oracle_config_save_load_roundtrip_and_input_checks(tmp_path):
-    with pytest.raises(ValueError, match="unknown OracleConfig keys"):
+    with pytest.raises(ValueError, match="OracleConfig: unknown key 'colour'"):
         OracleConfig.from_dict({"name": "digits", "colour": 3})
     with pytest.raises(FileNotFoundError):
         load_oracle(tmp_path / "none")

@@ -57,7 +57,7 @@ def _sha(path):
 
 
 def test_config_rejects_unknown_and_bad_values():
-    with pytest.raises(ValueError, match="unknown TrainConfig key.*stepz"):
+    with pytest.raises(ValueError, match=r"TrainConfig: unknown key 'stepz' \(did you mean 'steps'\?\)"):
         TrainConfig.from_dict({"stepz": 3})
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)

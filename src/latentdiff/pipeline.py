@@ -55,17 +55,9 @@ def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int) -> 
     preset = model.pop("preset", None)
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown U-Net preset {preset!r}; known: {', '.join(PRESETS)}")
-    base = PRESETS[preset] if preset else UNetConfig()
-    known = {f.name for f in dataclasses.fields(UNetConfig)}
-    unknown = sorted(set(model) - known)
-    if unknown:
-        raise ConfigError(f"model: unknown U-Net key(s) {unknown}; known: {sorted(known)}")
-    for key in ("channel_mult", "attention_resolutions"):
-        if key in model:
-            model[key] = tuple(model[key])
     model.setdefault("in_channels", channels)
     model.setdefault("out_channels", diffusion.output_channels(channels))
-    return dataclasses.replace(base, **model)
+    return update(PRESETS[preset] if preset else UNetConfig(), model, where="config", prefix="model.")
 
 
 class Pipeline:
@@ -97,7 +89,7 @@ class Pipeline:
         if config.latent.first_stage is not None:
             autoencoder = load_latent_first_stage(config, base_dir)
             channels = autoencoder.config.embed_dim
-        unet = UNet(_built("model", unet_config, config, diffusion, channels))
+        unet = UNet(unet_config(config, diffusion, channels))
         return cls(unet, diffusion, config, autoencoder)
 
     @property

@@ -30,14 +30,14 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, MissingFileError
 from ..fileio import atomic_write_bytes
 from ..nn.inception import state_dict_hash
-from ..strict import strict_from_dict
+from ..dataclass_io import FromDict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
 @dataclass
-class OracleConfig:
+class OracleConfig(FromDict):
     name: str = "digits"                  # the dataset the oracle is trained on (part of its identity)
     in_channels: int = 1                  # image channels it accepts
     image_size: int = 8                   # training resolution; inputs of other sizes are resized to it
@@ -56,11 +56,6 @@ class OracleConfig:
             raise ValueError(f"invalid OracleConfig: {self}")
         if self.image_size % (2 ** (len(self.channels) - 1)):
             raise ValueError(f"image_size {self.image_size} must be divisible by 2^{len(self.channels) - 1}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "OracleConfig":
-        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
-        return strict_from_dict(cls, d)
 
 
 class Oracle(nn.Module):

@@ -35,14 +35,14 @@ from torch import nn
 
 from ..data.shapes import COLOURS, GRID, POSITIONS, SHAPES, ShapesDataset
 from .oracle import load_network, save_network
-from ..strict import strict_from_dict
+from ..dataclass_io import FromDict
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 CELL = 12  # pixels per cell side after resizing to GRID·CELL = 36
 
 
 @dataclass
-class ShapesOracleConfig:
+class ShapesOracleConfig(FromDict):
     shapes: tuple = SHAPES            # shape names, in the class order of the dataset it was trained on
     colours: tuple = tuple(COLOURS)   # colour names, likewise
     widths: tuple = (16, 32, 64)      # conv widths: two convs at 12x12, (2x avg-pool) one at 6x6, (pool) 3x3
@@ -58,11 +58,6 @@ class ShapesOracleConfig:
     @property
     def num_classes(self) -> int:
         return len(self.shapes) * len(self.colours)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "ShapesOracleConfig":
-        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
-        return strict_from_dict(cls, d)
 
 
 class ShapesOracle(nn.Module):

@@ -21,7 +21,6 @@ Save/load: a folder with ``config.json`` (the config and the latent scale) and `
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -33,17 +32,17 @@ from torch import nn
 
 from ..errors import CheckpointError, MissingFileError
 from ..fileio import atomic_write, atomic_write_text
+from ..dataclass_io import FromDict
 from ..folders import AE_CONFIG_FILE as CONFIG_FILE
 from ..folders import AE_FORMAT as FORMAT
 from ..folders import WEIGHTS_FILE
-from ..strict import strict_from_dict
 from .quantize import VectorQuantizer
 
 REGULARIZERS = ("kl", "vq")
 
 
 @dataclass
-class AutoencoderConfig:
+class AutoencoderConfig(FromDict):
     in_channels: int = 3            # image channels
     out_channels: int = 3           # reconstructed channels
     resolution: int = 32            # training image side: places attn_resolutions; must be divisible by f
@@ -86,16 +85,6 @@ class AutoencoderConfig:
     def f(self) -> int:
         """Downsampling factor between image and latent."""
         return 2 ** (len(self.ch_mult) - 1)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AutoencoderConfig":
-        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
-        return strict_from_dict(cls, d)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["ch_mult"], d["attn_resolutions"] = list(self.ch_mult), list(self.attn_resolutions)
-        return d
 
 
 def config_for_factor(f: int, **overrides) -> AutoencoderConfig:
@@ -415,7 +404,7 @@ def load_autoencoder(folder: str, map_location: str | torch.device = "cpu") -> A
         raise CheckpointError(f"corrupt autoencoder config {cfg_path}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
         raise CheckpointError(f"{cfg_path} is not a latentdiff autoencoder config (format {FORMAT!r} with a 'config' object)")
-    model = Autoencoder(AutoencoderConfig.from_dict(meta["config"]))
+    model = Autoencoder(AutoencoderConfig.from_dict(meta["config"], where=cfg_path, prefix="config."))
     scale = meta.get("latent_scale")
     if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
         raise CheckpointError(f"{cfg_path}: latent_scale must be a positive number or null, got {scale!r}")

@@ -13,7 +13,6 @@ time_embed, label_emb, out) so that Stable Diffusion 1.x/2.x and CompVis LDM che
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +22,11 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionBlock, SpatialTransformer
 from .layers import Downsample, ResBlock, SinusoidalEmbedding, Upsample, group_norm, group_norm_silu, zero_module
-from ..strict import strict_from_dict
+from ..dataclass_io import FromDict, update
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(FromDict):
     in_channels: int = 3  # channels of x_t (image or latent); concatenated conditions come on top
     out_channels: int = 3  # output channels: C for ε / x0 / v, 2C with a learned variance
     model_channels: int = 128  # base width; level i has model_channels * channel_mult[i] channels
@@ -40,6 +39,7 @@ class UNetConfig:
     use_scale_shift_norm: bool = False  # AdaGN: the timestep embedding scales and shifts the second norm (ADM)
     resblock_updown: bool = False  # residual blocks that down/upsample instead of plain strided conv / upsample
     num_classes: int | None = None  # class-conditional: embedding of num_classes + 1 rows, the last = null class
+    adm_in_channels: int | None = None  # vector-conditional: y (B, adm_in_channels) -> Linear-SiLU-Linear, added to emb
     context_dim: int | None = None  # width of the cross-attention context; set = spatial transformers (LDM)
     transformer_depth: int = 1  # transformer blocks per spatial transformer
     use_linear_proj: bool = False  # spatial transformer proj_in/out as Linear (SD 2.x) instead of 1x1 conv
@@ -74,6 +74,13 @@ class UNetConfig:
             raise ValueError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.num_classes is not None and self.num_classes <= 0:
             raise ValueError(f"UNetConfig.num_classes must be None or a positive integer, got {self.num_classes}")
+        if self.adm_in_channels is not None:
+            if not isinstance(self.adm_in_channels, int) or self.adm_in_channels <= 0:
+                raise ValueError(
+                    f"UNetConfig.adm_in_channels must be None or a positive integer, got {self.adm_in_channels!r}"
+                )
+            if self.num_classes is not None:
+                raise ValueError("UNetConfig: num_classes and adm_in_channels both set; y is a class id or a vector")
         if self.context_dim is not None and self.context_dim <= 0:
             raise ValueError(f"UNetConfig.context_dim must be None or a positive integer, got {self.context_dim}")
         if self.num_heads == -1 and self.head_channels == -1:
@@ -93,14 +100,6 @@ class UNetConfig:
     def downsampling_factor(self) -> int:
         """H and W of the input must be multiples of this."""
         return 2 ** (len(self.channel_mult) - 1)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "UNetConfig":
-        """Build from a plain dict (YAML/JSON); an unknown key is an error that names it."""
-        return strict_from_dict(cls, d)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class UNetBlock(nn.ModuleList):
@@ -127,6 +126,7 @@ class UNet(nn.Module):
     x: (B, in_channels, H, W), H and W multiples of ``config.downsampling_factor`` (any size, any aspect).
     t: (B,) timesteps 0..T-1, long or float (a 0-d tensor or number is broadcast to the batch).
     y: (B,) long class ids in [0, num_classes]; y == num_classes is the null class (classifier-free guidance).
+       With ``adm_in_channels`` instead: y is a (B, adm_in_channels) float vector (LDM's ``adm`` mode).
     context: (B, L, context_dim) tokens for cross-attention. concat: (B, concat_channels, H, W).
 
     ``channels_last_inference`` (default True): without autograd on a CPU, run the feature maps in channels_last
@@ -146,6 +146,9 @@ class UNet(nn.Module):
         self.time_proj = SinusoidalEmbedding(mc)
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes is not None else None
+        if cfg.adm_in_channels is not None:  # SDXL's "sequential" label_emb: keys label_emb.0.0.*, label_emb.0.2.*
+            adm = nn.Sequential(nn.Linear(cfg.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            self.label_emb = nn.Sequential(adm)
 
         def resblock(ch_in, ch_out, **kw):
             return ResBlock(ch_in, emb_dim, ch_out, cfg.dropout, cfg.use_scale_shift_norm, num_groups=g, **kw)
@@ -212,7 +215,7 @@ class UNet(nn.Module):
         w = self.time_embed[0].weight
         emb = self.time_embed(self.time_proj(t).to(w.dtype))  # (B, 4C)
         if self.label_emb is not None:
-            emb = emb + self.label_emb(y)
+            emb = emb + self.label_emb(y if y.dtype in (torch.int64, torch.int32) else y.to(w.dtype))
         emb = F.silu(emb)  # the SiLU every ResBlock would apply first, done once
         ckpt = self.config.use_checkpoint and self.training and torch.is_grad_enabled()
 
@@ -247,7 +250,14 @@ class UNet(nn.Module):
             raise ValueError(f"t must have shape ({b},) (one timestep per sample), got {tuple(t.shape)}")
         if t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"t must be an integer or float tensor, got {t.dtype}")
-        if cfg.num_classes is None:
+        if cfg.adm_in_channels is not None:
+            want = (b, cfg.adm_in_channels)
+            if y is None:
+                raise ValueError(f"y is required: this UNet adds a {want} vector y to its time embedding")
+            if not isinstance(y, torch.Tensor) or tuple(y.shape) != want or not y.is_floating_point():
+                got = f"{tuple(y.shape)} {y.dtype}" if isinstance(y, torch.Tensor) else type(y).__name__
+                raise ValueError(f"y must be a {want} float tensor (adm_in_channels), got {got}")
+        elif cfg.num_classes is None:
             if y is not None:
                 raise ValueError("y was given but this UNet is not class-conditional (num_classes=None)")
         else:
@@ -324,11 +334,7 @@ PRESETS: dict[str, UNetConfig] = {
 
 
 def unet_from_preset(name: str, **overrides) -> UNet:
-    """UNet of the preset ``name`` with fields replaced by ``overrides`` (unknown names are errors)."""
+    """UNet of the preset ``name`` with fields replaced by ``overrides`` (checked like a config file's)."""
     if name not in PRESETS:
         raise ValueError(f"unknown UNet preset {name!r}; known: {', '.join(PRESETS)}")
-    known = {f.name for f in dataclasses.fields(UNetConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown UNetConfig keys {unknown}; known: {sorted(known)}")
-    return UNet(dataclasses.replace(PRESETS[name], **overrides))
+    return UNet(update(PRESETS[name], overrides, where=f"UNet preset {name!r}"))

@@ -30,6 +30,7 @@ from ..config import DISC_LOSSES, REC_LOSSES, AutoencoderLossConfig  # noqa: F40
 from ..eval.metrics import psnr, ssim  # noqa: F401  (psnr and ssim are also imported from here)
 from ..nn.autoencoder import Autoencoder, compute_latent_scale, save_autoencoder
 
+
 def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
     """λ = ||∇_{G_L} L_rec|| / (||∇_{G_L} L_G|| + 1e-4), clamped to [0, max_weight], detached (VQGAN eq. 7)."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]

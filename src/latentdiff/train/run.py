@@ -35,12 +35,6 @@ def resolve_data(config: Config):
     return dataset, dataclasses.replace(config, data=data)
 
 
-def train_config(section) -> TrainConfig:
-    """The loop's TrainConfig from the config's train section (shared field names)."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in dataclasses.asdict(section).items() if k in names})
-
-
 def _data_for_run(config, out_dir: Path):
     """(dataset, config with the data resolved and train.out_dir set); prints one line about the data."""
     dataset, config = resolve_data(config)
@@ -135,7 +129,7 @@ def train_from_config(config, out_dir=None, *, resume: bool | str = False, progr
             save_autoencoder(pipe.autoencoder, str(own_copy), latent_scale=pipe.latent_scale)
         config = dataclasses.replace(config, latent=dataclasses.replace(config.latent, first_stage=FIRST_STAGE_DIR))
     dump_config(config, saved)
-    return train(objective, dataset, train_config(config.train), out_dir, resume=resume, progress=progress, callback=callback)
+    return train(objective, dataset, config.train, out_dir, resume=resume, progress=progress, callback=callback)
 
 
 def train_autoencoder_from_config(config: AutoencoderRunConfig, out_dir=None, *, resume: bool | str = False,
@@ -154,7 +148,7 @@ def train_autoencoder_from_config(config: AutoencoderRunConfig, out_dir=None, *,
           f"x{cfg.resolution // cfg.f}, {n_params / 1e6:.2f}M parameters", flush=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     dump_config(config, out_dir / CONFIG_FILE)
-    result = train(objective, dataset, train_config(config.train), out_dir, resume=resume, progress=progress, callback=callback)
+    result = train(objective, dataset, config.train, out_dir, resume=resume, progress=progress, callback=callback)
     if not _is_main_process():
         return result
     ae = objective._raw("autoencoder").eval()
