@@ -18,7 +18,6 @@ from ..folders import CONFIG_FILE, EXPORT_DIR, FIRST_STAGE_DIR, list_checkpoints
 from ..nn.autoencoder import save_autoencoder
 from ..pipeline import Pipeline
 from .autoencoder_objective import AutoencoderObjective
-from .config import TrainConfig
 from .loop import TrainResult, train
 from .objective import DiffusionObjective
 
