@@ -180,7 +180,7 @@ def held_out_data(ae, config, data: str | None, split: str):
     (or the one a model folder records). Errors name the command's --data option."""
     from .config import DataSection
     from .data import DATASETS, make_dataset
-    from .eval.run import folder_dataset
+    from .data.folder import folder_dataset
 
     size, channels = ae.config.resolution, ae.config.in_channels
     recorded = config.data if config is not None else recorded_data(ae, "the model folder")
