@@ -5,6 +5,7 @@ runs the installed console script."""
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -342,6 +343,47 @@ def test_bad_sample_options(exported, tmp_path, capsys):
         assert rc == 2 and message in err, (args, err)
         assert "Traceback" not in err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_sample_options_are_resolved_and_checked_by_the_pipeline(exported):
+    import dataclasses
+
+    from latentdiff.config import ConfigError
+    from latentdiff.eval.scoring import sample_batches
+    from latentdiff.pipeline import Pipeline
+
+    pipe = latentdiff.load(exported)
+    s = pipe.sample_options(steps=np.int64(3), labels=range(2), eta=0.5, seed=None)
+    assert (s.steps, type(s.steps), s.labels, s.eta) == (3, int, [0, 1], 0.5)
+    assert (s.sampler, s.seed, s.guidance) == (pipe.config.sample.sampler, pipe.config.sample.seed, 1.5)
+    assert pipe.sample_options(labels=7).labels == [7]
+    T = pipe.diffusion.num_steps
+    for given, message in [
+        ({"sampler": "dpmpp_9m"}, "unknown sampler 'dpmpp_9m'; expected one of"),
+        ({"steps": T + 1}, f"steps {T + 1} exceeds the model's {T} training steps"),
+        ({"labels": [3, 10]}, "class label(s) [10] out of range 0..9"),
+        ({"labels": []}, "labels is empty"),
+        ({"guidance": -1.0}, "sample options: guidance must be >= 0"),
+        ({"eta": -0.5}, "sample options: eta must be >= 0"),
+    ]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            pipe.sample_options(**given)
+        with pytest.raises(ConfigError, match=re.escape(message)):  # Pipeline.sample checks through it
+            pipe.sample(1, output="tensor", **given)
+    with pytest.raises(ConfigError, match="did you mean 'eta'"):
+        pipe.sample_options(etaa=0.1)
+    config = pipe.config
+    config = dataclasses.replace(config, model={**config.model, "num_classes": None},
+                                 sample=dataclasses.replace(config.sample, guidance=1.0))
+    unconditional = Pipeline.from_config(config)
+    with pytest.raises(ConfigError, match="unconditional: it takes no class labels"):
+        unconditional.sample_options(labels=[1])
+    with pytest.raises(ConfigError, match="guidance needs a class-conditional model"):
+        unconditional.sample_options(guidance=2.0)
+    # eval counts network calls through a wrapper; the pipeline itself is left as it was.
+    record = {}
+    batches = list(sample_batches(pipe, 3, steps=2, batch_size=2, record=record))
+    assert [len(b) for b in batches] == [2, 1] and record["nfe"] == 2 and "model_fn" not in vars(pipe)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""GaussianDiffusion: the seed's closed forms, the conversions, the losses and bad input."""
+"""GaussianDiffusion: the closed forms of DDPM (Ho et al.), the conversions, continuous time, the losses and bad input."""
 
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from latentdiff.diffusion import GaussianDiffusion
+from latentdiff.diffusion import GaussianDiffusion, q_posterior_coefficients, reverse_log_variance, x0_eps_from_output
 from latentdiff.likelihood import discretized_gaussian_log_likelihood, normal_kl
 from latentdiff.resample import LossSecondMomentSampler
 from latentdiff.schedules import make_betas
@@ -38,7 +38,7 @@ def test_q_sample_matches_iterated_forward_steps():
     assert x.std().item() == pytest.approx(closed.std().item(), rel=1e-2)
 
 
-def test_posterior_matches_seed_closed_form():
+def test_posterior_matches_ddpm_closed_form():
     d = make()
     x0, xt = torch.randn(4, 3, 2, 2, dtype=torch.float64), torch.randn(4, 3, 2, 2, dtype=torch.float64)
     t = torch.tensor([1, 10, 500, 999])
@@ -82,6 +82,57 @@ def test_conversions_round_trip(prediction):
     out = d.target(x0, eps, t)
     torch.testing.assert_close(d.predict_x0(out, xt, t), x0, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(d.predict_eps(out, xt, t), eps, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_shared_conversion_inverts_each_parameterisation(prediction):
+    """x0_eps_from_output, the one conversion of diffusion.py and the samplers, recovers (x_0, ε) from the
+    output of each kind at any level, and with clipping re-derives ε̂ from the clamped x̂_0."""
+    x0, eps = 1.5 * torch.randn(3, 2, 4, dtype=torch.float64), torch.randn(3, 2, 4, dtype=torch.float64)
+    ab = torch.tensor([0.999, 0.5, 0.01], dtype=torch.float64).reshape(3, 1, 1)
+    a, s = ab.sqrt(), (1 - ab).sqrt()
+    x_t = a * x0 + s * eps
+    out = {"eps": eps, "x0": x0, "v": a * eps - s * x0}[prediction]
+    got_x0, got_eps = x0_eps_from_output(prediction, out, x_t, a, s)
+    torch.testing.assert_close(got_x0, x0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got_eps, eps, rtol=1e-9, atol=1e-9)
+    clipped_x0, clipped_eps = x0_eps_from_output(prediction, out, x_t, a, s, clip_x0=True)
+    assert clipped_x0.abs().max() <= 1 and x0.abs().max() > 1
+    torch.testing.assert_close(a * clipped_x0 + s * clipped_eps, x_t, rtol=1e-9, atol=1e-9)
+
+
+def test_posterior_helpers_match_the_tables_and_the_variance_choice():
+    d = make(variance="learned_range")
+    t = 300
+    b, ab, ab_prev = float(d.betas[t]), float(d.alphas_cumprod[t]), float(d.alphas_cumprod[t - 1])
+    coef_x0, coef_xt, beta_tilde = q_posterior_coefficients(b, ab, ab_prev)
+    assert coef_x0 == pytest.approx(float(d.posterior_mean_coef1[t]), rel=1e-12)
+    assert coef_xt == pytest.approx(float(d.posterior_mean_coef2[t]), rel=1e-12)
+    assert beta_tilde == pytest.approx(float(d.posterior_variance[t]), rel=1e-12)
+    lb, lbt = math.log(b), math.log(beta_tilde)
+    assert reverse_log_variance("fixed_small", lb, lbt) == lbt and reverse_log_variance("fixed_large", lb, lbt) == lb
+    v = torch.tensor([-1.0, 0.0, 1.0])
+    torch.testing.assert_close(reverse_log_variance("learned_range", lb, lbt, v), torch.tensor([lbt, (lb + lbt) / 2, lb]))
+    with pytest.raises(ValueError, match="doubled"):
+        reverse_log_variance("learned", lb, lbt, None)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_continuous_alpha_bar_sigma_and_their_inverse(schedule):
+    """ᾱ(t), σ(t) and t(σ) of the samplers: the table at integer t, σ² = (1 − ᾱ)/ᾱ, log σ linear between steps,
+    t(σ(t)) = t, and the clean end before the first step."""
+    d = make(schedule=schedule)
+    t_int = torch.tensor([0.0, 1.0, 250.0, 998.0])
+    torch.testing.assert_close(d.alpha_bar(t_int), d.alphas_cumprod[t_int.long()], rtol=1e-12, atol=0)
+    t = torch.tensor([0.0, 0.25, 17.5, 420.9, 998.0])
+    ab, sigma = d.alpha_bar(t), d.sigma(t)
+    assert ab.dtype == sigma.dtype == torch.float64
+    torch.testing.assert_close(sigma**2, (1 - ab) / ab, rtol=1e-9, atol=0)
+    mid = d.sigma(torch.tensor(17.5))
+    assert math.log(mid) == pytest.approx(0.5 * (math.log(d.sigma(17.0)) + math.log(d.sigma(18.0))), rel=1e-12)
+    np.testing.assert_allclose(d.t_of_sigma(sigma.numpy()), t.numpy(), rtol=1e-9, atol=1e-9)
+    assert float(d.alpha_bar(-1.0)) == 1.0 and float(d.sigma(-1.0)) == 0.0
+    assert bool((torch.diff(d.alpha_bar(torch.linspace(0, 999, 4001))) < 0).all())
 
 
 def test_learned_range_interpolates_log_variances():

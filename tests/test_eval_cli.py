@@ -276,3 +276,20 @@ def test_quality_benchmark_end_to_end_on_the_tiny_run(env, tmp_path, capsys):
     # A missing model: the message says what to do.
     rc = bench.main(["--model", str(tmp_path / "nowhere")])
     assert rc == 2 and "run `make demo` first" in capsys.readouterr().err
+
+
+def test_devices_and_image_folders_do_not_need_eval(tmp_path):
+    """default_device and folder_dataset live below eval (eval.run re-exports them for older imports)."""
+    import os
+    import subprocess
+    import sys
+
+    Image.new("RGB", (12, 10)).save(tmp_path / "a.png")
+    code = ("import sys; from latentdiff.devices import default_device; from latentdiff.data.folder import "
+            "folder_dataset; ds = folder_dataset(sys.argv[1]); print(default_device('cpu'), ds.size, len(ds)); "
+            "print(sorted(m for m in sys.modules if m.startswith('latentdiff.eval')))")
+    env = {**os.environ, "PYTHONPATH": str(Path(latentdiff.__file__).parents[1])}  # this checkout's latentdiff
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
+                         env=env).stdout
+    assert out.splitlines() == ["cpu (10, 10) 1", "[]"]
+    assert ev.default_device is latentdiff.devices.default_device and ev.folder_dataset.__module__ == "latentdiff.data.folder"

@@ -43,6 +43,6 @@ def test_reverse_step_mean_and_variance(variance, prediction):
         p = d.p_mean_variance(out, x_t, t)
         ours = p["mean"] + torch.exp(0.5 * p["log_variance"]) * noise
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
-    # t = 0 (the seed's step 1): the mean only, no noise, in both.
+    # t = 0 (DDPM's step 1): the mean only, no noise, in both.
     ref0 = sch.step(out, 0, x_t).prev_sample
     torch.testing.assert_close(d.p_mean_variance(out, x_t, 0)["mean"], ref0, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ and the same noise draws. Reproducibility per seed, and clear errors on bad inpu
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 
 from analytic import gaussian_model_fn, ode_endpoint
 from latentdiff.diffusion import GaussianDiffusion
-from latentdiff.samplers import SAMPLERS, ddim_invert, sample
+from latentdiff.samplers import SAMPLER_OPTIONS, SAMPLERS, ddim_invert, sample
 from latentdiff.samplers.common import alpha_bar, make_timesteps
 from latentdiff.samplers.ddim import sample_ddim
 from latentdiff.samplers.ddpm import sample_ddpm
@@ -234,6 +235,47 @@ def test_ddpm_matches_diffusers(variance, n, T):
     # The same noise was drawn: a different generator seed gives a different sample.
     other = sample_ddpm(f, x_T, ts, diffusion=d, generator=torch.Generator().manual_seed(4))
     assert _rel(other, ref) > 1e-2
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large", "learned_range"])
+def test_ddpm_on_the_full_chain_is_the_diffusions_reverse_process(variance):
+    """On the full grid the sampler's posterior step (its own ᾱ, respacing formulas and variance choice) is
+    GaussianDiffusion.p_mean_variance: mean + exp(½ log Σ) z with the same draws, no noise at t = 0."""
+    T = 30
+    d = GaussianDiffusion(make_betas("linear", T, rescale=True), variance=variance)
+    base = gaussian_model_fn(d, M, S)
+
+    def f(x, t):
+        out = base(x, t)
+        return torch.cat([out[:, :2], 0.8 * torch.tanh(x)], 1) if d.learned_variance else out
+
+    x_T = torch.randn(4, 2, 3, 3, dtype=torch.float64)
+    ours = sample_ddpm(f, x_T, make_timesteps(d, T), diffusion=d, generator=torch.Generator().manual_seed(5))
+    g, x = torch.Generator().manual_seed(5), x_T
+    for t in range(T - 1, -1, -1):
+        p = d.p_mean_variance(f(x, torch.full((4,), t)), x, t)
+        x = p["mean"] + (torch.exp(0.5 * p["log_variance"]) * torch.randn(x.shape, generator=g, dtype=x.dtype) if t else 0)
+    assert _rel(ours, x) < 1e-9
+
+
+def test_sampler_options_table_lists_each_samplers_own_keywords():
+    """SAMPLER_OPTIONS, by which sample() passes options, names exactly the keywords each sampler takes beyond
+    the shared signature."""
+    shared = {"model_fn", "x", "timesteps", "diffusion", "generator", "callback", "clip_x0", "edit_state"}
+    for name, fn in SAMPLERS.items():
+        params = inspect.signature(fn).parameters
+        assert shared <= set(params), name
+        assert set(SAMPLER_OPTIONS[name]) == set(params) - shared, name
+
+
+def test_sampling_leaves_the_diffusion_unchanged():
+    """The continuous ᾱ(t), σ(t), t(σ) are the diffusion's own: samplers store nothing on it."""
+    d = _diffusion()
+    before = dict(vars(d))
+    for name in SAMPLERS:
+        sample(gaussian_model_fn(d, M, S), torch.empty(1, 1, 2, 2), diffusion=d, sampler=name, steps=3, seed=0, karras=True,
+               **({"corrector_steps": 1} if name == "langevin" else {}))
+    assert vars(d).keys() == before.keys() and all(vars(d)[k] is v for k, v in before.items())
 
 
 # ---------------------------------------------------------------------------------------------------------

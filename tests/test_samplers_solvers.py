@@ -137,23 +137,23 @@ def test_samples_have_the_data_mean_and_std(diffusion, name, sampler, steps):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The shared contract: callback, project, generators, errors
+# The shared contract: callback, edit_state, generators, errors
 
 
 @pytest.mark.parametrize("name", list(ALL))
-def test_callback_and_project_see_each_step_in_vp_scale(diffusion, name):
+def test_callback_and_edit_state_see_each_step_in_vp_scale(diffusion, name):
     ts = make_timesteps(diffusion, 6, spacing="trailing")
     seen, levels = [], []
 
     def callback(i, t, x, x0):
         seen.append((i, t, x.clone(), x0.shape))
 
-    def project(x, ab_next):
+    def edit_state(x, ab_next):
         levels.append(ab_next)
         return x
 
     x = torch.randn(2, 1, 4, 4, generator=seeded(0))
-    out = ALL[name](gaussian_model_fn(diffusion, M, S), x, ts, diffusion=diffusion, generator=seeded(1), callback=callback, project=project)
+    out = ALL[name](gaussian_model_fn(diffusion, M, S), x, ts, diffusion=diffusion, generator=seeded(1), callback=callback, edit_state=edit_state)
     assert [s[0] for s in seen] == list(range(6)) and [s[1] for s in seen] == ts.tolist()
     assert all(s[3] == x.shape for s in seen)
     assert torch.equal(seen[-1][2], out)  # the last state is the result, at ᾱ = 1
@@ -164,19 +164,19 @@ def test_callback_and_project_see_each_step_in_vp_scale(diffusion, name):
 
 
 @pytest.mark.parametrize("name", list(ALL))
-def test_project_result_is_the_state(diffusion, name):
+def test_edit_state_result_is_the_state(diffusion, name):
     ts = make_timesteps(diffusion, 5, spacing="trailing")
     x = torch.randn(2, 1, 4, 4, generator=seeded(0))
     model_fn = gaussian_model_fn(diffusion, M, S)
     # Clamp the left half to the known data value M at every noise level (q_sample's mean, no noise).
-    project = lambda x, ab: torch.cat([torch.full_like(x[..., :2], ab**0.5 * M), x[..., 2:]], dim=-1)  # noqa: E731
-    out = ALL[name](model_fn, x, ts, diffusion=diffusion, generator=seeded(1), project=project)
+    edit_state = lambda x, ab: torch.cat([torch.full_like(x[..., :2], ab**0.5 * M), x[..., 2:]], dim=-1)  # noqa: E731
+    out = ALL[name](model_fn, x, ts, diffusion=diffusion, generator=seeded(1), edit_state=edit_state)
     assert torch.allclose(out[..., :2], torch.full_like(out[..., :2], M))
     # A change made on the way (x̂_0 moved by +1 at the last grid level) carries on to the result.
     ab_last = float(alpha_bar(diffusion, ts[-1]))
     shift = lambda x, ab: x + ab**0.5 if abs(ab - ab_last) < 1e-12 else x  # noqa: E731
     plain = ALL[name](model_fn, x, ts, diffusion=diffusion, generator=seeded(1))
-    shifted = ALL[name](model_fn, x, ts, diffusion=diffusion, generator=seeded(1), project=shift)
+    shifted = ALL[name](model_fn, x, ts, diffusion=diffusion, generator=seeded(1), edit_state=shift)
     assert (shifted - plain).mean().item() > 0.05
 
 

@@ -172,14 +172,13 @@ def cmd_sample(args) -> int:
 
     pipe = load(args.model, ema=not args.no_ema)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    images = pipe.sample(
-        args.num, labels=args.labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-        seed=args.seed, batch_size=args.batch_size, output="tensor", progress=not args.quiet,
-        **({} if args.eta is None else {"eta": args.eta}),
-    )
+    s = pipe.sample_options(num=args.num, labels=args.labels, sampler=args.sampler, steps=args.steps,
+                            guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch_size)
+    images = pipe.sample(s.num, labels=s.labels, sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta,
+                         seed=s.seed, batch_size=s.batch_size, output="tensor", progress=not args.quiet)
     out = Path(args.out)
     if out.suffix.lower() == ".png":
-        labels = args.labels or pipe.config.sample.labels or (list(range(pipe.num_classes)) if pipe.num_classes else None)
+        labels = s.labels or (list(range(pipe.num_classes)) if pipe.num_classes else None)
         nrow = args.nrow or (len(labels) if labels else max(1, round(len(images) ** 0.5)))
         save_grid(images, out, nrow=nrow)
         print(f"wrote a grid of {len(images)} images to {out}")
@@ -187,9 +186,8 @@ def cmd_sample(args) -> int:
         from .pipeline import to_pil
 
         out.mkdir(parents=True, exist_ok=True)
-        seed = pipe.config.sample.seed if args.seed is None else args.seed
         for i, im in enumerate(to_pil(images)):
-            _save_png_atomic(im, out / f"{i:05d}_seed{seed + i}.png")
+            _save_png_atomic(im, out / f"{i:05d}_seed{s.seed + i}.png")
         print(f"wrote {len(images)} images to {out}/")
     return 0
 
@@ -224,8 +222,8 @@ def cmd_export(args) -> int:
 
 
 def cmd_reconstruct(args) -> int:
-    from .eval.metrics import psnr, ssim
     from .devices import default_device
+    from .eval.metrics import psnr, ssim
     from .eval.reconstruction import stack_images
     from .first_stage import check_images, held_out_data, load_first_stage, pairs_grid, reconstruct
     from .train.logging import save_grid
@@ -294,19 +292,9 @@ def _eval_autoencoder(args, metrics, device, common) -> tuple[dict, Path]:
 
 
 def _check_sampling(pipe, args) -> None:
-    """The sampling options checked before any reference statistics are computed."""
-    from .config import update
-    from .samplers import SAMPLERS
-
-    given = {"sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-             "batch_size": args.batch_size, "eta": args.eta}
-    s = update(pipe.config.sample, {k: v for k, v in given.items() if v is not None}, where="eval options")
-    if s.sampler not in SAMPLERS:
-        raise CLIError(f"unknown sampler {s.sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
-    if s.steps > pipe.diffusion.num_steps:
-        raise CLIError(f"--steps {s.steps} exceeds the model's {pipe.diffusion.num_steps} training steps")
-    if s.guidance != 1.0 and pipe.num_classes is None:
-        raise CLIError("--guidance needs a class-conditional model (this one is unconditional)")
+    """The sampling options checked (by the pipeline) before any reference statistics are computed."""
+    pipe.sample_options(sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                        batch_size=args.batch_size, eta=args.eta)
 
 
 def _eval_folders(args, metrics, device, common) -> tuple[dict, Path | None]:

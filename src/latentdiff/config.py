@@ -49,7 +49,6 @@ from .diffusion import LOSSES, PREDICTIONS, VARIANCES
 from .errors import MissingFileError
 from .fileio import atomic_write_text
 from .folders import is_autoencoder_config
-from .samplers import SAMPLERS
 from .schedules import SCHEDULES, SPACINGS
 
 LR_SCHEDULES = ("constant", "linear", "cosine")      # the lr after warm-up (train.config.lr_factor)
@@ -152,10 +151,6 @@ class SampleSection:
     seed: int = 0                                               # sample i uses seed + i
     labels: list[int] | None = None                             # class ids to draw, cycled; None = all classes in turn
     prompt: str | None = None                                   # caption for text-conditioned models
-
-    def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
 
 
 @dataclass

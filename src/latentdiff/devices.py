@@ -1,4 +1,4 @@
-"""The device to run on when the user names none."""
+"""Choosing a torch device: the one asked for, else the best one this machine has."""
 
 from __future__ import annotations
 

@@ -22,13 +22,18 @@ def _batch_pair(name: str, cond, uncond, batch: int):
         if uncond.shape[0] == 1 and batch != 1:
             uncond = uncond.expand(batch, *uncond.shape[1:])  # one null embedding for the whole batch
         if uncond.shape != cond.shape:
-            raise ValueError(f"uncond[{name!r}] has shape {tuple(uncond.shape)}; conditional one has {tuple(cond.shape)}")
+            raise ValueError(
+                f"uncond[{name!r}] has shape {tuple(uncond.shape)}; conditional one has {tuple(cond.shape)}"
+            )
         return torch.cat([cond, uncond.to(device=cond.device, dtype=cond.dtype)])
     if isinstance(cond, (list, tuple)) and isinstance(uncond, (list, tuple)):
         if len(uncond) == 1 and batch != 1:
             uncond = list(uncond) * batch
         if len(cond) != batch or len(uncond) != batch:
-            raise ValueError(f"conditioning {name!r}: lists must have one entry per sample ({batch}), got {len(cond)} and {len(uncond)}")
+            raise ValueError(
+                f"conditioning {name!r}: lists must have one entry per sample ({batch}), "
+                f"got {len(cond)} and {len(uncond)}"
+            )
         return list(cond) + list(uncond)
     raise TypeError(
         f"conditioning {name!r}: cond and uncond must both be tensors or both lists, got "

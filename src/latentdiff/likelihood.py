@@ -35,6 +35,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, *, means, log_scales, b
     flip = lower > 0
     a = torch.where(flip, -lower, upper)
     b = torch.where(flip, -upper, lower)
-    log_mid = torch.special.log_ndtr(a) + torch.log1p(-torch.exp(torch.special.log_ndtr(b) - torch.special.log_ndtr(a)).clamp(max=1 - 1e-12))
+    log_cdf_a, log_cdf_b = torch.special.log_ndtr(a), torch.special.log_ndtr(b)
+    log_mid = log_cdf_a + torch.log1p(-torch.exp(log_cdf_b - log_cdf_a).clamp(max=1 - 1e-12))
     lo_edge, hi_edge = -1.0 + 0.5 * half, 1.0 - 0.5 * half
     return torch.where(x < lo_edge, log_cdf_upper, torch.where(x > hi_edge, log_one_minus_cdf_lower, log_mid))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, dump_config, load_config, update
+from .config import Config, SampleSection, dump_config, load_config, update
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError, MissingFileError, RequestError
 from .fileio import atomic_write
@@ -186,18 +186,11 @@ class Pipeline:
         return self.unet(x, t, **cond)
 
     def _labels(self, labels, num: int) -> torch.Tensor | None:
+        """The class of each of ``num`` samples: ``labels`` (checked by :meth:`sample_options`) cycled, or every
+        class in turn; None for an unconditional model."""
         if self.num_classes is None:
-            if labels is not None:
-                raise RequestError("this model is unconditional: it takes no class labels")
             return None
-        if labels is None:
-            labels = list(range(self.num_classes))
-        labels = [int(v) for v in (labels if hasattr(labels, "__iter__") else [labels])]
-        if not labels:
-            raise RequestError("labels is empty")
-        bad = [v for v in labels if not 0 <= v < self.num_classes]
-        if bad:
-            raise RequestError(f"class label(s) {bad} out of range 0..{self.num_classes - 1}")
+        labels = labels or list(range(self.num_classes))
         return torch.tensor([labels[i % len(labels)] for i in range(num)], dtype=torch.long)
 
     def _warn_ill_conditioned_start(self, opts: dict) -> None:
@@ -223,26 +216,22 @@ class Pipeline:
         batch_size: int | None = None,
         output: str = "pil",        # "pil" (list of images) or "tensor" ((N, C, H, W) in [-1, 1])
         progress: bool = False,
+        model_fn=None,              # the network call; None = self.model_fn (pass a wrapper of it to count calls)
         **options,                  # further options of latentdiff.samplers.sample (eta, spacing, karras, ...)
     ):
         from .samplers import sample as run_sampler
 
         if output not in ("pil", "tensor"):
             raise RequestError(f"output must be 'pil' or 'tensor', got {output!r}")
-        # The given values replace the config's sample section, checked like the config (types and ranges).
-        given = {"num": num, "sampler": sampler, "steps": steps, "guidance": guidance, "seed": seed, "batch_size": batch_size}
-        given = {k: (v.item() if hasattr(v, "item") else v) for k, v in given.items() if v is not None}  # numpy/torch scalars
-        s = update(self.config.sample, given, where="sample options")
+        routed = ("eta", "spacing", "offset", "karras", "clip_x0", "guidance_rescale")  # sample-section options
+        s = self.sample_options(num=num, labels=labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
+                                batch_size=batch_size, **{k: v for k, v in options.items() if k in routed})
         num, sampler, steps, guidance, seed, batch_size = s.num, s.sampler, s.steps, s.guidance, s.seed, s.batch_size
-        if labels is None:
-            labels = s.labels
-        opts = {"eta": s.eta, "spacing": s.spacing, "offset": s.offset, "karras": s.karras, "clip_x0": s.clip_x0,
-                "guidance_rescale": s.guidance_rescale}
-        opts.update(options)
+        opts = {k: getattr(s, k) for k in routed}
+        opts.update({k: v for k, v in options.items() if k not in routed})
         self._warn_ill_conditioned_start(opts)
-        y = self._labels(labels, num)
-        if guidance != 1.0 and y is None:
-            raise RequestError("guidance needs a class-conditional model")
+        y = self._labels(s.labels, num)
+        model_fn = self.model_fn if model_fn is None else model_fn
         out = []
         bar = None
         if progress:
@@ -258,7 +247,7 @@ class Pipeline:
                 uncond = {"y": torch.full((n,), self.num_classes, dtype=torch.long, device=self.device)}
             cb = (lambda i, t, x, x0: bar.update(n)) if bar is not None else None
             x = run_sampler(
-                self.model_fn, noise, diffusion=self.diffusion, sampler=sampler, steps=steps,
+                model_fn, noise, diffusion=self.diffusion, sampler=sampler, steps=steps,
                 seed=[seed + start + i for i in range(n)], guidance_scale=guidance, uncond=uncond, callback=cb,
                 **opts, **cond,
             )
@@ -269,6 +258,39 @@ class Pipeline:
             bar.close()
         images = torch.cat(out).clamp(-1, 1)
         return images if output == "tensor" else to_pil(images)
+
+    def sample_options(self, **given) -> SampleSection:
+        """The config's sample section with the ``given`` values in place (None keeps the config's), checked in
+        this one place for every caller (``sample``, ``latentdiff sample``, ``latentdiff eval``): types and
+        ranges as in a config file, a known sampler, at most the T steps of training, and class labels and
+        guidance only for a class-conditional model, the labels in 0..K-1. Raises ConfigError naming the option.
+
+        ``labels`` may be one id or any iterable of ids (list, range, array); they come back as a list of ints.
+        """
+        from .samplers import SAMPLERS
+
+        labels = given.pop("labels", None)
+        # None keeps the config's value; numpy and torch scalars become Python numbers.
+        given = {k: (v.item() if hasattr(v, "item") else v) for k, v in given.items() if v is not None}
+        if labels is not None:
+            given["labels"] = [int(v) for v in (labels if hasattr(labels, "__iter__") else [labels])]
+        s = update(self.config.sample, given, where="sample options")
+        if s.sampler not in SAMPLERS:
+            raise ConfigError(f"unknown sampler {s.sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
+        if s.steps > self.diffusion.num_steps:
+            raise ConfigError(f"steps {s.steps} exceeds the model's {self.diffusion.num_steps} training steps")
+        if self.num_classes is None:
+            if s.labels is not None:
+                raise ConfigError("this model is unconditional: it takes no class labels")
+            if s.guidance != 1.0:
+                raise ConfigError("guidance needs a class-conditional model (this one is unconditional)")
+        elif s.labels is not None:
+            if not s.labels:
+                raise ConfigError("labels is empty")
+            bad = [v for v in s.labels if not 0 <= v < self.num_classes]
+            if bad:
+                raise ConfigError(f"class label(s) {bad} out of range 0..{self.num_classes - 1}")
+        return s
 
 
 def _built(section: str, build, *args):

@@ -7,6 +7,8 @@ The cache key is a hash of two identities:
 Changing either gives another key, hence another file, so stale statistics are never reused. The file
 holds n, mean (D,) float64, cov (D, D) float64, the kept features (and logits) float32, and the identities
 as JSON. Files are written to a temporary name and renamed (atomic).
+
+``latentdiff eval`` keeps them under ``cache_root()/fid_stats`` and its oracles under ``cache_root()/oracles``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from .features import extract_stats
 from .metrics import FeatureStats
 
 CACHE_VERSION = 1
+CACHE_ENV = "LATENTDIFF_CACHE"
+
+
+def cache_root(path=None) -> Path:
+    """``path``, else ``$LATENTDIFF_CACHE``, else ``~/.cache/latentdiff``."""
+    return Path(path or os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "latentdiff").expanduser()
 
 
 def dataset_identity(name: str, size: int, resolution, split: str | None = None, **extra) -> dict:

@@ -1,28 +1,31 @@
 """Samplers: one function per algorithm (see the module of each) and the entry point :func:`sample`.
 
 Every sampler has the signature
-``sample_NAME(model_fn, x, timesteps, *, diffusion, generator=None, callback=None, clip_x0=False, project=None, **options)``
-and returns the final sample. :func:`sample` builds the grid, the noise, the per-sample generators, binds
-conditioning and classifier-free guidance, and implements img2img, inpainting (with RePaint resampling)
-and the Langevin corrector around any of them through the ``project`` hook.
+``sample_NAME(model_fn, x, timesteps, *, diffusion, generator=None, callback=None, clip_x0=False,
+edit_state=None, **options)`` and returns the final sample. ``callback(i, t, x, x0_hat)`` observes each step;
+``edit_state(x, ab_next) -> x`` replaces the state after each step, at its new noise level ᾱ_next.
+
+:func:`sample` is a small core: the grid, the noise and per-sample generators, conditioning and
+classifier-free guidance bound once, and the call, with each sampler's options passed by name
+(:data:`SAMPLER_OPTIONS`). Its editing options (img2img, inpainting with RePaint resampling, the Langevin
+corrector) live in :mod:`.editing` and reach the sampler as its start state and its ``edit_state`` hook.
 """
 
 from __future__ import annotations
 
-import inspect
-import math
 from typing import Callable
 
 import numpy as np
 import torch
 
 from ..guidance import classifier_free_guidance
-from .common import alpha_bar, alpha_bars, make_timesteps, randn, sigma_to_t
+from .common import make_timesteps, randn
 from .ddim import ddim_invert, sample_ddim
 from .ddpm import sample_ddpm
 from .dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m
+from .editing import Edits
 from .euler import sample_euler, sample_euler_ancestral, sample_heun
-from .langevin import langevin_correct, sample_langevin
+from .langevin import sample_langevin
 from .plms import sample_plms
 from .unipc import sample_unipc
 
@@ -40,18 +43,42 @@ SAMPLERS: dict[str, Callable] = {
     "langevin": sample_langevin,
 }
 
-RESAMPLING_SAMPLERS = ("ddpm", "ddim")  # samplers that implement RePaint's resample_jumps
+# The keyword options of each sampler beyond the shared signature: those that ``sample`` passes on (eta,
+# set_alpha_to_one, resample_jumps, the langevin sampler's corrector_steps and snr) and that
+# ``sampler_options`` may set by name.
+SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "ddpm": ("variance", "resample_jumps"),
+    "ddim": ("eta", "set_alpha_to_one", "resample_jumps"),
+    "plms": ("set_alpha_to_one",),
+    "dpmpp_2m": (),
+    "dpmpp_3m": ("lower_order_final", "exact_third_order"),
+    "dpmpp_2m_sde": (),
+    "unipc": ("order", "lower_order_final", "disable_corrector"),
+    "euler": ("s_churn", "s_tmin", "s_tmax", "s_noise"),
+    "euler_ancestral": (),
+    "heun": ("s_churn", "s_tmin", "s_tmax", "s_noise", "max_step_ratio"),
+    "langevin": ("corrector_steps", "snr"),
+}
 
-__all__ = ["SAMPLERS", "sample", "ddim_invert", "make_generators"] + [f.__name__ for f in SAMPLERS.values()]
+RESAMPLING_SAMPLERS = tuple(name for name, opts in SAMPLER_OPTIONS.items() if "resample_jumps" in opts)  # RePaint
+
+__all__ = ["SAMPLERS", "SAMPLER_OPTIONS", "sample", "options_for", "ddim_invert", "make_generators"] + [
+    f.__name__ for f in SAMPLERS.values()
+]
+
+
+def _is_int(v) -> bool:
+    """An int or numpy integer, not a bool."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
 def make_generators(seed, batch: int) -> list[torch.Generator] | None:
     """One CPU generator per sample: ``seed`` an int (sample i gets seed + i), a list of ints, or None."""
     if seed is None:
         return None
-    if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+    if _is_int(seed):
         seeds = [int(seed) + i for i in range(batch)]
-    elif isinstance(seed, (list, tuple)) and all(isinstance(s, (int, np.integer)) and not isinstance(s, bool) for s in seed):
+    elif isinstance(seed, (list, tuple)) and all(_is_int(s) for s in seed):
         if len(seed) != batch:
             raise ValueError(f"got {len(seed)} seeds for a batch of {batch}")
         seeds = [int(s) for s in seed]
@@ -60,50 +87,91 @@ def make_generators(seed, batch: int) -> list[torch.Generator] | None:
     return [torch.Generator().manual_seed(s) for s in seeds]
 
 
-def _like(name: str, v, noise: torch.Tensor, *, channels_one: bool = False) -> torch.Tensor:
-    """Validate an image-shaped input against the noise: same shape, or batch 1 (broadcast); mask may have 1 channel."""
-    if not torch.is_tensor(v):
-        raise TypeError(f"{name} must be a tensor, got {type(v).__name__}")
-    ok_c = (noise.shape[1], 1) if channels_one else (noise.shape[1],)
-    if v.ndim != noise.ndim or v.shape[0] not in (noise.shape[0], 1) or v.shape[1] not in ok_c or v.shape[2:] != noise.shape[2:]:
-        want = f"{tuple(noise.shape)} (or batch 1{', or 1 channel' if channels_one else ''})"
-        raise ValueError(f"{name} has shape {tuple(v.shape)}; expected {want}")
-    v = v.to(device=noise.device, dtype=noise.dtype)
-    if not torch.isfinite(v).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return v
+def _check_request(sampler: str, noise, steps, num_steps: int, guidance_scale: float, uncond) -> None:
+    """The core's own checks: a known sampler, a floating noise tensor, 1 <= steps <= T, guidance with uncond."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
+    if not torch.is_tensor(noise):
+        raise TypeError(f"noise must be a torch.Tensor of shape (B, C, ...), got {type(noise).__name__}")
+    if noise.ndim < 2 or not noise.is_floating_point():
+        raise ValueError(
+            f"noise must be a floating tensor of shape (B, C, ...), got {tuple(noise.shape)} {noise.dtype}"
+        )
+    if not _is_int(steps):
+        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+    if not 1 <= steps <= num_steps:
+        raise ValueError(f"steps must lie in 1..{num_steps} (the training steps T), got {steps}")
+    if guidance_scale != 1.0 and uncond is None:
+        raise ValueError("guidance_scale != 1 needs uncond, the unconditional keyword arguments")
 
 
-def _accepts(fn: Callable, name: str) -> bool:
-    params = inspect.signature(fn).parameters
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+def options_for(name: str, *, eta=0.0, set_alpha_to_one=True, resample_jumps=0, corrector_steps=0, snr=0.16,
+                extra: dict | None = None) -> dict:
+    """The keyword options for sampler ``name`` (see :data:`SAMPLER_OPTIONS`) from those of :func:`sample`.
 
-
-def _sampler_options(name: str, fn: Callable, *, eta, set_alpha_to_one, resample_jumps, corrector_steps, snr, extra) -> dict:
-    """The options this sampler takes; a non-default option it does not take is an error, not ignored."""
+    An option the sampler does not take is an error when set, not ignored; ``extra`` sets its own options by name.
+    """
+    own = SAMPLER_OPTIONS[name]
     opts = {}
-    if _accepts(fn, "eta"):
+    if "eta" in own:
         opts["eta"] = eta
     elif eta != 0:
         raise ValueError(f"sampler {name!r} takes no eta (it is deterministic or has no η)")
-    if _accepts(fn, "set_alpha_to_one"):
+    if "set_alpha_to_one" in own:
         opts["set_alpha_to_one"] = set_alpha_to_one
     elif not set_alpha_to_one:
         raise ValueError(f"set_alpha_to_one=False applies to ddim and plms only, not {name!r}")
     if resample_jumps:
-        if name not in RESAMPLING_SAMPLERS:
-            raise ValueError(f"resample_jumps (RePaint) is implemented for {', '.join(RESAMPLING_SAMPLERS)} only, not {name!r}")
+        if "resample_jumps" not in own:
+            raise ValueError(
+                f"resample_jumps (RePaint) is implemented for {', '.join(RESAMPLING_SAMPLERS)} only, not {name!r}"
+            )
         opts["resample_jumps"] = resample_jumps
-    if name == "langevin":
+    if "snr" in own:  # the langevin sampler is a corrector itself: it takes the corrector's options
         opts["snr"] = snr
-        if corrector_steps:
-            opts["corrector_steps"] = corrector_steps
-    params = inspect.signature(fn).parameters
+    if "corrector_steps" in own and corrector_steps:
+        opts["corrector_steps"] = corrector_steps
     for k, v in (extra or {}).items():
-        if k not in params:
+        if k not in own:
             raise TypeError(f"sampler {name!r} has no option {k!r}")
         opts[k] = v
     return opts
+
+
+def _start_noise(noise: torch.Tensor, generators) -> torch.Tensor:
+    """x_T: drawn from the per-sample generators when there are any (``noise`` is then a template), else ``noise``."""
+    if generators is None:
+        if not torch.isfinite(noise).all():
+            raise ValueError("noise contains NaN or inf (pass seed= to draw x_T from per-sample generators)")
+        return noise
+    return randn(noise, generators)
+
+
+def _bind(model_fn: Callable, cond: dict, guidance_scale: float, uncond, rescale: float) -> Callable:
+    """Conditioning and classifier-free guidance bound once: the samplers see ``model(x, t)``."""
+    net = model_fn
+    if guidance_scale != 1.0:
+        net = classifier_free_guidance(model_fn, guidance_scale, uncond, rescale=rescale)
+    return (lambda x_, t_: net(x_, t_, **cond)) if cond else (lambda x_, t_: net(x_, t_))
+
+
+def _run(name: str, model: Callable, x: torch.Tensor, ts: torch.Tensor, *, callback, progress: bool, **kwargs):
+    """Call sampler ``name``, with a tqdm bar over its steps when ``progress``."""
+    if not progress:
+        return SAMPLERS[name](model, x, ts, callback=callback, **kwargs)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(ts), desc=name)
+
+    def step_callback(i, t, x_, x0_):
+        bar.update(1)
+        if callback is not None:
+            callback(i, t, x_, x0_)
+
+    try:
+        return SAMPLERS[name](model, x, ts, callback=step_callback, **kwargs)
+    finally:
+        bar.close()
 
 
 @torch.no_grad()
@@ -142,117 +210,18 @@ def sample(
     dtype, device): x_T and every later draw of sample i come from its own generator, so an image depends on
     its seed, not on the batch it is drawn in.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
-    if not torch.is_tensor(noise):
-        raise TypeError(f"noise must be a torch.Tensor of shape (B, C, ...), got {type(noise).__name__}")
-    if noise.ndim < 2 or not noise.is_floating_point():
-        raise ValueError(f"noise must be a floating tensor of shape (B, C, ...), got {tuple(noise.shape)} {noise.dtype}")
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)):
-        raise TypeError(f"steps must be an int, got {type(steps).__name__}")
-    T = diffusion.num_steps
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must lie in 1..{T} (the training steps T), got {steps}")
-    if not 0.0 < float(strength) <= 1.0:
-        raise ValueError(f"strength must lie in (0, 1], got {strength}")
-    if init_image is None and strength != 1.0:
-        raise ValueError("strength < 1 needs init_image (img2img)")
-    if (mask is None) != (known is None):
-        raise ValueError("inpainting needs both mask and known (or neither)")
-    if resample_jumps < 0 or corrector_steps < 0:
-        raise ValueError(f"resample_jumps and corrector_steps must be >= 0, got {resample_jumps}, {corrector_steps}")
-    if resample_jumps and mask is None:
-        raise ValueError("resample_jumps (RePaint) only acts with inpainting: pass mask and known")
-    if guidance_scale != 1.0 and uncond is None:
-        raise ValueError("guidance_scale != 1 needs uncond, the unconditional keyword arguments")
-    fn = SAMPLERS[sampler]
-    opts = _sampler_options(
-        sampler, fn, eta=eta, set_alpha_to_one=set_alpha_to_one, resample_jumps=resample_jumps,
-        corrector_steps=corrector_steps, snr=snr, extra=sampler_options,
-    )
-    if init_image is not None:
-        init_image = _like("init_image", init_image, noise)
-    if mask is not None:
-        mask = _like("mask", mask, noise, channels_one=True)
-        known = _like("known", known, noise)
-        if mask.min() < 0 or mask.max() > 1:
-            raise ValueError("mask values must lie in [0, 1] (1 = keep known)")
-
-    # Grid; img2img runs only the last ceil(strength · steps) steps.
-    ts = make_timesteps(diffusion, steps, spacing=spacing, offset=offset, karras=karras)
-    if init_image is not None:
-        keep = max(1, math.ceil(round(float(strength) * steps, 9)))
-        ts = ts[-keep:]
-
-    # Noise: sample i's x_T and all its fresh draws come from its own generator.
+    _check_request(sampler, noise, steps, diffusion.num_steps, guidance_scale, uncond)
+    edits = Edits.checked(noise, init_image=init_image, strength=strength, mask=mask, known=known,
+                          resample_jumps=resample_jumps, corrector_steps=corrector_steps, snr=snr)
+    opts = options_for(sampler, eta=eta, set_alpha_to_one=set_alpha_to_one, resample_jumps=resample_jumps,
+                       corrector_steps=corrector_steps, snr=snr, extra=sampler_options)
+    ts = edits.trim_grid(make_timesteps(diffusion, steps, spacing=spacing, offset=offset, karras=karras), steps)
     gens = make_generators(seed, noise.shape[0])
-    if gens is None and not torch.isfinite(noise).all():
-        raise ValueError("noise contains NaN or inf (pass seed= to draw x_T from per-sample generators)")
-    x = randn(noise, gens) if gens is not None else noise
-    if init_image is not None:
-        ab0 = float(alpha_bar(diffusion, ts[0]))
-        x = ab0**0.5 * init_image + (1 - ab0) ** 0.5 * x  # q_sample at the first kept step
-
-    # Conditioning and guidance, bound once: the samplers see model(x, t).
-    net = model_fn
-    if guidance_scale != 1.0:
-        net = classifier_free_guidance(model_fn, guidance_scale, uncond, rescale=guidance_rescale)
-    model = (lambda x_, t_: net(x_, t_, **cond)) if cond else (lambda x_, t_: net(x_, t_))
-
-    project = _make_project(model, diffusion, ts, gens, mask, known, corrector_steps if sampler != "langevin" else 0, snr, clip_x0)
-    if mask is not None:
-        x = _inpaint(x, float(alpha_bar(diffusion, ts[0])), mask, known, gens)
-
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(ts), desc=sampler)
-
-    def step_callback(i, t, x_, x0_):
-        if bar is not None:
-            bar.update(1)
-        if callback is not None:
-            callback(i, t, x_, x0_)
-
-    try:
-        x = fn(model, x, ts, diffusion=diffusion, generator=gens, callback=step_callback, clip_x0=clip_x0, project=project, **opts)
-    finally:
-        if bar is not None:
-            bar.close()
-    if mask is not None:
-        x = mask * known + (1 - mask) * x  # exactly the known image where mask = 1
-    return x
-
-
-def _inpaint(x: torch.Tensor, ab: float, mask, known, gens) -> torch.Tensor:
-    """Replace the known region by the known image at noise level ᾱ: √ᾱ known + √(1 − ᾱ) z (RePaint eq. 8)."""
-    known_t = known if ab >= 1.0 else ab**0.5 * known + (1 - ab) ** 0.5 * randn(x, gens)
-    return mask * known_t + (1 - mask) * x
-
-
-def _make_project(model, diffusion, ts, gens, mask, known, corrector_steps: int, snr: float, clip_x0: bool):
-    """The project(x, ab_next) hook: Langevin corrector at the new level, then the inpainting paste."""
-    if mask is None and corrector_steps == 0:
-        return None
-    grid_ab = alpha_bars(diffusion, ts)[:-1]
-    grid_t = ts.tolist()
-
-    def t_of(ab: float) -> float:
-        for a, t in zip(grid_ab, grid_t):
-            if abs(a - ab) <= 1e-9 * max(a, 1e-12):
-                return t
-        t = float(sigma_to_t(diffusion, ((1 - ab) / ab) ** 0.5))
-        return float(round(t)) if abs(t - round(t)) < 1e-6 else t
-
-    def project(x: torch.Tensor, ab_next) -> torch.Tensor:
-        ab_next = float(ab_next)
-        if corrector_steps and ab_next < 1.0:
-            if mask is not None:
-                x = _inpaint(x, ab_next, mask, known, gens)
-            x = langevin_correct(model, x, t_of(ab_next), diffusion=diffusion, steps=corrector_steps, snr=snr, generator=gens, clip_x0=clip_x0)
-        if mask is not None:
-            x = _inpaint(x, ab_next, mask, known, gens)
-        return x
-
-    return project
+    x = _start_noise(noise, gens)
+    model = _bind(model_fn, cond, guidance_scale, uncond, guidance_rescale)
+    x = edits.start(x, diffusion, ts, gens)
+    corrector = "corrector_steps" not in SAMPLER_OPTIONS[sampler]  # else the sampler runs the corrector itself
+    edit_state = edits.state_editor(model, diffusion, ts, gens, clip_x0=clip_x0, corrector=corrector)
+    x = _run(sampler, model, x, ts, callback=callback, progress=progress, diffusion=diffusion, generator=gens,
+             clip_x0=clip_x0, edit_state=edit_state, **opts)
+    return edits.finish(x)

@@ -1,49 +1,25 @@
-"""Small pure helpers that the samplers share: ᾱ at (possibly fractional) timesteps, σ ↔ t, and the denoiser.
+"""Small pure helpers that the samplers share: ᾱ on a grid, the grid itself, the denoiser, noise.
 
-Every sampler sees the process through ᾱ(t) only. Integer t reads the table; fractional t (Karras grids)
-interpolates log σ linearly between neighbouring integer steps, as the Euler-family references do.
+Every sampler sees the process through ᾱ(t) only, the continuous ᾱ of :class:`GaussianDiffusion`: integer t
+reads the table; fractional t (Karras grids) interpolates log σ between neighbouring integer steps.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from ..schedules import karras_sigmas, sigmas_from_alphas_cumprod, timesteps as integer_timesteps
-
-
-def _log_sigmas(diffusion) -> torch.Tensor:
-    """log σ_t of every integer step, float64, computed once per process (cached on the diffusion object)."""
-    cached = getattr(diffusion, "_log_sigmas_cache", None)
-    if cached is None or cached[0] is not diffusion.alphas_cumprod:
-        table = torch.log(torch.as_tensor(sigmas_from_alphas_cumprod(diffusion.alphas_cumprod.numpy())))
-        cached = (diffusion.alphas_cumprod, table)
-        diffusion._log_sigmas_cache = cached
-    return cached[1]
+from ..diffusion import x0_eps_from_output
+from ..schedules import karras_sigmas, timesteps as integer_timesteps
 
 
 def alpha_bar(diffusion, t) -> torch.Tensor:
-    """ᾱ(t) as float64 for a float/int tensor or number t in [0, T-1]; t < 0 means "before the first step" (ᾱ = 1)."""
-    t = torch.as_tensor(t, dtype=torch.float64)
-    log_sigma = _log_sigmas(diffusion)
-    T = log_sigma.numel()
-    tc = t.clamp(0, T - 1)
-    lo = tc.floor().long()
-    hi = (lo + 1).clamp(max=T - 1)
-    w = tc - lo.double()
-    ls = (1 - w) * log_sigma[lo] + w * log_sigma[hi]
-    out = 1.0 / (1.0 + torch.exp(2 * ls))  # ᾱ = 1/(1 + σ²)
-    return torch.where(t < 0, torch.ones_like(out), out)
+    """ᾱ(t) of ``diffusion`` (:meth:`GaussianDiffusion.alpha_bar`) as float64; t < 0 means ᾱ = 1."""
+    return diffusion.alpha_bar(t)
 
 
-def sigma_to_t(diffusion, sigma) -> np.ndarray:
-    """Fractional timestep whose interpolated log σ equals log ``sigma`` (inverse of :func:`alpha_bar`)."""
-    log_sigmas = _log_sigmas(diffusion).numpy()
-    s = np.log(np.maximum(np.asarray(sigma, dtype=np.float64), 1e-10))
-    return np.interp(s, log_sigmas, np.arange(log_sigmas.size, dtype=np.float64))
-
-
-def make_timesteps(diffusion, steps: int, *, spacing: str = "leading", offset: int = 0, karras: bool = False, rho: float = 7.0) -> torch.Tensor:
+def make_timesteps(
+    diffusion, steps: int, *, spacing: str = "leading", offset: int = 0, karras: bool = False, rho: float = 7.0
+) -> torch.Tensor:
     """Descending float64 timesteps at which a sampler calls the model.
 
     Without ``karras`` they are the integer grid of ``spacing``. With it, N σ values from the Karras grid
@@ -51,9 +27,9 @@ def make_timesteps(diffusion, steps: int, *, spacing: str = "leading", offset: i
     """
     T = diffusion.num_steps
     if karras:
-        sig = sigmas_from_alphas_cumprod(diffusion.alphas_cumprod.numpy())
+        sig = diffusion.sigmas
         ks = karras_sigmas(float(sig[0]), float(sig[-1]), steps, rho)
-        return torch.as_tensor(sigma_to_t(diffusion, ks), dtype=torch.float64)
+        return torch.as_tensor(diffusion.t_of_sigma(ks), dtype=torch.float64)
     return torch.as_tensor(integer_timesteps(T, steps, spacing, offset), dtype=torch.float64)
 
 
@@ -84,21 +60,8 @@ def denoise(model_fn, x: torch.Tensor, t: float, diffusion, *, clip_x0: bool = F
         out = out[:, :c]
     if out.shape != x.shape:
         raise ValueError(f"model output has shape {tuple(out.shape)}; expected {tuple(x.shape)}")
-    ab = expand(alpha_bar(diffusion, t), x)
-    a, s = ab.sqrt(), (1 - ab).sqrt()
-    if diffusion.prediction == "eps":
-        eps = out
-        x0 = (x - s * eps) / a
-    elif diffusion.prediction == "x0":
-        x0 = out
-        eps = (x - a * x0) / s
-    else:  # v
-        x0 = a * x - s * out
-        eps = s * x + a * out
-    if clip_x0:
-        x0 = x0.clamp(-1, 1)
-        eps = (x - a * x0) / s
-    return x0, eps
+    ab = expand(diffusion.alpha_bar(t), x)
+    return x0_eps_from_output(diffusion.prediction, out, x, ab.sqrt(), (1 - ab).sqrt(), clip_x0=clip_x0)
 
 
 def randn(x: torch.Tensor, generator=None) -> torch.Tensor:
@@ -134,12 +97,13 @@ def check_timesteps(timesteps, diffusion) -> torch.Tensor:
 
 def alpha_bars(diffusion, timesteps, final: float = 1.0) -> list[float]:
     """ᾱ at each grid point followed by the end level ``final`` (1.0 = clean data): N + 1 Python floats (float64)."""
-    ab = alpha_bar(diffusion, torch.as_tensor(timesteps, dtype=torch.float64)).tolist()
+    ab = diffusion.alpha_bar(torch.as_tensor(timesteps, dtype=torch.float64)).tolist()
     return [float(a) for a in ab] + [float(final)]
 
 
 def renoise(x: torch.Tensor, ab_from: float, ab_to: float, generator=None) -> torch.Tensor:
-    """Jump forward in the process from ᾱ_from to ᾱ_to ≤ ᾱ_from: q(x_to | x_from) = N(√(ᾱ_to/ᾱ_from) x, (1 − ᾱ_to/ᾱ_from) I).
+    """Jump forward in the process from ᾱ_from to ᾱ_to ≤ ᾱ_from:
+    q(x_to | x_from) = N(√(ᾱ_to/ᾱ_from) x, (1 − ᾱ_to/ᾱ_from) I).
 
     With ᾱ_from = ᾱ_{t-1} and ᾱ_to = ᾱ_t this is the forward step q(x_t | x_{t-1}) (DDPM eq. 2) that RePaint
     uses to resample (Lugmayr et al. 2022, Algorithm 1).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..diffusion import x0_eps_from_output
 from .common import alpha_bars, check_timesteps, denoise, make_timesteps, randn, renoise
 
 
@@ -38,7 +39,7 @@ def sample_ddim(
     generator=None,
     callback=None,
     clip_x0: bool = False,
-    project=None,
+    edit_state=None,
     eta: float = 0.0,  # 0: deterministic (the probability-flow path); 1: DDPM's posterior variance
     set_alpha_to_one: bool = True,  # end at ᾱ = 1 (OpenAI); False ends at ᾱ_0 (CompVis / Stable Diffusion)
     resample_jumps: int = 0,  # RePaint: extra re-noise/denoise rounds per step (0 = off)
@@ -54,10 +55,10 @@ def sample_ddim(
         raise ValueError(f"resample_jumps must be >= 0, got {resample_jumps}")
     ts = check_timesteps(timesteps, diffusion)
     final = 1.0 if set_alpha_to_one else float(diffusion.alphas_cumprod[0])
-    abs_ = alpha_bars(diffusion, ts, final)
+    ab_grid = alpha_bars(diffusion, ts, final)
     n = ts.numel()
     for i, t in enumerate(ts.tolist()):
-        ab, ab_prev = abs_[i], abs_[i + 1]
+        ab, ab_prev = ab_grid[i], ab_grid[i + 1]
         sigma = ddim_sigma(ab, ab_prev, eta)
         x_t = x
         rounds = 1 + (resample_jumps if i < n - 1 else 0)
@@ -67,8 +68,8 @@ def sample_ddim(
             x0, eps = denoise(model_fn, x_t, t, diffusion, clip_x0=clip_x0)
             noise = randn(x_t, generator) if eta > 0 else None
             x = ddim_step(x0, eps, ab_prev, sigma, noise)
-            if project is not None:
-                x = project(x, ab_prev)
+            if edit_state is not None:
+                x = edit_state(x, ab_prev)
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -105,14 +106,14 @@ def ddim_invert(
         timesteps = make_timesteps(diffusion, steps, spacing=spacing, offset=offset, karras=karras)
     ts = check_timesteps(timesteps, diffusion).flip(0)  # ascending: from little noise to much
     start = 1.0 if set_alpha_to_one else float(diffusion.alphas_cumprod[0])
-    abs_ = [start] + alpha_bars(diffusion, ts)[:-1]  # ᾱ of the start, then of each grid point
+    ab_grid = [start] + alpha_bars(diffusion, ts)[:-1]  # ᾱ of the start, then of each grid point
     x = x0
     for i, t in enumerate(ts.tolist()):
-        ab_from, ab_to = abs_[i], abs_[i + 1]
+        ab_from, ab_to = ab_grid[i], ab_grid[i + 1]
         x_to = x
         for _ in range(1 + refine):
             _, eps = denoise(model_fn, x_to, t, diffusion, clip_x0=clip_x0)
-            x0_hat = (x - (1 - ab_from) ** 0.5 * eps) / ab_from**0.5
+            x0_hat, _ = x0_eps_from_output("eps", eps, x, ab_from**0.5, (1 - ab_from) ** 0.5)  # at the known x_{k-1}
             x_to = ddim_step(x0_hat, eps, ab_to)
         x = x_to
         if callback is not None:

@@ -41,7 +41,7 @@ def sample_dpmpp_2m(
     generator=None,  # unused (deterministic); accepted for the shared signature
     callback=None,
     clip_x0: bool = False,
-    project=None,
+    edit_state=None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022 (multistep, second order, data prediction)."""
     ts = check_timesteps(timesteps, diffusion)
@@ -62,8 +62,8 @@ def sample_dpmpp_2m(
                 D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev  # Algorithm 2: D_i
             x = (sigma[i + 1] / sigma[i]) * x - (alpha[i + 1] * math.expm1(-h)) * D
         x0_prev, h_prev = x0, h
-        if project is not None:
-            x = project(x, ab[i + 1])
+        if edit_state is not None:
+            x = edit_state(x, ab[i + 1])
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -79,7 +79,7 @@ def sample_dpmpp_3m(
     generator=None,  # unused (deterministic); accepted for the shared signature
     callback=None,
     clip_x0: bool = False,
-    project=None,
+    edit_state=None,
     lower_order_final: bool = True,  # with < 15 steps, second order on the step before the last (diffusers)
     exact_third_order: bool = False,  # True: D2 with the Taylor factor 2, truly third order (see below)
 ) -> torch.Tensor:
@@ -120,8 +120,8 @@ def sample_dpmpp_3m(
                     D2 = d2_weight * (D1_0 - D1_1) / (r0 + r1)  # ≈ h² x̂_0''/2 (reference) or h² x̂_0''
                     x = x + (alpha[i + 1] * (phi / h + 1)) * D1 - (alpha[i + 1] * ((phi + h) / h**2 - 0.5)) * D2
         history = (history + [(x0, h)])[-2:]
-        if project is not None:
-            x = project(x, ab[i + 1])
+        if edit_state is not None:
+            x = edit_state(x, ab[i + 1])
         if callback is not None:
             callback(i, t, x, x0)
     return x
@@ -137,7 +137,7 @@ def sample_dpmpp_2m_sde(
     generator=None,
     callback=None,
     clip_x0: bool = False,
-    project=None,
+    edit_state=None,
 ) -> torch.Tensor:
     """SDE-DPM-Solver++(2M) of Lu et al. 2022 (second-order multistep solver of the reverse SDE, data prediction)."""
     ts = check_timesteps(timesteps, diffusion)
@@ -164,8 +164,8 @@ def sample_dpmpp_2m_sde(
                 + (sigma[i + 1] * one_minus_e2h**0.5) * randn(x, generator)
             )
         x0_prev, h_prev = x0, h
-        if project is not None:
-            x = project(x, ab[i + 1])
+        if edit_state is not None:
+            x = edit_state(x, ab[i + 1])
         if callback is not None:
             callback(i, t, x, x0)
     return x

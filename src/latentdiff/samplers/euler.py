@@ -5,7 +5,7 @@ Models"): Euler, Euler ancestral and Heun steps of the probability-flow ODE in �
 dx_σ/dσ = (x_σ − D(x_σ; σ))/σ (Karras et al.'s ODE with σ(t) = t), where D is the denoiser x̂_0. The network still
 sees the VP-scale input x_σ/√(σ² + 1) at the timestep of σ. The samplers take x in VP scale at
 timesteps[0] (x_σ = x/√ᾱ), end at σ = 0 where x_σ = x_0, and report VP-scale states (x_σ √ᾱ) to
-``callback`` and ``project``.
+``callback`` and ``edit_state``.
 
 Notation (paper -> code): σ_i -> sig[i], D_θ -> x0 (from ``denoise``), d_i -> d, γ_i -> gamma,
 σ̂ -> sigma_hat, S_churn / S_tmin / S_tmax / S_noise -> s_churn / s_tmin / s_tmax / s_noise.
@@ -17,13 +17,15 @@ import math
 
 import torch
 
-from .common import alpha_bars, check_timesteps, denoise, randn, sigma_to_t
+from .common import alpha_bars, check_timesteps, denoise, randn
 
 
 def vp_to_sigma_levels(ab: list[float]) -> list[float]:
     """σ = √((1 − ᾱ)/ᾱ) for each ᾱ (0 at the clean end ᾱ = 1); ᾱ = 0 (zero terminal SNR) has no finite σ."""
     if min(ab) <= 0:
-        raise ValueError("σ-space samplers need alpha_bar > 0 at every timestep (zero terminal SNR: drop the first step)")
+        raise ValueError(
+            "σ-space samplers need alpha_bar > 0 at every timestep (zero terminal SNR: drop the first step)"
+        )
     return [((1.0 - a) / a) ** 0.5 for a in ab]
 
 
@@ -54,7 +56,7 @@ def _perturb(x, sigma: float, gamma: float, s_noise: float, sigma_max: float, ge
     network is defined) by adding fresh noise; returns x̂, σ̂ and the (fractional) timestep of σ̂."""
     sigma_hat = max(sigma, min(sigma * (1 + gamma), sigma_max))
     x = x + s_noise * max(sigma_hat**2 - sigma**2, 0.0) ** 0.5 * randn(x, generator)
-    return x, sigma_hat, float(sigma_to_t(diffusion, sigma_hat))
+    return x, sigma_hat, float(diffusion.t_of_sigma(sigma_hat))
 
 
 @torch.no_grad()
@@ -67,13 +69,14 @@ def sample_euler(
     generator=None,
     callback=None,
     clip_x0: bool = False,
-    project=None,
+    edit_state=None,
     s_churn: float = 0.0,  # S_churn of Karras Algorithm 2; 0 = the deterministic ODE sampler
     s_tmin: float = 0.0,  # churn only where S_tmin ≤ σ ≤ S_tmax
     s_tmax: float = math.inf,
     s_noise: float = 1.0,  # S_noise: scale of the churn noise
 ) -> torch.Tensor:
-    """Euler's method on the probability-flow ODE in σ-space (Karras et al. 2022, Algorithm 2 without the 2nd-order correction)."""
+    """Euler's method on the probability-flow ODE in σ-space (Karras et al. 2022, Algorithm 2 without the
+    2nd-order correction)."""
     ts = check_timesteps(timesteps, diffusion)
     n = ts.numel()
     ab = alpha_bars(diffusion, ts)
@@ -89,8 +92,8 @@ def sample_euler(
         x0 = _denoise_sigma(model_fn, x, sigma, t_hat, diffusion, clip_x0)
         d = (x - x0) / sigma
         x = x + (sig[i + 1] - sigma) * d
-        if project is not None:
-            x = project(x * ab[i + 1] ** 0.5, ab[i + 1]) / ab[i + 1] ** 0.5
+        if edit_state is not None:
+            x = edit_state(x * ab[i + 1] ** 0.5, ab[i + 1]) / ab[i + 1] ** 0.5
         if callback is not None:
             callback(i, t, x * ab[i + 1] ** 0.5, x0)
     return x
@@ -106,7 +109,7 @@ def sample_euler_ancestral(
     generator=None,
     callback=None,
     clip_x0: bool = False,
-    project=None,
+    edit_state=None,
 ) -> torch.Tensor:
     """Euler ancestral sampling (Karras et al. 2022 / k-diffusion): an Euler step to σ_down, then fresh noise σ_up."""
     ts = check_timesteps(timesteps, diffusion)
@@ -122,8 +125,8 @@ def sample_euler_ancestral(
         # Ancestral noise back up to σ_{i+1} (none on the last step, where σ_{i+1} = 0).
         if sigma_up > 0:
             x = x + sigma_up * randn(x, generator)
-        if project is not None:
-            x = project(x * ab[i + 1] ** 0.5, ab[i + 1]) / ab[i + 1] ** 0.5
+        if edit_state is not None:
+            x = edit_state(x * ab[i + 1] ** 0.5, ab[i + 1]) / ab[i + 1] ** 0.5
         if callback is not None:
             callback(i, t, x * ab[i + 1] ** 0.5, x0)
     return x
@@ -139,7 +142,7 @@ def sample_heun(
     generator=None,
     callback=None,
     clip_x0: bool = False,
-    project=None,
+    edit_state=None,
     s_churn: float = 0.0,  # S_churn of Karras Algorithm 2; 0 = Algorithm 1 (deterministic)
     s_tmin: float = 0.0,  # churn only where S_tmin ≤ σ ≤ S_tmax
     s_tmax: float = math.inf,
@@ -181,8 +184,8 @@ def sample_heun(
             d_next = (x_next - x0_next) / sig[i + 1]
             x_next = x + (sig[i + 1] - sigma) * (0.5 * d + 0.5 * d_next)
         x = x_next
-        if project is not None:
-            x = project(x * ab[i + 1] ** 0.5, ab[i + 1]) / ab[i + 1] ** 0.5
+        if edit_state is not None:
+            x = edit_state(x * ab[i + 1] ** 0.5, ab[i + 1]) / ab[i + 1] ** 0.5
         if callback is not None:
             callback(i, t, x * ab[i + 1] ** 0.5, x0)
     return x

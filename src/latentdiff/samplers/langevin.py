@@ -20,7 +20,10 @@ def _per_sample_norm(v: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def langevin_correct(model_fn, x: torch.Tensor, t: float, *, diffusion, steps: int, snr: float = 0.16, generator=None, clip_x0: bool = False) -> torch.Tensor:
+def langevin_correct(
+    model_fn, x: torch.Tensor, t: float, *, diffusion, steps: int, snr: float = 0.16, generator=None,
+    clip_x0: bool = False,
+) -> torch.Tensor:
     """``steps`` Langevin corrector steps at timestep t (score SDE Algorithm 5, VP corrector)."""
     if steps < 0:
         raise ValueError(f"corrector steps must be >= 0, got {steps}")
@@ -47,7 +50,7 @@ def sample_langevin(
     generator=None,
     callback=None,
     clip_x0: bool = False,
-    project=None,
+    edit_state=None,
     corrector_steps: int = 2,  # Langevin steps at each noise level
     snr: float = 0.16,  # target signal-to-noise ratio of each step (score SDE uses 0.16 on CIFAR-10)
 ) -> torch.Tensor:
@@ -61,14 +64,16 @@ def sample_langevin(
         raise ValueError(f"the langevin sampler needs corrector_steps >= 1, got {corrector_steps}")
     ts = check_timesteps(timesteps, diffusion)
     grid = ts.tolist()
-    abs_ = alpha_bars(diffusion, ts, 1.0)
+    ab_grid = alpha_bars(diffusion, ts, 1.0)
     for i, t in enumerate(grid):
-        x = langevin_correct(model_fn, x, t, diffusion=diffusion, steps=corrector_steps, snr=snr, generator=generator, clip_x0=clip_x0)
+        x = langevin_correct(
+            model_fn, x, t, diffusion=diffusion, steps=corrector_steps, snr=snr, generator=generator, clip_x0=clip_x0
+        )
         x0, _ = denoise(model_fn, x, t, diffusion, clip_x0=clip_x0)
         if i == len(grid) - 1:
             x = x0  # the final denoising step to ᾱ = 1
-        if project is not None:
-            x = project(x, abs_[i + 1])  # the level the next correction targets (1.0 at the end)
+        if edit_state is not None:
+            x = edit_state(x, ab_grid[i + 1])  # the level the next correction targets (1.0 at the end)
         if callback is not None:
             callback(i, t, x, x0)
     return x

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..diffusion import x0_eps_from_output
 from .common import alpha_bars, check_timesteps, denoise
 from .ddim import ddim_step
 
@@ -28,7 +29,7 @@ def multistep_eps(history: list) -> torch.Tensor:
 
 def transfer(x: torch.Tensor, eps: torch.Tensor, ab: float, ab_prev: float):
     """φ(x_t, ε, t -> t-1) of PNDM eq. 9, written as DDIM: x̂_0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t, then eq. 12."""
-    x0 = (x - (1 - ab) ** 0.5 * eps) / ab**0.5
+    x0, _ = x0_eps_from_output("eps", eps, x, ab**0.5, (1 - ab) ** 0.5)
     return ddim_step(x0, eps, ab_prev), x0
 
 
@@ -42,17 +43,17 @@ def sample_plms(
     generator=None,  # unused: PLMS is deterministic
     callback=None,
     clip_x0: bool = False,
-    project=None,
+    edit_state=None,
     set_alpha_to_one: bool = True,  # end at ᾱ = 1; False ends at ᾱ_0 (diffusers' PNDMScheduler default)
 ) -> torch.Tensor:
     """Fourth-order pseudo linear multi-step sampling (Liu et al. 2022, Algorithm 2 with a Heun start)."""
     ts = check_timesteps(timesteps, diffusion)
     final = 1.0 if set_alpha_to_one else float(diffusion.alphas_cumprod[0])
-    abs_ = alpha_bars(diffusion, ts, final)
+    ab_grid = alpha_bars(diffusion, ts, final)
     grid = ts.tolist()
     history: list[torch.Tensor] = []  # ε at each grid point, oldest first (at most 4 kept)
     for i, t in enumerate(grid):
-        ab, ab_prev = abs_[i], abs_[i + 1]
+        ab, ab_prev = ab_grid[i], ab_grid[i + 1]
         _, eps = denoise(model_fn, x, t, diffusion, clip_x0=clip_x0)
         history = (history + [eps])[-4:]
         if i == 0 and len(grid) > 1:
@@ -63,8 +64,8 @@ def sample_plms(
         else:
             eps_step = multistep_eps(history)
         x, x0 = transfer(x, eps_step, ab, ab_prev)
-        if project is not None:
-            x = project(x, ab_prev)
+        if edit_state is not None:
+            x = edit_state(x, ab_prev)
         if callback is not None:
             callback(i, t, x, x0)
     return x

@@ -11,7 +11,7 @@ Each step is the exponential-integrator update of DPM-Solver++ plus a weighted s
     UniC-p:  the same with the model output at the predicted x_{i+1} as one more point (r = 1),
              which raises the order by one at no extra model call: that output is reused by the next step.
 With order p = 2 the predictor is DPM-Solver++(2M) (ρ^p = 1/2). The corrector replaces the state the
-predictor produced (after ``project`` was applied to it); the last step, to σ = 0, has no corrector.
+predictor produced (after ``edit_state`` was applied to it); the last step, to σ = 0, has no corrector.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def sample_unipc(
     generator=None,  # unused (deterministic); accepted for the shared signature
     callback=None,
     clip_x0: bool = False,
-    project=None,
+    edit_state=None,
     order: int = 2,  # p of UniPC-p: the predictor's order; the corrector makes it p + 1 (diffusers: 2)
     lower_order_final: bool = True,  # order min(p, steps left) near the end (diffusers' default)
     disable_corrector: tuple = (),  # indices i of steps whose result is not corrected (diffusers' option)
@@ -96,8 +96,8 @@ def sample_unipc(
             x = base - coef * prediction
             rho_c = [0.5] if p == 1 else np.linalg.solve(R, b).tolist()
             pending = (base, coef, D1s, rho_c, x0)
-        if project is not None:
-            x = project(x, ab[i + 1])
+        if edit_state is not None:
+            x = edit_state(x, ab[i + 1])
         if callback is not None:
             callback(i, t, x, x0)
     return x

@@ -103,15 +103,8 @@ def train(
 
 
 def _run(objective, data, config, out_dir, resume, collate_fn, callback, progress, raw_models) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    mp = resolve_mixed_precision(config.mixed_precision)
-    accelerator = Accelerator(
-        mixed_precision=mp,
-        cpu=not _has_accelerator(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)],
-    )
+    """Set up (accelerator, data, optimizers, EMAs, resume), then train to ``config.steps``."""
+    accelerator, mp = _make_accelerator(config)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     seed_everything(config.seed + rank)  # different noise on each process; data order comes from config.seed
@@ -125,93 +118,180 @@ def _run(objective, data, config, out_dir, resume, collate_fn, callback, progres
     stream = BatchStream(data, config, world_size=world, rank=rank, device=device, collate_fn=collate_fn)
 
     # Optimizers over the raw parameters, EMAs from the raw models, then wrap (device, DDP, autocast).
-    params = {name: _parameters(raw_models, names, name) for name, names in objective.optimizers.items()}
-    _check_disjoint(params)
-    optimizers = {}
-    for name, ps in params.items():
-        opt = torch.optim.AdamW(ps, lr=config.lr, betas=config.betas, eps=config.adam_eps, weight_decay=config.weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup_steps=config.warmup_steps,
-                                                               schedule=config.lr_schedule, total_steps=config.steps))
-        optimizers[name] = [opt, sched]
+    params, optimizers = _make_optimizers(objective, raw_models, config)
     ema = {n: EMA(raw_models[n], config.ema_decay, warmup=config.ema_warmup).to(device)
            for n in objective.ema} if config.ema_decay > 0 else {}
-    trained = [n for names in objective.optimizers.values() for n in names]
-    for n, m in raw_models.items():
-        if n in trained:
-            objective.models[n] = accelerator.prepare_model(m)
-        else:
-            objective.models[n] = m.to(device)  # saved, not trained
-    for name in optimizers:
-        optimizers[name][0] = accelerator.prepare_optimizer(optimizers[name][0])
-    unwrapped = {n: accelerator.unwrap_model(m) for n, m in objective.models.items()}
+    trained = _prepare(objective, raw_models, optimizers, accelerator)
+    run = _Run(objective, config, out_dir, accelerator, mp, stream, params, optimizers, ema,
+               unwrapped={n: accelerator.unwrap_model(m) for n, m in objective.models.items()})
 
-    # Resume.
-    step, last_ckpt, rng = 0, None, None
-    if found is not None:
-        last_ckpt = found
-        state = load_training_state(found, models=unwrapped, ema=ema, optimizers={n: tuple(v) for n, v in optimizers.items()},
-                                    objective=objective, rank=rank, world_size=world)
-        step, rng = int(state["step"]), state["rng"]
-        stream.seek(_data_position(state, config, stream), (rng or {}).get("loader_generators"))
-        if main:
-            print(f"resumed from {found} at step {step}", flush=True)
+    step, last_ckpt, rng = _resume(run, found)
     logger = MetricsLogger(out_dir, enabled=main)
     logger.truncate_after(step)  # rows after the resumed step (or all, on a fresh start) are written anew
     for n in trained:
         objective.models[n].train()
     if rng is not None:
         restore_rng_state(rng)  # last: nothing above may draw random numbers after this
+    return _train_steps(run, logger, step, last_ckpt, callback, progress)
 
+
+@dataclass
+class _Run:
+    """What the steps of one training run share: the objective with its prepared models, the data stream, the
+    optimizers (name -> [optimizer, lr schedule]) with their parameters, the EMAs and the unwrapped models."""
+    objective: object
+    config: TrainConfig
+    out_dir: Path
+    accelerator: object
+    mp: str                          # the resolved mixed precision: "no", "bf16" or "fp16"
+    stream: BatchStream
+    params: dict
+    optimizers: dict
+    ema: dict
+    unwrapped: dict
+
+
+def _train_steps(run: _Run, logger, step: int, last_ckpt, callback, progress) -> TrainResult:
+    """Optimizer steps from ``step`` to config.steps (or until the time budget is spent), with logs, sample
+    grids and checkpoints at their intervals."""
+    config, accelerator, main = run.config, run.accelerator, run.accelerator.is_main_process
     pbar = tqdm(total=config.steps, initial=step, disable=not (progress and main), dynamic_ncols=True, desc="train")
-    sums: dict[str, float] = defaultdict(float)  # metrics summed since the last log line, and how often each came
-    counts: dict[str, int] = defaultdict(int)
-    n_summed, t_last, metrics = 0, time.perf_counter(), {}
+    averager, metrics = MetricsAverager(), {}
+    grids = main and config.sample_every and hasattr(run.objective, "sample_images")  # sample grids on the way
     t_start, steps_here, time_up = time.perf_counter(), 0, False
     try:
         while step < config.steps and not time_up:
-            step_losses, logs, norms, lrs = _optimizer_step(objective, accelerator, stream, optimizers, params, config, step, mp, last_ckpt)
-            for n, e in ema.items():
-                e.update(unwrapped[n])
+            step_losses, logs, norms, lrs = _optimizer_step(run.objective, accelerator, run.stream, run.optimizers,
+                                                            run.params, config, step, run.mp, last_ckpt)
+            for n, e in run.ema.items():
+                e.update(run.unwrapped[n])
             step += 1
             steps_here += 1
             if config.max_minutes:
                 time_up = _time_is_up(t_start, steps_here, config.max_minutes, accelerator)
-            single = len(step_losses) == 1
-            step_metrics = {("loss" if single else f"loss_{k}"): v for k, v in step_losses.items()}
-            step_metrics.update({("grad_norm" if single else f"grad_norm_{k}"): v for k, v in norms.items()})
-            step_metrics.update({("lr" if single else f"lr_{k}"): v for k, v in lrs.items()})
-            step_metrics.update(logs)
-            for k, v in step_metrics.items():
-                sums[k] += v
-                counts[k] += 1
-            n_summed += 1
+            step_metrics = _step_metrics(step_losses, norms, lrs, logs)
+            averager.add(step_metrics)
             pbar.update(1)
             last = step == config.steps or time_up
             if step % config.log_every == 0 or last:
-                now = time.perf_counter()
-                metrics = _reduce_mean({k: v / counts[k] for k, v in sums.items()}, accelerator)
-                metrics["steps_per_s"] = n_summed / max(now - t_last, 1e-9)
-                metrics["epoch"] = stream.epoch
+                metrics = averager.mean(accelerator)
+                metrics["epoch"] = run.stream.epoch
                 logger.log(step, metrics)
                 pbar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k.startswith("loss")})
-                sums.clear()
-                counts.clear()
-                n_summed, t_last = 0, now
             if callback is not None:
                 callback(step, step_metrics)
-            if main and config.sample_every and step % config.sample_every == 0 and hasattr(objective, "sample_images"):
-                _sample_grid(objective, unwrapped, ema, config, out_dir, step, logger, device)
+            if grids and step % config.sample_every == 0:
+                _sample_grid(run.objective, run.unwrapped, run.ema, config, run.out_dir, step, logger,
+                             accelerator.device)
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
-                last_ckpt = _save(out_dir, step, unwrapped, ema, optimizers, objective, stream, config, accelerator, mp)
+                last_ckpt = _save(run.out_dir, step, run.unwrapped, run.ema, run.optimizers, run.objective, run.stream,
+                                  config, accelerator, run.mp)
         if time_up and main:
             print(f"stopped at step {step} of {config.steps}: the time budget train.max_minutes={config.max_minutes:g} "
                   f"is spent ({(time.perf_counter() - t_start) / 60:.2f} min)", flush=True)
     finally:
         pbar.close()
         logger.close()
-        for m in objective.models.values():
+        for m in run.objective.models.values():
             accelerator.unwrap_model(m, keep_fp32_wrapper=False)  # removes the autocast forward from the raw model
     return TrainResult(step=step, checkpoint=last_ckpt, metrics=metrics)
+
+
+def _make_accelerator(config: TrainConfig):
+    """(Accelerator, resolved mixed precision) for the run: CPU unless a GPU or MPS device is present."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    mp = resolve_mixed_precision(config.mixed_precision)
+    accelerator = Accelerator(
+        mixed_precision=mp,
+        cpu=not _has_accelerator(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)],
+    )
+    return accelerator, mp
+
+
+def _make_optimizers(objective, raw_models: dict, config: TrainConfig) -> tuple[dict, dict]:
+    """(params, optimizers): each optimizer's trainable parameters (disjoint), and for each an AdamW with its
+    warm-up + decay lr schedule, as name -> [optimizer, schedule]."""
+    params = {name: _parameters(raw_models, names, name) for name, names in objective.optimizers.items()}
+    _check_disjoint(params)
+    optimizers = {}
+    for name, ps in params.items():
+        opt = torch.optim.AdamW(ps, lr=config.lr, betas=config.betas, eps=config.adam_eps,
+                                weight_decay=config.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup_steps=config.warmup_steps,
+                                                               schedule=config.lr_schedule, total_steps=config.steps))
+        optimizers[name] = [opt, sched]
+    return params, optimizers
+
+
+def _prepare(objective, raw_models: dict, optimizers: dict, accelerator) -> list[str]:
+    """Put the objective's models on the device, the trained ones wrapped (DDP, autocast), and wrap the
+    optimizers; returns the names of the trained models."""
+    trained = [n for names in objective.optimizers.values() for n in names]
+    for n, m in raw_models.items():
+        if n in trained:
+            objective.models[n] = accelerator.prepare_model(m)
+        else:
+            objective.models[n] = m.to(accelerator.device)  # saved, not trained
+    for name in optimizers:
+        optimizers[name][0] = accelerator.prepare_optimizer(optimizers[name][0])
+    return trained
+
+
+def _resume(run: _Run, found: Path | None) -> tuple[int, Path | None, dict | None]:
+    """(step, checkpoint, RNG state) after loading checkpoint ``found`` into the models, EMAs, optimizers,
+    objective and data stream; (0, None, None) for a fresh start. The RNG state is restored by the caller,
+    last of all."""
+    if found is None:
+        return 0, None, None
+    accelerator = run.accelerator
+    state = load_training_state(found, models=run.unwrapped, ema=run.ema,
+                                optimizers={n: tuple(v) for n, v in run.optimizers.items()}, objective=run.objective,
+                                rank=accelerator.process_index, world_size=accelerator.num_processes)
+    step, rng = int(state["step"]), state["rng"]
+    run.stream.seek(_data_position(state, run.config, run.stream), (rng or {}).get("loader_generators"))
+    if accelerator.is_main_process:
+        print(f"resumed from {found} at step {step}", flush=True)
+    return step, found, rng
+
+
+def _step_metrics(losses: dict, norms: dict, lrs: dict, logs: dict) -> dict:
+    """One step's figures: loss, grad_norm and lr (suffixed _<optimizer> when there are several), and the
+    objective's own logs."""
+    single = len(losses) == 1
+    out = {("loss" if single else f"loss_{k}"): v for k, v in losses.items()}
+    out.update({("grad_norm" if single else f"grad_norm_{k}"): v for k, v in norms.items()})
+    out.update({("lr" if single else f"lr_{k}"): v for k, v in lrs.items()})
+    out.update(logs)
+    return out
+
+
+class MetricsAverager:
+    """The mean of each metric over the steps since the last log line (a key counts only the steps it came
+    in), averaged over processes, with the step rate."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self.steps, self.t_last = 0, time.perf_counter()
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self.sums[k] += v
+            self.counts[k] += 1
+        self.steps += 1
+
+    def mean(self, accelerator) -> dict:
+        """The means and ``steps_per_s`` since the last call (or since construction); starts a new interval."""
+        now = time.perf_counter()
+        metrics = _reduce_mean({k: v / self.counts[k] for k, v in self.sums.items()}, accelerator)
+        metrics["steps_per_s"] = self.steps / max(now - self.t_last, 1e-9)
+        self.sums.clear()
+        self.counts.clear()
+        self.steps, self.t_last = 0, now
+        return metrics
 
 
 def _time_is_up(t_start: float, steps_done: int, max_minutes: float, accelerator) -> bool:
@@ -241,11 +321,13 @@ def _optimizer_step(objective, accelerator, stream, optimizers, params, config, 
                     stack.enter_context(accelerator.no_sync(m))
             losses, logs = objective.losses(batch, step)
             if set(losses) != set(optimizers):
-                raise ValueError(f"objective.losses returned losses for {sorted(losses)}, expected one per optimizer {sorted(optimizers)}")
+                raise ValueError(f"objective.losses returned losses for {sorted(losses)}, expected one per optimizer "
+                                 f"{sorted(optimizers)}")
             for name in optimizers:
                 loss = losses[name]
                 if not torch.is_tensor(loss) or loss.ndim != 0:
-                    raise ValueError(f"loss {name!r} must be a scalar tensor, got {getattr(loss, 'shape', type(loss).__name__)}")
+                    raise ValueError(f"loss {name!r} must be a scalar tensor, got "
+                                     f"{getattr(loss, 'shape', type(loss).__name__)}")
                 # Gradients reach only this optimizer's parameters (a GAN's generator loss leaves D's grads alone).
                 accelerator.backward(loss / k, inputs=params[name])
                 totals[name] += loss.detach().float() / k
@@ -327,10 +409,12 @@ def _check_objective(objective) -> None:
     for opt, names in objective.optimizers.items():
         for n in names:
             if n not in objective.models:
-                raise ValueError(f"optimizer {opt!r} names model {n!r}, not in objective.models ({', '.join(objective.models)})")
+                raise ValueError(f"optimizer {opt!r} names model {n!r}, not in objective.models "
+                                 f"({', '.join(objective.models)})")
     for n in objective.ema:
         if n not in objective.models:
-            raise ValueError(f"objective.ema names model {n!r}, not in objective.models ({', '.join(objective.models)})")
+            raise ValueError(f"objective.ema names model {n!r}, not in objective.models "
+                             f"({', '.join(objective.models)})")
 
 
 def _parameters(models: dict, names: list[str], opt_name: str) -> list[torch.nn.Parameter]:
@@ -422,7 +506,8 @@ def _save(out_dir, step, unwrapped, ema, optimizers, objective, stream, config, 
         "models": sorted(unwrapped),
         "config": config.to_dict(),
     }
-    return save_checkpoint(out_dir, step, models=unwrapped, ema=ema, optimizers={n: tuple(v) for n, v in optimizers.items()},
+    return save_checkpoint(out_dir, step, models=unwrapped, ema=ema,
+                           optimizers={n: tuple(v) for n, v in optimizers.items()},
                            objective_state=obj_state, train_state=train_state, rng_state=rng,
                            rank=accelerator.process_index, is_main=accelerator.is_main_process,
                            barrier=accelerator.wait_for_everyone, keep=config.keep_checkpoints)

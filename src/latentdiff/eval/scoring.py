@@ -1,0 +1,232 @@
+"""Scoring a model: sample it, run the feature network, compute the metrics and their floor; bits/dim.
+
+    result = evaluate_model(pipe, net, ref, metrics=["fid", "kid"], num=500)     # a JSON-able dict
+
+Every figure comes with its floor: the same metric between two disjoint parts of the real reference
+(``split_stats``), the second part as large as the sample set (or half the reference when that is
+smaller), so that a model's FID can be read against what real data scores at that sample size. The class
+accuracy's floor is the oracle's accuracy on held-out real images. Bits per dimension have no floor.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from ..errors import RequestError
+from .evaluate import split_stats
+from .features import extract_stats, quantize_8bit
+from .metrics import FeatureStats, class_accuracy, fid_from_stats, inception_score, kid, precision_recall
+from .references import Reference, dataset_for
+
+METRICS = ("fid", "kid", "is", "pr", "bpd")
+DEFAULT_METRICS = ("fid", "kid", "is", "pr")
+
+
+def parse_metrics(text) -> list[str]:
+    """"fid,kid" (or a list) -> ["fid", "kid"], in METRICS order; unknown or empty is a ValueError."""
+    names = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown:
+        raise RequestError(f"unknown metric(s) {', '.join(map(repr, unknown))}; expected a comma-separated "
+                         f"list of {', '.join(METRICS)}")
+    if not names:
+        raise RequestError(f"no metric given; expected a comma-separated list of {', '.join(METRICS)}")
+    return [m for m in METRICS if m in names]
+
+
+def _progress(total, desc, unit, enabled):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, unit=unit, leave=False)
+
+
+class CountedCalls:
+    """A model_fn that counts its calls: one call is one network evaluation of a whole batch (a guided
+    conditional/unconditional pair is one batched call)."""
+
+    def __init__(self, model_fn):
+        self.model_fn, self.calls = model_fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.model_fn(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- samples
+
+def sample_batches(pipe, num: int, *, sampler=None, steps=None, guidance=None, seed=None, batch_size=None,
+                   progress: bool = False, record: dict | None = None, **options):
+    """Yield (B, C, H, W) samples, ``batch_size`` at a time: image i from seed + i and, for a class-
+    conditional model, class i mod num_classes. ``record`` (if given) receives labels (N,), seconds (of
+    sampling alone) and nfe (network calls per image). None settings are the config's (Pipeline.sample_options)."""
+    s = pipe.sample_options(num=num, sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size)
+    k = pipe.num_classes
+    labels = None if k is None else np.arange(num) % k
+    counted = CountedCalls(pipe.model_fn)
+    rec = record if record is not None else {}
+    rec.update(labels=labels, seconds=0.0, nfe=0.0)
+    bar = _progress(num, f"sampling {s.sampler} x{s.steps}", "img", progress)
+    batches = 0
+    try:
+        for start in range(0, num, s.batch_size):
+            n = min(s.batch_size, num - start)
+            t0 = time.perf_counter()
+            x = pipe.sample(n, labels=None if k is None else labels[start:start + n].tolist(), sampler=s.sampler,
+                            steps=s.steps, guidance=s.guidance, seed=s.seed + start, batch_size=n, output="tensor",
+                            model_fn=counted, **options)
+            rec["seconds"] += time.perf_counter() - t0
+            batches += 1
+            rec["nfe"] = counted.calls / batches
+            if bar is not None:
+                bar.update(n)
+            yield x
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def sample_stats(pipe, net, num: int, *, device=None, progress: bool = False, **sampling):
+    """(FeatureStats of ``num`` samples (all features kept), record) with record = labels, seconds, nfe."""
+    record: dict = {}
+    stats = extract_stats(net, sample_batches(pipe, num, progress=progress, record=record, **sampling),
+                          device=device)
+    return stats, record
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+def feature_metrics(real: FeatureStats, fake: FeatureStats, metrics, *, fake_labels=None, pr_k: int = 3,
+                    kid_subsets: int = 100, kid_subset_size: int = 1000, is_splits: int = 10, seed: int = 0) -> dict:
+    """The asked-for metrics of ``fake`` against ``real`` (what evaluate.compare computes, restricted):
+    fid; kid_mean, kid_std; is_mean, is_std; precision, recall; accuracy when ``fake_labels`` are given."""
+    out = {"n_real": real.n, "n_fake": fake.n}
+    need_feats = [m for m in ("kid", "pr") if m in metrics]
+    if need_feats and (len(real.features) < 2 or len(fake.features) < 2):
+        raise RequestError(f"{' and '.join(need_feats)} need the features themselves, and the reference keeps "
+                         f"{len(real.features)}: recompute its statistics (a folder or dataset reference)")
+    if "fid" in metrics:
+        out["fid"] = fid_from_stats(real, fake)
+    if "kid" in metrics:
+        out["kid_mean"], out["kid_std"] = kid(real.features, fake.features, num_subsets=kid_subsets,
+                                              subset_size=kid_subset_size, seed=seed)
+    if "pr" in metrics:
+        out["precision"], out["recall"] = precision_recall(real.features, fake.features, k=pr_k)
+    if "is" in metrics and fake.logits is not None and len(fake.logits):
+        out["is_mean"], out["is_std"] = inception_score(logits=fake.logits,
+                                                        splits=max(1, min(is_splits, len(fake.logits))))
+    if fake_labels is not None and fake.logits is not None:
+        out["accuracy"] = class_accuracy(fake.logits, fake_labels)
+    return out
+
+
+def floor_metrics(ref: FeatureStats, metrics, n: int, *, seed: int = 0) -> dict | None:
+    """The metrics between two disjoint real parts: the second of min(n, half the kept reference) images, the
+    first the rest. None when the reference keeps too few features to split."""
+    total = len(ref.features)
+    n = min(int(n), total // 2)
+    if n < 2 or total - n < 2:
+        return None
+    rest, part = split_stats(ref, n, seed)
+    return feature_metrics(rest, part, [m for m in metrics if m != "bpd"], seed=seed)
+
+
+def bits_per_dim(pipe, dataset, num: int, *, batch_size: int = 64, seed: int = 0, device=None,
+                 progress: bool = False) -> dict:
+    """The variational bound (DDPM eq. 5) in bits per dimension over the first ``num`` images of
+    ``dataset`` (8-bit quantised): mean total, its standard error, and the prior L_T, the diffusion terms
+    L_1..L_{T-1} and the decoder L_0 (mean over images; total = prior + diffusion + decoder)."""
+    if getattr(pipe, "autoencoder", None) is not None:
+        raise RequestError("bits per dimension are defined here for pixel-space models; this model diffuses in an "
+                         "autoencoder's latent space (its bound is not a bound on image likelihood)")
+    n = min(int(num), len(dataset))
+    if n < 1:
+        raise RequestError("bpd needs at least one real image")
+    device = device or pipe.device
+    gen = torch.Generator().manual_seed(seed)
+    T, k = pipe.diffusion.num_steps, pipe.num_classes
+    batches = math.ceil(n / batch_size)
+    bar = _progress(batches * T, "bits/dim", "step", progress)
+    parts = {"total": [], "prior": [], "decoder": [], "diffusion": []}
+    clip = pipe.config.sample.clip_x0
+    for start in range(0, n, batch_size):
+        items = [dataset[i] for i in range(start, min(start + batch_size, n))]
+        x0 = quantize_8bit(torch.stack([it["image"] for it in items])).to(device)
+        cond = {}
+        if k is not None:  # p(x | y) with the true class; the null class when the data has none
+            cond["y"] = torch.tensor([it.get("label", k) for it in items], dtype=torch.long, device=device)
+        r = pipe.diffusion.bits_per_dim(pipe.model_fn, x0, clip_x0=clip, generator=gen,
+                                        progress=(lambda i, t: bar.update(1)) if bar is not None else None, **cond)
+        parts["total"].append(r["total"].cpu())
+        parts["prior"].append(r["prior"].cpu())
+        parts["decoder"].append(r["terms"][:, 0].cpu())
+        parts["diffusion"].append(r["terms"][:, 1:].sum(1).cpu())
+    if bar is not None:
+        bar.close()
+    v = {name: torch.cat(p).double() for name, p in parts.items()}
+    sem = float(v["total"].std() / math.sqrt(n)) if n > 1 else float("nan")
+    return {"n": n, "total": float(v["total"].mean()), "total_sem": sem, "prior": float(v["prior"].mean()),
+            "diffusion": float(v["diffusion"].mean()), "decoder": float(v["decoder"].mean()), "clip_x0": clip,
+            "conditional": k is not None}
+
+
+def bpd_dataset(pipe, split: str | None = None):
+    """The model's data at ``split``, default its test split when the dataset has one (else the config's)."""
+    from ..data import DATASETS
+
+    entry = DATASETS.get(pipe.config.data.name)
+    if split is None:
+        split = "test" if entry is not None and "test" in entry.splits else None
+    ds, section = dataset_for(pipe.config.data, split)
+    return ds, section.split
+
+
+# ---------------------------------------------------------------------------------------------- orchestration
+
+def evaluate_model(pipe, net, ref: Reference | None, *, metrics, num: int, sampler=None, steps=None,
+                   guidance=None, seed=None, batch_size=None, device=None, progress: bool = False,
+                   bpd_split: str | None = None, net_info: dict | None = None, **options) -> dict:
+    """Sample ``num`` images from ``pipe``, score them against ``ref`` with ``net`` (feature metrics and
+    their floor), and/or compute bits per dimension on real images; returns the result as a JSON-able dict."""
+    s = pipe.sample_options(sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size)
+    setting = {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "seed": s.seed,
+               "batch_size": s.batch_size}
+    setting.update(options)
+    result = {"num": num, "metrics_asked": list(metrics), "sampling": setting, "features": net_info or {},
+              "reference": ref.info if ref is not None else None}
+    feats = [m for m in metrics if m != "bpd"]
+    if feats:
+        if net is None or ref is None:
+            raise RequestError("feature metrics need a feature network and a reference")
+        fake, rec = sample_stats(pipe, net, num, device=device, progress=progress, **setting)
+        # Class accuracy: an oracle with the model's classes judges whether each sample shows its class.
+        is_oracle = "oracle_accuracy" in (net_info or {})
+        labels = rec["labels"] if is_oracle and rec["labels"] is not None and net.num_classes == pipe.num_classes \
+            else None
+        result["model"] = feature_metrics(ref.stats, fake, feats, fake_labels=labels, seed=setting["seed"])
+        result["floor"] = floor_metrics(ref.stats, feats, num, seed=setting["seed"])
+        if result["floor"] is not None and labels is not None:
+            result["floor"]["accuracy"] = (net_info or {}).get("oracle_accuracy")
+        result["sample_seconds"], result["nfe"] = rec["seconds"], rec["nfe"]
+    if "bpd" in metrics:
+        ds, split = bpd_dataset(pipe, bpd_split)
+        result["bpd"] = bits_per_dim(pipe, ds, num, batch_size=setting["batch_size"], seed=setting["seed"],
+                                     device=device, progress=progress)
+        result["bpd"]["split"] = split
+    return result
+
+
+def evaluate_folders(real: Reference, fake_dataset, net, *, metrics, batch_size: int = 64, device=None,
+                     progress: bool = False, net_info: dict | None = None, seed: int = 0) -> dict:
+    """The feature metrics of the images of ``fake_dataset`` against ``real``, with the floor."""
+    if "bpd" in metrics:
+        raise RequestError("bpd needs a model: it is not a metric between two image sets")
+    fake = extract_stats(net, fake_dataset, batch_size=batch_size, device=device, progress=progress)
+    return {"num": fake.n, "metrics_asked": list(metrics), "features": net_info or {}, "reference": real.info,
+            "fake": str(getattr(fake_dataset, "root", "")),
+            "model": feature_metrics(real.stats, fake, metrics, seed=seed),
+            "floor": floor_metrics(real.stats, metrics, fake.n, seed=seed)}
