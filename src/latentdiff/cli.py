@@ -310,7 +310,8 @@ def _eval_folders(args, metrics, device, common) -> tuple[dict, Path | None]:
         raise CLIError("bpd needs a model: it is not a metric between two image sets")
     fake_dir = Path(args.fake)
     if not fake_dir.is_dir():
-        raise CLIError(f"--fake {fake_dir} is not a folder of images" + ("" if fake_dir.exists() else " (it does not exist)"))
+        raise CLIError(f"--fake {fake_dir} is not a folder of images"
+                       + ("" if fake_dir.exists() else " (it does not exist)"))
     progress = not args.quiet
     features = ev.choose_features(args.features, data_name=None, reference=args.real, oracle_path=args.oracle)
     net, info = ev.feature_network(features, **common)
@@ -342,8 +343,9 @@ def _eval_model(args, metrics, device, common) -> tuple[dict, Path]:
                                       oracle_path=args.oracle)
         net, info = ev.feature_network(features, dataset_name=data_name, **common)
         ref = ev.load_reference(args.reference, net, pipe=pipe, split=args.split, cache=args.cache,
-                                max_items=args.max_reference, batch_size=args.batch_size or pipe.config.sample.batch_size,
-                                device=device, progress=progress)
+                                max_items=args.max_reference,
+                                batch_size=args.batch_size or pipe.config.sample.batch_size, device=device,
+                                progress=progress)
         if ref.info.get("stats_file") and ref.info["kind"] != "stats":
             print(f"reference statistics: {ref.info['stats_file']} (reuse with --reference)")
     result = ev.evaluate_model(pipe, net, ref, metrics=metrics, num=args.num, sampler=args.sampler, steps=args.steps,

@@ -210,7 +210,8 @@ class AutoencoderLossConfig(FromDict):
             raise ValueError(f"unknown rec_loss {self.rec_loss!r}; expected one of {', '.join(REC_LOSSES)}")
         if self.disc_loss not in DISC_LOSSES:
             raise ValueError(f"unknown disc_loss {self.disc_loss!r}; expected one of {', '.join(DISC_LOSSES)}")
-        for name in ("perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor", "max_adaptive_weight"):
+        for name in ("perceptual_weight", "kl_weight", "codebook_weight", "disc_weight", "disc_factor",
+                     "max_adaptive_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AutoencoderLossConfig.{name} must be >= 0, got {getattr(self, name)}")
 

@@ -154,7 +154,8 @@ def check_file(path, rel: str, manifest: dict) -> Path:
         raise CheckpointError(f"checkpoint file {f} is missing")
     size = f.stat().st_size
     if size != info["size"]:
-        raise CheckpointError(f"checkpoint file {f} is truncated or corrupt: {size} bytes, {STATE_FILE} lists {info['size']}")
+        raise CheckpointError(f"checkpoint file {f} is truncated or corrupt: {size} bytes, "
+                              f"{STATE_FILE} lists {info['size']}")
     if sha256(f) != info["sha256"]:
         raise CheckpointError(f"checkpoint file {f} is corrupt: its sha256 differs from the one {STATE_FILE} lists")
     return f

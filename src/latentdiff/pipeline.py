@@ -164,7 +164,8 @@ class Pipeline:
         kind = folder_kind(path)
         if kind in (AUTOENCODER, AUTOENCODER_RUN):
             raise CheckpointError(f"{path} holds an autoencoder (first stage), not a diffusion model: `latentdiff "
-                                  "reconstruct` and `latentdiff eval` read it; latentdiff.first_stage.load_first_stage loads it")
+                                  "reconstruct` and `latentdiff eval` read it; "
+                                  "latentdiff.first_stage.load_first_stage loads it")
         if kind is None:
             raise MissingFileError(f"{path} is not a latentdiff run or model folder: no {CONFIG_FILE} in it")
         pipe = cls.from_config(load_config(path / CONFIG_FILE), base_dir=path)

@@ -74,7 +74,8 @@ class ShapesConfig:
         if not isinstance(self.size, int) or self.size < 1:
             raise ConfigError(f"shapes: size must be a positive int, got {self.size!r}")
         if not 1 <= self.min_objects <= self.max_objects <= GRID * GRID:
-            raise ConfigError(f"shapes: need 1 <= min_objects <= max_objects <= {GRID * GRID}, got {self.min_objects}, {self.max_objects}")
+            raise ConfigError(f"shapes: need 1 <= min_objects <= max_objects <= {GRID * GRID}, "
+                              f"got {self.min_objects}, {self.max_objects}")
         for kind, names, known in (("shape", self.shapes, SHAPES), ("colour", self.colours, COLOURS), ("background", self.backgrounds, BACKGROUNDS)):
             bad = [n for n in names if n not in known]
             if bad or not names or len(set(names)) != len(names):

@@ -74,8 +74,8 @@ def feature_network(features: str, *, fid_weights=None, oracle_path=None, datase
         net = shapes_oracle_cached(cache, device=device, verbose=verbose)
     else:
         raise RequestError(f"no built-in oracle for dataset {dataset_name!r} (there are for "
-                         f"{', '.join(ORACLE_DATASETS)}); pass an oracle folder (--oracle PATH) or use "
-                         "--features inception")
+                           f"{', '.join(ORACLE_DATASETS)}); pass an oracle folder (--oracle PATH) or use "
+                           "--features inception")
     name = getattr(net.config, "name", "shapes")
     acc = net.info.get("test_accuracy", (net.info.get("test") or {}).get("image_accuracy"))
     if verbose:

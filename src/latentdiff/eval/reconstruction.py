@@ -70,9 +70,11 @@ def evaluate_reconstruction(autoencoder, images: torch.Tensor, *, metrics=RECONS
     """
     unknown = [m for m in metrics if m not in RECONSTRUCTION_METRICS]
     if unknown:
-        raise RequestError(f"unknown reconstruction metric(s) {', '.join(unknown)}; expected {', '.join(RECONSTRUCTION_METRICS)}")
+        raise RequestError(f"unknown reconstruction metric(s) {', '.join(unknown)}; "
+                           f"expected {', '.join(RECONSTRUCTION_METRICS)}")
     if images.ndim != 4 or images.shape[1] != autoencoder.config.in_channels:
-        raise DataError(f"the autoencoder takes ({autoencoder.config.in_channels}, H, W) images, got {tuple(images.shape[1:])}")
+        raise DataError(f"the autoencoder takes ({autoencoder.config.in_channels}, H, W) images, "
+                        f"got {tuple(images.shape[1:])}")
     if not torch.isfinite(images).all():
         raise DataError("the images contain NaN or inf")
     if "rfid" in metrics and net is None:

@@ -65,7 +65,7 @@ def load_reference(spec, net, *, pipe=None, split: str | None = None, size: int 
     path = Path(spec).expanduser()
     if not path.exists():
         raise MissingFileError(f"reference {str(spec)!r} not found: expected an image folder, a .npz statistics "
-                                f"file or a dataset name ({', '.join(sorted(DATASETS))})")
+                               f"file or a dataset name ({', '.join(sorted(DATASETS))})")
     if path.is_dir():
         if channels is None:  # the oracle's channels; Inception takes RGB
             channels = getattr(getattr(net, "config", None), "in_channels", 3)
@@ -89,7 +89,7 @@ def _dataset_reference(name, net, *, pipe, split, size, channels, **cached) -> R
         ds, section = dataset_for(section, split)
     except FileNotFoundError as e:
         raise MissingFileError(f"{e} (the reference defaults to the model's training data; pass "
-                                "--reference FOLDER, STATS.npz or a dataset name)") from None
+                               "--reference FOLDER, STATS.npz or a dataset name)") from None
     ident = dataset_identity(section.name, len(ds), section.size, section.split,
                              data=json.loads(json.dumps(dataclasses.asdict(section), default=str)))
     return _cached_reference(net, ds, ident, kind="dataset", **cached)
@@ -103,7 +103,7 @@ def _stats_reference(path: Path, net) -> Reference:
     want = net.fingerprint()
     if meta.get("network") not in (None, want):
         raise RequestError(f"statistics file {path} was computed with another feature network "
-                         f"({meta['network']}), not this one ({want})")
+                           f"({meta['network']}), not this one ({want})")
     if stats.dim != getattr(net, "feature_dim", stats.dim):
         raise RequestError(f"statistics file {path} has {stats.dim}-d features; the network gives {net.feature_dim}")
     ds_meta = meta.get("dataset", {})

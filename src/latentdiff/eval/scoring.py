@@ -32,7 +32,7 @@ def parse_metrics(text) -> list[str]:
     unknown = [m for m in names if m not in METRICS]
     if unknown:
         raise RequestError(f"unknown metric(s) {', '.join(map(repr, unknown))}; expected a comma-separated "
-                         f"list of {', '.join(METRICS)}")
+                           f"list of {', '.join(METRICS)}")
     if not names:
         raise RequestError(f"no metric given; expected a comma-separated list of {', '.join(METRICS)}")
     return [m for m in METRICS if m in names]
@@ -108,7 +108,7 @@ def feature_metrics(real: FeatureStats, fake: FeatureStats, metrics, *, fake_lab
     need_feats = [m for m in ("kid", "pr") if m in metrics]
     if need_feats and (len(real.features) < 2 or len(fake.features) < 2):
         raise RequestError(f"{' and '.join(need_feats)} need the features themselves, and the reference keeps "
-                         f"{len(real.features)}: recompute its statistics (a folder or dataset reference)")
+                           f"{len(real.features)}: recompute its statistics (a folder or dataset reference)")
     if "fid" in metrics:
         out["fid"] = fid_from_stats(real, fake)
     if "kid" in metrics:
@@ -142,7 +142,7 @@ def bits_per_dim(pipe, dataset, num: int, *, batch_size: int = 64, seed: int = 0
     L_1..L_{T-1} and the decoder L_0 (mean over images; total = prior + diffusion + decoder)."""
     if getattr(pipe, "autoencoder", None) is not None:
         raise RequestError("bits per dimension are defined here for pixel-space models; this model diffuses in an "
-                         "autoencoder's latent space (its bound is not a bound on image likelihood)")
+                           "autoencoder's latent space (its bound is not a bound on image likelihood)")
     n = min(int(num), len(dataset))
     if n < 1:
         raise RequestError("bpd needs at least one real image")

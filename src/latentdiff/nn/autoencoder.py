@@ -403,7 +403,8 @@ def load_autoencoder(folder: str, map_location: str | torch.device = "cpu") -> A
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt autoencoder config {cfg_path}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("config"), dict):
-        raise CheckpointError(f"{cfg_path} is not a latentdiff autoencoder config (format {FORMAT!r} with a 'config' object)")
+        raise CheckpointError(f"{cfg_path} is not a latentdiff autoencoder config "
+                              f"(format {FORMAT!r} with a 'config' object)")
     model = Autoencoder(AutoencoderConfig.from_dict(meta["config"], where=cfg_path, prefix="config."))
     scale = meta.get("latent_scale")
     if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
@@ -411,7 +412,8 @@ def load_autoencoder(folder: str, map_location: str | torch.device = "cpu") -> A
     model.latent_scale = None if scale is None else float(scale)
     data = meta.get("data")
     if data is not None and not isinstance(data, dict):
-        raise CheckpointError(f"{cfg_path}: data must be a mapping (the data section the autoencoder was trained on), got {data!r}")
+        raise CheckpointError(f"{cfg_path}: data must be a mapping (the data section the autoencoder was trained "
+                              f"on), got {data!r}")
     model.training_data = data
     try:
         state = load_file(w_path, device=str(map_location))
@@ -420,8 +422,9 @@ def load_autoencoder(folder: str, map_location: str | torch.device = "cpu") -> A
     expected = model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise CheckpointError(f"{w_path} does not match the config: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+        raise CheckpointError(f"{w_path} does not match the config: "
+                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     wrong = [k for k in expected if expected[k].shape != state[k].shape]
     if wrong:
         raise CheckpointError(f"{w_path}: tensor shapes differ from the config for {wrong[:5]}")

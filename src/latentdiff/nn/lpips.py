@@ -110,8 +110,8 @@ def load_lpips(path: str, map_location: str | torch.device = "cpu") -> LPIPS:
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and expected[k].shape != state[k].shape]
     if missing or unexpected or wrong:
-        raise CheckpointError(f"LPIPS weights {path} do not fit the network: missing {missing[:4]}, unexpected {unexpected[:4]}, "
-                         f"wrong shapes {wrong[:4]}")
+        raise CheckpointError(f"LPIPS weights {path} do not fit the network: missing {missing[:4]}, "
+                              f"unexpected {unexpected[:4]}, wrong shapes {wrong[:4]}")
     model.load_state_dict(state)
     return model.to(map_location)
 

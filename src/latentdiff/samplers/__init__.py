@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..errors import RequestError
 from ..guidance import classifier_free_guidance
 from .common import make_timesteps, randn
 from .ddim import ddim_invert, sample_ddim
@@ -109,21 +110,22 @@ def options_for(name: str, *, eta=0.0, set_alpha_to_one=True, resample_jumps=0, 
                 extra: dict | None = None) -> dict:
     """The keyword options for sampler ``name`` (see :data:`SAMPLER_OPTIONS`) from those of :func:`sample`.
 
-    An option the sampler does not take is an error when set, not ignored; ``extra`` sets its own options by name.
+    An option the sampler does not take is an error when set (a RequestError), not ignored; ``extra`` sets its
+    own options by name.
     """
     own = SAMPLER_OPTIONS[name]
     opts = {}
     if "eta" in own:
         opts["eta"] = eta
     elif eta != 0:
-        raise ValueError(f"sampler {name!r} takes no eta (it is deterministic or has no η)")
+        raise RequestError(f"sampler {name!r} takes no eta (it is deterministic or has no η)")
     if "set_alpha_to_one" in own:
         opts["set_alpha_to_one"] = set_alpha_to_one
     elif not set_alpha_to_one:
-        raise ValueError(f"set_alpha_to_one=False applies to ddim and plms only, not {name!r}")
+        raise RequestError(f"set_alpha_to_one=False applies to ddim and plms only, not {name!r}")
     if resample_jumps:
         if "resample_jumps" not in own:
-            raise ValueError(
+            raise RequestError(
                 f"resample_jumps (RePaint) is implemented for {', '.join(RESAMPLING_SAMPLERS)} only, not {name!r}"
             )
         opts["resample_jumps"] = resample_jumps

@@ -32,9 +32,11 @@ class EpochBatchSampler:
 
     def __init__(self, num_samples: int, global_batch: int, *, world_size: int = 1, rank: int = 0, grad_accum: int = 1, seed: int = 0):
         if global_batch % (world_size * grad_accum):
-            raise ConfigError(f"batch_size {global_batch} must be divisible by processes × grad_accum = {world_size} × {grad_accum}")
+            raise ConfigError(f"batch_size {global_batch} must be divisible by processes × grad_accum = "
+                              f"{world_size} × {grad_accum}")
         if num_samples < global_batch:
-            raise ConfigError(f"the dataset has {num_samples} samples, fewer than one batch of batch_size={global_batch}")
+            raise ConfigError(f"the dataset has {num_samples} samples, fewer than one batch of "
+                              f"batch_size={global_batch}")
         self.num_samples, self.global_batch = num_samples, global_batch
         self.world_size, self.rank, self.grad_accum, self.seed = world_size, rank, grad_accum, seed
         self.micro = global_batch // (world_size * grad_accum)

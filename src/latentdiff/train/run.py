@@ -29,7 +29,8 @@ def resolve_data(config: Config):
         raise DataError(f"dataset {config.data.name!r} is empty")
     image = dataset[0]["image"]
     if image.ndim != 3 or image.shape[1] != image.shape[2]:
-        raise DataError(f"dataset {config.data.name!r} gives images of shape {tuple(image.shape)}; expected square (C, H, W)")
+        raise DataError(f"dataset {config.data.name!r} gives images of shape {tuple(image.shape)}; "
+                        "expected square (C, H, W)")
     data = dataclasses.replace(config.data, channels=int(image.shape[0]), size=int(image.shape[1]))
     return dataset, dataclasses.replace(config, data=data)
 
@@ -80,7 +81,7 @@ def _check_out_dir(config, out_dir: Path, resume, same: tuple[str, ...]) -> None
     saved = out_dir / CONFIG_FILE
     if not resume and list_checkpoints(out_dir):
         raise RequestError(f"{out_dir} already holds checkpoints of a run; continue it with --resume (resume=True) "
-                         "or choose another --out (nothing there was changed)")
+                           "or choose another --out (nothing there was changed)")
     if resume and saved.is_file():
         previous = load_config(saved)
         if type(previous) is not type(config) or any(getattr(previous, k) != getattr(config, k) for k in same):
