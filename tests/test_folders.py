@@ -25,7 +25,8 @@ def test_folder_kind_tells_the_four_folders_apart(tmp_path):
     _write(tmp_path / "ae_run" / "config.yaml", "autoencoder: {ch: 8}\ndata: {name: shapes}\n")
     _write(tmp_path / "other" / "config.json", json.dumps({"format": "something else"}))
     _write(tmp_path / "broken" / "config.yaml", "autoencoder: [unclosed\n")
-    kinds = {name: folder_kind(tmp_path / name) for name in ("model", "run", "ae", "ae_run", "other", "broken", "nowhere")}
+    names = ("model", "run", "ae", "ae_run", "other", "broken", "nowhere")
+    kinds = {name: folder_kind(tmp_path / name) for name in names}
     assert kinds == {"model": MODEL, "run": RUN, "ae": AUTOENCODER, "ae_run": AUTOENCODER_RUN, "other": None,
                      "broken": RUN, "nowhere": None}  # unreadable YAML: loading it as a config names the problem
 
@@ -64,7 +65,8 @@ def test_checkpoint_weights_takes_the_newest_intact_file_ema_first(tmp_path):
 def test_user_errors_keep_their_old_bases():
     assert issubclass(errors.ConfigError, ValueError) and issubclass(errors.ConfigTypeError, TypeError)
     assert issubclass(errors.MissingFileError, FileNotFoundError)
-    for cls in (errors.ConfigError, errors.DataError, errors.CheckpointError, errors.RequestError, errors.MissingFileError):
+    for cls in (errors.ConfigError, errors.DataError, errors.CheckpointError, errors.RequestError,
+                errors.MissingFileError):
         assert issubclass(cls, errors.UserError)
     from latentdiff.config import ConfigError
     from latentdiff.train import CheckpointError
