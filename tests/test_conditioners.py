@@ -333,7 +333,7 @@ def test_conditioner_errors_name_the_problem():
         build_conditioner({"mode": "adm", "kind": "class", "num_classes": 3, "class_dim": 8})
     with pytest.raises(ValueError, match="needs concat_channels > 0"):
         build_conditioner({"mode": "hybrid", "kind": "class", "num_classes": 3, "class_dim": 8})
-    with pytest.raises(ValueError, match=r"unknown TextEncoderConfig keys \['widht'\]"):
+    with pytest.raises(ValueError, match=r"unknown key 'text.widht' \(did you mean 'text.width'\?\)"):
         build_conditioner({"mode": "crossattn", "kind": "text", "text": {"widht": 8}}, tok)
     with pytest.raises(ValueError, match=r"text section lacks \['vocab_size', 'context_length'\]"):
         build_conditioner({"mode": "crossattn", "kind": "text", "text": TEXT})

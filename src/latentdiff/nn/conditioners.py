@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..strict import strict_from_dict
+from ..dataclass_io import from_dict as build_dataclass
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .tokenizer import WordTokenizer
 
@@ -140,7 +140,7 @@ class ConditionerConfig:
         if isinstance(self.text, dict):
             self.text = TextEncoderConfig.from_dict(self.text)
         if isinstance(self.rescaler, dict):
-            self.rescaler = strict_from_dict(SpatialRescalerConfig, self.rescaler)
+            self.rescaler = build_dataclass(SpatialRescalerConfig, self.rescaler, "SpatialRescalerConfig")
         wanted = {
             "text": self.kind == "text",
             "num_classes": self.kind == "class",
@@ -183,7 +183,7 @@ class ConditionerConfig:
             missing = [k for k in ("vocab_size", "context_length") if k not in d["text"]]
             if missing:
                 raise ValueError(f"the conditioner's text section lacks {missing}: give them or pass the tokenizer")
-        return strict_from_dict(cls, d)
+        return build_dataclass(cls, d, "ConditionerConfig")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

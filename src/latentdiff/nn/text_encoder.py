@@ -17,19 +17,18 @@ positions, as Stable Diffusion does with its padded CLIP context.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..strict import strict_from_dict
+from ..dataclass_io import FromDict
 from .tokenizer import PAD_ID
 
 
 @dataclass
-class TextEncoderConfig:
+class TextEncoderConfig(FromDict):
     vocab_size: int  # rows of the token embedding: the tokenizer's vocabulary, special tokens included
     context_length: int  # L: tokens per prompt (end token included) = learned positional embeddings
     width: int = 64  # D, the width of every token; the U-Net's context_dim
@@ -48,12 +47,6 @@ class TextEncoderConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"TextEncoderConfig.dropout must be in [0, 1), got {self.dropout}")
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "TextEncoderConfig":
-        return strict_from_dict(cls, d)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 class TransformerLayer(nn.Module):
