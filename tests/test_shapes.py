@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from latentdiff.errors import ConfigError
 from latentdiff.data.shapes import (
     BACKGROUNDS, COLOURS, GRID, POSITIONS, SHAPES, ShapesConfig, ShapesDataset, pixel_box, render_scene, scene_split,
 )
@@ -216,3 +217,17 @@ def test_oracle_training_runs_scores_and_saves(tmp_path):
     assert back.info["test"] == scores and back.info["n_train"] == 64
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     assert torch.allclose(back.cell_logits(x), oracle.cell_logits(x))
+
+
+def test_split_by_composition_holds_out_captions():
+    """With split_by="composition" no caption of the test split occurs in the train split (held-out
+    compositions); the default layout split shares one-object captions between the splits."""
+    train = ShapesDataset("train", length=3000, split_by="composition")
+    test = ShapesDataset("test", length=100, split_by="composition")
+    seen = {train.caption(i) for i in range(len(train))}
+    assert not [test.caption(i) for i in range(len(test)) if test.caption(i) in seen]
+    train, test = ShapesDataset("train", length=3000), ShapesDataset("test", length=100)
+    seen = {train.caption(i) for i in range(len(train))}
+    assert any(test.caption(i) in seen for i in range(len(test)))
+    with pytest.raises(ConfigError, match="split_by must be one of"):
+        ShapesDataset("train", length=10, split_by="colour")

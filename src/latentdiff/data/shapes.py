@@ -56,6 +56,7 @@ POSITIONS = (
 SIZE_LEVELS = 8  # object extent = 0.55 .. 0.95 of a cell side in SIZE_LEVELS steps
 JITTER_LEVELS = 9  # sub-cell positions per axis
 SPLITS = ("train", "test")
+SPLIT_BY = ("layout", "composition")
 
 
 @dataclass
@@ -68,6 +69,9 @@ class ShapesConfig:
     backgrounds: tuple = ("black",)    # background names (subset of BACKGROUNDS); >1 adds "on a ... background"
     antialias: int = 4                 # supersampling factor per axis (1 = hard edges)
     test_fraction: float = 0.1         # share of layouts that belong to the test split
+    split_by: str = "layout"           # what the split hashes: "layout" (objects with their sizes, and the
+                                       # background) or "composition" (objects' shape, colour and cell only: no
+                                       # caption of the test split ever occurs in the train split)
 
     def __post_init__(self):
         self.shapes, self.colours, self.backgrounds = tuple(self.shapes), tuple(self.colours), tuple(self.backgrounds)
@@ -84,6 +88,8 @@ class ShapesConfig:
             raise ConfigError(f"shapes: antialias must be an int >= 1, got {self.antialias!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ConfigError(f"shapes: test_fraction must be in (0, 1), got {self.test_fraction}")
+        if self.split_by not in SPLIT_BY:
+            raise ConfigError(f"shapes: split_by must be one of {', '.join(SPLIT_BY)}, got {self.split_by!r}")
 
     @property
     def num_classes(self) -> int:
@@ -133,10 +139,15 @@ class Scene:
         objs = ";".join(f"{o.cell}:{o.shape}:{o.colour}:{o.size}" for o in self.objects)
         return f"{self.background}|{objs}"
 
+    def composition_key(self) -> str:
+        """What a caption says: each object's shape, colour and cell (not sizes, positions in the cell, background)."""
+        return ";".join(f"{o.cell}:{o.shape}:{o.colour}" for o in self.objects)
 
-def scene_split(scene: Scene, test_fraction: float) -> str:
-    """"test" or "train": a fixed hash of the scene's layout, independent of seeds and resolutions."""
-    digest = hashlib.blake2b(scene.layout_key().encode(), digest_size=8, person=b"ld-shapes").digest()
+
+def scene_split(scene: Scene, test_fraction: float, by: str = "layout") -> str:
+    """"test" or "train": a fixed hash of the scene's layout (or composition), independent of seeds and resolutions."""
+    key = scene.layout_key() if by == "layout" else "composition|" + scene.composition_key()
+    digest = hashlib.blake2b(key.encode(), digest_size=8, person=b"ld-shapes").digest()
     u = int.from_bytes(digest, "little") / 2.0**64
     return "test" if u < test_fraction else "train"
 
@@ -161,7 +172,7 @@ def scene_at(seed: int, index: int, split: str, cfg: ShapesConfig) -> Scene:
     rng = np.random.default_rng([int(seed), SPLITS.index(split), int(index)])
     for _ in range(10_000):
         scene = draw_scene(rng, cfg)
-        if scene_split(scene, cfg.test_fraction) == split:
+        if scene_split(scene, cfg.test_fraction, cfg.split_by) == split:
             return scene
     raise RuntimeError(f"shapes: no {split} scene found for index {index}; is the configuration too small?")
 
