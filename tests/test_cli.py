@@ -18,8 +18,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import latentdiff
-from clitools import captured as _captured
-from clitools import run_cli
+from helpers.clitools import captured as _captured
+from helpers.clitools import run_cli
 from latentdiff import cli
 from latentdiff.config import load_config
 from latentdiff.pipeline import CONFIG_FILE, WEIGHTS_FILE

@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 import latentdiff
-from clitools import captured as _captured
-from clitools import run_cli
+from helpers.clitools import captured as _captured
+from helpers.clitools import run_cli
 from latentdiff import cli
 from latentdiff.data import Digits
 from latentdiff.eval import (OracleConfig, class_accuracy, extract_stats, fid_from_stats, load_oracle, load_stats,

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from clitools import run_cli
+from helpers.clitools import run_cli
 from latentdiff import cli
 from latentdiff.config import AutoencoderRunConfig, ConfigError, load_config
 from latentdiff.eval.metrics import psnr

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from analytic import gaussian_model_fn, ode_endpoint, optimal_x0
+from helpers.analytic import gaussian_model_fn, ode_endpoint, optimal_x0
 from latentdiff.diffusion import GaussianDiffusion
 from latentdiff.guidance import classifier_free_guidance
 from latentdiff.samplers import SAMPLERS, sample

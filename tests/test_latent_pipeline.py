@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import latentdiff
-from clitools import run_cli
+from helpers.clitools import run_cli
 from latentdiff import cli
 from latentdiff.config import ConfigError, load_config
 from latentdiff.data import make_dataset

@@ -1,6 +1,6 @@
 """DDPM, DDIM (+ inversion), PLMS, Langevin, and the entry point ``samplers.sample``.
 
-Exact answers on Gaussian data N(M, S²) (tests/analytic.py): the data's mean and variance, the end point of
+Exact answers on Gaussian data N(M, S²) (tests/helpers/analytic.py): the data's mean and variance, the end point of
 the probability-flow ODE and DDIM's first-order convergence to it. Parity with diffusers' DDIMScheduler,
 PNDMScheduler(skip_prk_steps=True) and DDPMScheduler, step by step on the same model function, the same x_T
 and the same noise draws. Reproducibility per seed, and clear errors on bad input.
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from analytic import gaussian_model_fn, ode_endpoint
+from helpers.analytic import gaussian_model_fn, ode_endpoint
 from latentdiff.diffusion import GaussianDiffusion
 from latentdiff.samplers import SAMPLER_OPTIONS, SAMPLERS, ddim_invert, sample
 from latentdiff.samplers.common import alpha_bar, make_timesteps

@@ -1,6 +1,6 @@
 """DPM-Solver++ (2M, 3M, 2M SDE), UniPC and the Euler family (Euler, Euler ancestral, Heun).
 
-Exact answers on Gaussian data N(M, S²) (tests/analytic.py): the data's mean and variance, the end point of
+Exact answers on Gaussian data N(M, S²) (tests/helpers/analytic.py): the data's mean and variance, the end point of
 the probability-flow ODE, and the order of convergence as a log-log slope. Parity with diffusers, step by
 step on the same model function and the same x_T (and the same noise draws for the stochastic samplers).
 """
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from analytic import gaussian_model_fn, ode_endpoint, optimal_x0
+from helpers.analytic import gaussian_model_fn, ode_endpoint, optimal_x0
 from latentdiff.diffusion import GaussianDiffusion
 from latentdiff.samplers.common import alpha_bar, make_timesteps
 from latentdiff.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m

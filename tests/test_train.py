@@ -17,8 +17,8 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from train_ddp_script import Pairs, Regression, run_regression
-from train_tiny import TinyDenoiser, ToyImages, make_objective
+from helpers.train_ddp_script import Pairs, Regression, run_regression
+from helpers.train_tiny import TinyDenoiser, ToyImages, make_objective
 
 from latentdiff.train import (
     EMA,
@@ -334,7 +334,9 @@ def test_save_grid(tmp_path):
 
 
 def _spawn(*args):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    """``python ARGS`` in its own process group, with tests/ on its path (for ``-m helpers.…``)."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONPATH=path)
     return subprocess.Popen([PYTHON, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -353,15 +355,15 @@ def _finish(proc, timeout=240):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigkill_and_resume_is_bit_exact(tmp_path):
-    script = TESTS / "train_resume_script.py"
-    a = _spawn(script, tmp_path / "A")  # uninterrupted, alongside the interrupted run
+    script = ("-m", "helpers.train_resume_script")
+    a = _spawn(*script, tmp_path / "A")  # uninterrupted, alongside the interrupted run
     # Killed while writing the checkpoint of step 12: steps 9-12 are lost, a half-written directory is left.
-    b1 = _spawn(script, tmp_path / "B", "--kill-in-checkpoint", "12")
+    b1 = _spawn(*script, tmp_path / "B", "--kill-in-checkpoint", "12")
     out_b1 = _finish(b1)
     assert b1.returncode == -signal.SIGKILL, out_b1
     assert [s for s, _ in list_checkpoints(tmp_path / "B")] == [4, 8]
     assert (tmp_path / "B" / "checkpoints" / ".tmp_step_0000012").is_dir()
-    b2 = _spawn(script, tmp_path / "B", "--resume")
+    b2 = _spawn(*script, tmp_path / "B", "--resume")
     out_b2, out_a = _finish(b2), _finish(a)
     assert a.returncode == 0 and b2.returncode == 0, out_a + out_b2
     assert "step_0000008 at step 8" in out_b2  # resumed from the last complete checkpoint
@@ -378,7 +380,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
 @pytest.mark.timeout(300)
 def test_two_processes_match_one_process_with_double_batch(tmp_path):
     proc = _spawn("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                  TESTS / "train_ddp_script.py", tmp_path / "ddp")
+                  "-m", "helpers.train_ddp_script", tmp_path / "ddp")
     single = run_regression(tmp_path / "single")  # meanwhile, one process with the whole batch of 8
     out = _finish(proc)
     assert proc.returncode == 0 and "ddp ok: world=2" in out, out
