@@ -41,6 +41,28 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def rates(ae, x, repeats: int) -> tuple[tuple, float, float, float]:
+    """(latent shape, encode, decode and training-step images per second) of autoencoder ``ae`` on batch ``x``."""
+    B = len(x)
+    ae.eval()
+    with torch.no_grad():
+        z = ae.encode(x)
+        t_enc = timed(lambda: ae.encode(x), repeats)
+        t_dec = timed(lambda: ae.decode(z), repeats)
+    ae.train()
+    opt = torch.optim.AdamW(ae.parameters(), lr=1e-4)
+
+    def step():
+        x_rec, info = ae(x)
+        loss = (x_rec - x).abs().mean() + 1e-6 * info["kl"].mean() / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t_train = timed(step, max(1, repeats // 2))
+    return tuple(z.shape[1:]), B / t_enc, B / t_dec, B / t_train
+
+
 class _TimeUp(Exception):
     pass
 
@@ -131,26 +153,13 @@ def main(argv=None):
     rows = []
     train_rate = {}
     for f in (int(v) for v in args.factors.split(",")):
-        ae = Autoencoder(config_for_factor(f, ch=args.ch, num_res_blocks=args.res_blocks, resolution=S, z_channels=3, embed_dim=3))
+        config = config_for_factor(f, ch=args.ch, num_res_blocks=args.res_blocks, resolution=S, z_channels=3,
+                                   embed_dim=3)
+        ae = Autoencoder(config)
         params = sum(p.numel() for p in ae.parameters()) / 1e6
-        ae.eval()
-        with torch.no_grad():
-            z = ae.encode(x)
-            t_enc = timed(lambda: ae.encode(x), args.repeats)
-            t_dec = timed(lambda: ae.decode(z), args.repeats)
-        ae.train()
-        opt = torch.optim.AdamW(ae.parameters(), lr=1e-4)
-
-        def step():
-            x_rec, info = ae(x)
-            loss = (x_rec - x).abs().mean() + 1e-6 * info["kl"].mean() / x[0].numel()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        t_train = timed(step, max(1, args.repeats // 2))
-        train_rate[f] = B / t_train
-        rows.append((f, tuple(z.shape[1:]), params, B / t_enc, B / t_dec, B / t_train))
+        shape, enc, dec, tr = rates(ae, x, args.repeats)
+        train_rate[f] = tr
+        rows.append((f, shape, params, enc, dec, tr))
 
     print(f"KL autoencoder, {S}x{S} images, batch {B}, ch {args.ch}, {args.res_blocks} res blocks, "
           f"{torch.get_num_threads()} threads; images/s (median of {args.repeats})")

@@ -76,8 +76,8 @@ def plot(rows: list[dict], floor: dict | None, path: Path, title: str) -> None:
     """FID against steps, log x, one line (with markers) per sampler, the floor as a dotted line."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.ticker
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for sampler in dict.fromkeys(r["sampler"] for r in rows):

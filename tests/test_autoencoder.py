@@ -7,14 +7,24 @@ import pytest
 import torch
 
 from latentdiff.nn.autoencoder import (
-    Autoencoder, AutoencoderConfig, DiagonalGaussian, compute_latent_scale, config_for_factor, load_autoencoder,
+    Autoencoder,
+    AutoencoderConfig,
+    DiagonalGaussian,
+    compute_latent_scale,
+    config_for_factor,
+    load_autoencoder,
     save_autoencoder,
 )
 from latentdiff.nn.discriminator import PatchDiscriminator
 from latentdiff.nn.lpips import LPIPS, convert_reference_lpips, load_lpips, save_lpips
 from latentdiff.nn.quantize import VectorQuantizer
 from latentdiff.train.autoencoder_objective import (
-    AutoencoderLossConfig, AutoencoderObjective, adaptive_weight, hinge_d_loss, psnr, ssim,
+    AutoencoderLossConfig,
+    AutoencoderObjective,
+    adaptive_weight,
+    hinge_d_loss,
+    psnr,
+    ssim,
 )
 
 

@@ -18,13 +18,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import latentdiff
-from helpers.clitools import captured as _captured
-from helpers.clitools import run_cli
 from latentdiff import cli
 from latentdiff.config import load_config
 from latentdiff.pipeline import CONFIG_FILE, WEIGHTS_FILE
 from latentdiff.samplers import SAMPLERS
 from latentdiff.train import list_checkpoints, verify_checkpoint
+
+from helpers.clitools import captured as _captured
+from helpers.clitools import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_test.yaml")
@@ -184,7 +185,7 @@ def test_import_latentdiff_does_not_import_torch():
     assert r.returncode == 0, r.stderr
     assert latentdiff.load is latentdiff.pipeline.load and latentdiff.Pipeline is latentdiff.pipeline.Pipeline
     with pytest.raises(AttributeError, match="no attribute 'lod'"):
-        latentdiff.lod
+        _ = latentdiff.lod
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,11 +10,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from latentdiff.eval import (FeatureStats, OracleConfig, compare, dataset_identity, extract_stats, fid,
-                             files_fingerprint,
-                             frechet_distance, image_batches, inception_score, kid, load_oracle, load_stats,
-                             mmd2_unbiased, precision_recall, psnr, quantize_8bit, real_floor,
-                             reference_stats, save_oracle, split_stats, ssim)
+from latentdiff.eval import (
+    FeatureStats,
+    OracleConfig,
+    compare,
+    dataset_identity,
+    extract_stats,
+    fid,
+    files_fingerprint,
+    frechet_distance,
+    image_batches,
+    inception_score,
+    kid,
+    load_oracle,
+    load_stats,
+    mmd2_unbiased,
+    precision_recall,
+    psnr,
+    quantize_8bit,
+    real_floor,
+    reference_stats,
+    save_oracle,
+    split_stats,
+    ssim,
+)
 from latentdiff.eval.oracle import Oracle, digits_arrays, stratified_split, train_digits_oracle
 from latentdiff.nn import inception as inc
 

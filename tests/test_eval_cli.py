@@ -14,15 +14,25 @@ import torch
 from PIL import Image
 
 import latentdiff
-from helpers.clitools import captured as _captured
-from helpers.clitools import run_cli
 from latentdiff import cli
 from latentdiff.data import Digits
-from latentdiff.eval import (OracleConfig, class_accuracy, extract_stats, fid_from_stats, load_oracle, load_stats,
-                             quantize_8bit, save_oracle, split_stats)
+from latentdiff.eval import (
+    OracleConfig,
+    class_accuracy,
+    extract_stats,
+    fid_from_stats,
+    load_oracle,
+    load_stats,
+    quantize_8bit,
+    save_oracle,
+    split_stats,
+)
 from latentdiff.eval import run as ev
 from latentdiff.eval.oracle import Oracle
 from latentdiff.pipeline import to_pil
+
+from helpers.clitools import captured as _captured
+from helpers.clitools import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_test.yaml")

@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from helpers.clitools import run_cli
 from latentdiff import cli
 from latentdiff.config import AutoencoderRunConfig, ConfigError, load_config
 from latentdiff.eval.metrics import psnr
 from latentdiff.eval.reconstruction import evaluate_reconstruction
 from latentdiff.first_stage import EXPORT_DIR, load_first_stage, reconstruct
 from latentdiff.nn.autoencoder import load_autoencoder, save_autoencoder
+
+from helpers.clitools import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

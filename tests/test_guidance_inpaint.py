@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
-from helpers.analytic import gaussian_model_fn, ode_endpoint, optimal_x0
 from latentdiff.diffusion import GaussianDiffusion
 from latentdiff.guidance import classifier_free_guidance
 from latentdiff.samplers import SAMPLERS, sample
 from latentdiff.samplers.common import alpha_bar, denoise, make_timesteps
 from latentdiff.samplers.ddim import sample_ddim
 from latentdiff.schedules import make_betas
+
+from helpers.analytic import gaussian_model_fn, ode_endpoint, optimal_x0
 
 BETAS = make_betas("linear", 1000)
 NULL = 2  # the null class of the toy conditional model
@@ -80,7 +82,7 @@ def test_guidance_gives_the_same_denoiser_for_every_parameterisation(prediction)
     for pred in ("eps", prediction):
         d = GaussianDiffusion(BETAS, prediction=pred)
         g = classifier_free_guidance(class_model(d), 4.0, {"y": torch.tensor([NULL])})
-        x0s.append(denoise(lambda x_, t_: g(x_, t_, y=y), x, t, d)[0])
+        x0s.append(denoise(functools.partial(g, y=y), x, t, d)[0])
     torch.testing.assert_close(x0s[1], x0s[0], rtol=1e-9, atol=1e-9)
 
 

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers.clitools import run_cli
 
 from latentdiff.errors import MissingFileError, UserError
 from latentdiff.recipes import RECIPES, describe, find_recipe, list_recipes, recipe_names
+
+from helpers.clitools import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 

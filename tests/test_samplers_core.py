@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.analytic import gaussian_model_fn, ode_endpoint
 from latentdiff.diffusion import GaussianDiffusion
 from latentdiff.samplers import SAMPLER_OPTIONS, SAMPLERS, ddim_invert, sample
 from latentdiff.samplers.common import alpha_bar, make_timesteps
@@ -23,6 +22,8 @@ from latentdiff.samplers.ddim import sample_ddim
 from latentdiff.samplers.ddpm import sample_ddpm
 from latentdiff.samplers.plms import sample_plms
 from latentdiff.schedules import make_betas
+
+from helpers.analytic import gaussian_model_fn, ode_endpoint
 
 M, S = 0.5, 0.3
 BETAS = make_betas("linear", 1000)

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from helpers.analytic import gaussian_model_fn, ode_endpoint, optimal_x0
 from latentdiff.diffusion import GaussianDiffusion
 from latentdiff.samplers.common import alpha_bar, make_timesteps
 from latentdiff.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m
 from latentdiff.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
 from latentdiff.samplers.unipc import sample_unipc
 from latentdiff.schedules import make_betas
+
+from helpers.analytic import gaussian_model_fn, ode_endpoint, optimal_x0
 
 M, S = 0.5, 0.3
 BETAS = make_betas("linear", 1000)

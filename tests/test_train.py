@@ -17,9 +17,6 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from helpers.train_ddp_script import Pairs, Regression, run_regression
-from helpers.train_tiny import TinyDenoiser, ToyImages, make_objective
-
 from latentdiff.train import (
     EMA,
     CheckpointError,
@@ -38,6 +35,9 @@ from latentdiff.train import (
     verify_checkpoint,
 )
 from latentdiff.train.checkpoint import _torch_load
+
+from helpers.train_ddp_script import Pairs, Regression, run_regression
+from helpers.train_tiny import TinyDenoiser, ToyImages, make_objective
 
 TESTS = Path(__file__).parent
 PYTHON = sys.executable

@@ -13,8 +13,9 @@ import signal
 import torch
 
 import latentdiff.train.checkpoint as ckpt
-from helpers.train_tiny import ToyImages, make_objective
 from latentdiff.train import TrainConfig, train
+
+from helpers.train_tiny import ToyImages, make_objective
 
 CONFIG = dict(steps=14, batch_size=8, grad_accum=2, lr=3e-3, warmup_steps=3, lr_schedule="cosine", checkpoint_every=4,
               keep_checkpoints=0, log_every=2, ema_decay=0.9, deterministic=True, num_workers=0, seed=3)

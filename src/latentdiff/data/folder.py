@@ -312,26 +312,6 @@ class ImageFolder(Dataset):
         return f"ImageFolder({str(self.root)!r}, n={len(self)}, size={self.size}, channels={self.channels}{extra}{cap})"
 
 
-def folder_dataset(path, *, size: int | None = None, channels: int = 3) -> ImageFolder:
-    """An ImageFolder of ``path`` as plain images (no labels, captions or random transforms) at ``size``
-    (default: the shorter side of its first readable image): a set of real or generated images to score."""
-    root = Path(path)
-    if root.is_dir() and size is None:
-        size = _first_image_side(root)
-    return ImageFolder(root, size or 8, channels=channels, captions="none", labels="none")
-
-
-def _first_image_side(root: Path) -> int | None:
-    for p in sorted(root.rglob("*")):
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."):
-            try:
-                with Image.open(p) as im:
-                    return min(im.size)
-            except Exception:  # unreadable: ImageFolder skips it and reports it
-                continue
-    return None
-
-
 def _caption_field(rec: dict) -> str | None:
     return next((k for k in CAPTION_FIELDS if k in rec), None)
 
@@ -369,8 +349,8 @@ def first_image_side(root: Path) -> int | None:
 
 
 def folder_dataset(path, *, size: int | None = None, channels: int = 3) -> ImageFolder:
-    """An ImageFolder of ``path`` (no labels, captions or random transforms) at ``size`` (default: the
-    shorter side of its first image)."""
+    """An ImageFolder of ``path`` as plain images (no labels, captions or random transforms) at ``size``
+    (default: the shorter side of its first readable image): a set of real or generated images to score."""
     root = Path(path)
     if root.is_dir() and size is None:
         size = first_image_side(root)

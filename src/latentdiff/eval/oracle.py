@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..dataclass_io import FromDict
 from ..errors import CheckpointError, MissingFileError
 from ..fileio import atomic_write_bytes
 from ..nn.inception import state_dict_hash
-from ..dataclass_io import FromDict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

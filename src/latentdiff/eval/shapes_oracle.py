@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.shapes import COLOURS, GRID, POSITIONS, SHAPES, ShapesDataset
-from .oracle import load_network, save_network
 from ..dataclass_io import FromDict
+from .oracle import load_network, save_network
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 CELL = 12  # pixels per cell side after resizing to GRID·CELL = 36

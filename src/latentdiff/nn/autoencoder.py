@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dataclass_io import FromDict
 from ..errors import CheckpointError, MissingFileError
 from ..fileio import atomic_write, atomic_write_text
-from ..dataclass_io import FromDict
 from ..folders import AE_CONFIG_FILE as CONFIG_FILE
 from ..folders import AE_FORMAT as FORMAT
 from ..folders import WEIGHTS_FILE
