@@ -53,8 +53,8 @@ def test_an_existing_file_wins_over_a_recipe_name(tmp_path, monkeypatch):
     assert find_recipe(tmp_path / "tiny_test.yaml") == tmp_path / "tiny_test.yaml"
 
 
-@pytest.mark.parametrize(("arg", "hint"), [("tiny_tset", "'tiny_test'"), ("elsewhere/digits_ddpm.yaml", "'digits_ddpm'"),
-                                          ("zzz", None)])
+@pytest.mark.parametrize(("arg", "hint"), [("tiny_tset", "'tiny_test'"),
+                                          ("elsewhere/digits_ddpm.yaml", "'digits_ddpm'"), ("zzz", None)])
 def test_an_unknown_name_lists_the_recipes_and_the_nearest(tmp_path, monkeypatch, arg, hint):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MissingFileError) as info:

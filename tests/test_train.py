@@ -71,7 +71,8 @@ def test_config_rejects_unknown_and_bad_values():
 def test_lr_warmup_and_decay():
     f = lambda s, sched="constant": lr_factor(s, warmup_steps=4, schedule=sched, total_steps=14)  # noqa: E731
     assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert f(4, "cosine") == pytest.approx(1.0) and f(9, "cosine") == pytest.approx(0.5) and f(14, "cosine") == pytest.approx(0.0)
+    assert f(4, "cosine") == pytest.approx(1.0) and f(9, "cosine") == pytest.approx(0.5)
+    assert f(14, "cosine") == pytest.approx(0.0)
     assert f(9, "linear") == pytest.approx(0.5)
     assert lr_factor(0, warmup_steps=0, schedule="constant", total_steps=10) == 1.0
 
@@ -124,9 +125,11 @@ def test_diffusion_objective_protocol_dropout_and_resampler_state():
     obj.cond_drop_prob = 0.5
     torch.manual_seed(0)
     cond, clean = obj._condition({"label": torch.zeros(4000, dtype=torch.long)}, 4000, "cpu")
-    assert abs((cond["y"] == 4).float().mean().item() - 0.5) < 0.03 and torch.equal(clean["y"], torch.zeros(4000, dtype=torch.long))
+    assert abs((cond["y"] == 4).float().mean().item() - 0.5) < 0.03
+    assert torch.equal(clean["y"], torch.zeros(4000, dtype=torch.long))
 
-    ctx_obj = DiffusionObjective(TinyDenoiser(), obj.diffusion, cond_key="text", cond_drop_prob=1.0, null_context=torch.zeros(3, 5))
+    ctx_obj = DiffusionObjective(TinyDenoiser(), obj.diffusion, cond_key="text", cond_drop_prob=1.0,
+                                 null_context=torch.zeros(3, 5))
     cond, _ = ctx_obj._condition({"text": torch.ones(2, 3, 5)}, 2, "cpu")
     assert torch.equal(cond["context"], torch.zeros(2, 3, 5))
     with pytest.raises(ValueError, match="num_classes.*null_context"):
@@ -155,7 +158,8 @@ def _fixed_loss(obj, data, T):
     t = torch.arange(32) % T
     noise = torch.randn(x0.shape, generator=g)
     with torch.no_grad():
-        out = obj.diffusion.training_losses(lambda x, tt, **c: obj.models["unet"](x, tt, **c), x0, t, noise, y=data.labels[:32])
+        out = obj.diffusion.training_losses(lambda x, tt, **c: obj.models["unet"](x, tt, **c), x0, t, noise,
+                                            y=data.labels[:32])
     return out["loss"].mean().item()
 
 
@@ -183,14 +187,16 @@ def test_loss_falls_logs_lr_and_writes_samples(tmp_path):
     # the EMA is saved and differs from the trained weights
     ckpt = result.checkpoint
     w, e = load_file(ckpt / "models" / "unet.safetensors"), load_file(ckpt / "ema" / "unet.safetensors")
-    assert torch.equal(w["out.weight"], obj.models["unet"].out.weight) and not torch.equal(w["out.weight"], e["out.weight"])
+    assert torch.equal(w["out.weight"], obj.models["unet"].out.weight)
+    assert not torch.equal(w["out.weight"], e["out.weight"])
     fresh = TinyDenoiser(num_classes=4, T=T)
     load_models(ckpt, {"unet": fresh}, ema=True)
     assert torch.equal(fresh.out.weight, e["out.weight"])
 
 
 def test_truncated_checkpoint_is_reported_and_previous_used(tmp_path):
-    cfg = TrainConfig(steps=4, batch_size=8, checkpoint_every=2, keep_checkpoints=0, deterministic=True, log_every=1, ema_decay=0.9)
+    cfg = TrainConfig(steps=4, batch_size=8, checkpoint_every=2, keep_checkpoints=0, deterministic=True, log_every=1,
+                      ema_decay=0.9)
     train(make_objective(T=10, dropout=0.1), ToyImages(n=24), cfg, tmp_path, progress=False)
     last = tmp_path / "checkpoints" / "step_0000004"
     good = {f: _sha(last / f) for f in ("models/unet.safetensors", "ema/unet.safetensors", "optimizers.pt")}

@@ -68,7 +68,8 @@ def main(out_dir):
     gathered = [torch.zeros(len(counts), dtype=torch.int64) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, torch.as_tensor(counts))
     if dist.get_rank() == 0:
-        assert int(gathered[0].sum()) == 2 * 8, f"history holds {int(gathered[0].sum())} losses, expected 16 (all processes)"
+        total = int(gathered[0].sum())
+        assert total == 2 * 8, f"history holds {total} losses, expected 16 (all processes)"
         assert all(torch.equal(gathered[0], c) for c in gathered), "timestep samplers differ between processes"
         print(f"ddp ok: world={dist.get_world_size()}", flush=True)
 

@@ -1,6 +1,8 @@
 """A tiny deterministic training run for the kill-and-resume test (run as a subprocess by test_train.py).
 
-    python -m helpers.train_resume_script OUT_DIR   # with tests/ on PYTHONPATH [--resume] [--kill-at-step N] [--kill-in-checkpoint N]
+    python -m helpers.train_resume_script OUT_DIR [--resume] [--kill-at-step N] [--kill-in-checkpoint N]
+
+(with tests/ on PYTHONPATH)
 
 --kill-at-step N       SIGKILL this process right after optimizer step N.
 --kill-in-checkpoint N SIGKILL it in the middle of writing the checkpoint of step N (after the first file).

@@ -179,7 +179,8 @@ class ImageFolder(Dataset):
                         if not key.is_file():
                             raise DataError(f"{where}: file_name {name!r} does not exist under {str(meta.parent)!r}")
                         raise DataError(
-                            f"{where}: file_name {name!r} is not an image this dataset reads ({', '.join(IMAGE_EXTENSIONS)})"
+                            f"{where}: file_name {name!r} is not an image this dataset reads "
+                            f"({', '.join(IMAGE_EXTENSIONS)})"
                         )
                     if key in records:
                         first = records[key]
@@ -281,7 +282,8 @@ class ImageFolder(Dataset):
             except Exception as e:  # decoding failed despite verify (e.g. a truncated JPEG): use the next image
                 if src not in self._failed:
                     self._failed.add(src)
-                    logger.warning("could not decode %s (%s: %s); using the next image", self.paths[src], type(e).__name__, e)
+                    logger.warning("could not decode %s (%s: %s); using the next image", self.paths[src],
+                                   type(e).__name__, e)
                 src = (src + 1) % n
         else:
             raise DataError(f"no image under {str(self.root)!r} could be decoded")
