@@ -62,8 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Draw images from a trained model (EMA weights by default) and write a grid PNG or one PNG per image.")
     s.add_argument("model", help="run folder (newest checkpoint) or model folder (from `latentdiff export`)")
     s.add_argument("--num", type=int, default=None, help="number of images (default: the config's sample.num)")
+    s.add_argument("--prompt", dest="prompts", action="append", default=None, metavar="TEXT",
+                   help="text models: the caption to draw; repeat for several (cycled; with a grid, one row each); default: the config's sample.prompts")
+    s.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="text models: the caption the guidance steers away from (the unconditional branch; default: \"\")")
     s.add_argument("--class", dest="labels", type=int, action="append", default=None, metavar="K",
                    help="class id to draw; repeat for several (cycled); default: the config's sample.labels, else every class in turn")
+    s.add_argument("--size", type=_size, default=None, metavar="HxW",
+                   help="image size in pixels (default: the training size); larger is sampled convolutionally")
     s.add_argument("--sampler", default=None, help="sampler name: ddpm, ddim, plms, langevin, dpmpp_2m, dpmpp_3m, dpmpp_2m_sde, unipc, euler, euler_ancestral, heun (default: the config's)")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
     s.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale s, 1 = none (default: the config's)")
@@ -97,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default="reconstructions.png", help="the PNG file to write")
     _add_eval_parser(sub)
     _add_oracle_parser(sub)
+    i = sub.add_parser("info", help="print the generation parameters stored in a PNG that `sample` wrote",
+                       formatter_class=_fmt())
+    i.add_argument("image", help="a PNG written by `latentdiff sample`")
     return p
 
 
@@ -165,37 +174,91 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _size(text: str) -> tuple[int, int]:
+    """``HxW`` (or one number for a square) -> (H, W)."""
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(v) for v in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected HxW in pixels (e.g. 64x96), got {text!r}")
+    return size
+
+
 def cmd_sample(args) -> int:
     t0 = time.perf_counter()
     from .pipeline import load
-    from .train.logging import save_grid
 
     pipe = load(args.model, ema=not args.no_ema)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    s = pipe.sample_options(num=args.num, labels=args.labels, sampler=args.sampler, steps=args.steps,
-                            guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch_size)
-    images = pipe.sample(s.num, labels=s.labels, sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta,
-                         seed=s.seed, batch_size=s.batch_size, output="tensor", progress=not args.quiet)
-    out = Path(args.out)
-    if out.suffix.lower() == ".png":
-        labels = s.labels or (list(range(pipe.num_classes)) if pipe.num_classes else None)
-        nrow = args.nrow or (len(labels) if labels else max(1, round(len(images) ** 0.5)))
-        save_grid(images, out, nrow=nrow)
-        print(f"wrote a grid of {len(images)} images to {out}")
-    else:
-        from .pipeline import to_pil
-
-        out.mkdir(parents=True, exist_ok=True)
-        for i, im in enumerate(to_pil(images)):
-            _save_png_atomic(im, out / f"{i:05d}_seed{s.seed + i}.png")
-        print(f"wrote {len(images)} images to {out}/")
+    s = pipe.sample_options(num=args.num, prompts=args.prompts, negative_prompt=args.negative_prompt,
+                            labels=args.labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
+                            eta=args.eta, seed=args.seed, batch_size=args.batch_size, size=args.size)
+    images = pipe.sample(s.num, prompts=s.prompts, negative_prompt=s.negative_prompt, labels=s.labels,
+                         sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, seed=s.seed,
+                         batch_size=s.batch_size, size=s.size, output="tensor", progress=not args.quiet)
+    _write_samples(images, Path(args.out), pipe, s, args)
     return 0
 
 
-def _save_png_atomic(image, path: Path) -> None:
-    from .fileio import atomic_write
+def _generation_params(pipe, s, args, i: int | None = None) -> dict:
+    """What made image ``i`` (or a grid, when None): written into its PNG and printed by `latentdiff info`."""
+    params = {"model": str(Path(args.model).resolve())}
+    if s.prompts is not None:
+        params["prompt"] = s.prompts[i % len(s.prompts)] if i is not None else s.prompts
+        params["negative_prompt"] = s.negative_prompt or ""
+    if pipe.conditioning == "class":
+        labels = s.labels or list(range(pipe.num_classes))
+        params["class"] = labels[i % len(labels)] if i is not None else labels
+    params.update(seed=s.seed + i if i is not None else s.seed, sampler=s.sampler, steps=s.steps,
+                  guidance=s.guidance, eta=s.eta, spacing=s.spacing, num=s.num)
+    if s.size is not None:
+        params["size"] = list(s.size)
+    return params
 
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+def _write_samples(images, out: Path, pipe, s, args) -> None:
+    """One grid PNG (``out`` ends in .png; rows = prompts or classes) or one PNG per image in folder ``out``,
+    each carrying its generation parameters in PNG text chunks."""
+    from .pipeline import to_pil
+    from .pngmeta import save_png
+
+    if out.suffix.lower() == ".png":
+        from PIL import Image
+
+        from .train.logging import make_grid
+
+        rows = s.prompts or s.labels or (list(range(pipe.num_classes)) if pipe.num_classes else None)
+        nrow = args.nrow or (max(1, len(images) // len(rows)) if s.prompts else None)
+        nrow = nrow or (len(rows) if rows else max(1, round(len(images) ** 0.5)))
+        if s.prompts and len(s.prompts) > 1 and not args.nrow:
+            # Image i has prompt i mod P: reorder so that each grid row holds one prompt.
+            order = sorted(range(len(images)), key=lambda i: (i % len(s.prompts), i))
+            images = images[order]
+        out.parent.mkdir(parents=True, exist_ok=True)
+        grid = make_grid(images, nrow=nrow)
+        grid = grid[..., 0] if grid.shape[-1] == 1 else grid
+        save_png(Image.fromarray(grid), out, _generation_params(pipe, s, args))
+        print(f"wrote a grid of {len(images)} images to {out}")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for i, im in enumerate(to_pil(images)):
+        save_png(im, out / f"{i:05d}_seed{s.seed + i}.png", _generation_params(pipe, s, args, i))
+    print(f"wrote {len(images)} images to {out}/")
+
+
+def cmd_info(args) -> int:
+    from .pngmeta import format_params, read_png_params
+
+    try:
+        params = read_png_params(args.image)
+    except (ValueError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+    print(format_params(params))
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -421,7 +484,7 @@ def cmd_recipes(args) -> int:
 
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "reconstruct": cmd_reconstruct, "eval": cmd_eval,
-            "oracle": cmd_oracle, "recipes": cmd_recipes}
+            "oracle": cmd_oracle, "info": cmd_info, "recipes": cmd_recipes}
 
 
 def main(argv=None) -> int:

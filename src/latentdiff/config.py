@@ -150,7 +150,11 @@ class SampleSection:
     batch_size: int = bounded(16, lo=1)                         # images per forward pass
     seed: int = 0                                               # sample i uses seed + i
     labels: list[int] | None = None                             # class ids to draw, cycled; None = all classes in turn
-    prompt: str | None = None                                   # caption for text-conditioned models
+    prompt: str | None = None                                   # caption for text-conditioned models (when none is given)
+    prompts: list[str] | None = None                            # text models: captions drawn, cycled; null = [prompt]
+    negative_prompt: str | None = None                          # text models: the unconditional branch's prompt; null = ""
+    size: tuple[int, int] | None = None                         # (H, W) of the images in pixels; null = the training
+                                                                # size; larger is sampled convolutionally (LDM sec. 4.3.2)
 
 
 @dataclass
@@ -160,6 +164,31 @@ class LatentSection:
                                                                 # model folder) to that folder
     scale: float | None = bounded(None, lo=0.0, lo_open=True)   # latent scale factor; null = the one saved with the autoencoder
     sample_posterior: bool = True                               # KL first stages: train on posterior samples (LDM) or means
+    cache: bool = True                                          # encode the data once with the frozen first stage and train
+                                                                # on the stored latents (data/latent_cache.py)
+    cache_pool: int | None = bounded(20_000, lo=1)              # items cached of an endless procedural dataset (shapes);
+                                                                # null = the whole dataset
+
+
+@dataclass
+class ConditioningSection:
+    """The conditioner τ_θ of LDM (section 3.3): what the U-Net is conditioned on and how it enters."""
+    kind: Literal["text", "class"] = "text"                     # a caption (text encoder) or a class id (class embedder)
+    mode: Literal["crossattn", "adm"] = "crossattn"             # crossattn: context for the spatial transformers (text,
+                                                                # class); adm: a class embedding added to the time embedding
+    key: str | None = None                                      # data field of the condition; null = caption / label
+    context_length: int | None = bounded(None, lo=2)            # text: tokens incl. the end token; null = the longest
+                                                                # caption of the vocabulary pool
+    min_count: int = bounded(1, lo=1)                           # text: words seen fewer times map to the unknown token
+    vocab_pool: int = bounded(20_000, lo=1)                     # text: captions read to build the vocabulary
+    text: dict[str, Any] = field(default_factory=dict)          # TextEncoderConfig fields: width, depth, heads, mlp_ratio,
+                                                                # dropout (vocab_size, context_length from the tokenizer)
+    num_classes: int | None = bounded(None, lo=1)               # class: classes (+ 1 null class for guidance)
+    class_dim: int | None = bounded(None, lo=1)                 # class + crossattn: width of the class token
+
+    @property
+    def data_key(self) -> str:
+        return self.key or ("caption" if self.kind == "text" else "label")
 
 
 @dataclass
@@ -170,6 +199,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleSection = field(default_factory=SampleSection)
     latent: LatentSection = field(default_factory=LatentSection)  # latent diffusion: the first stage to diffuse in
+    conditioning: ConditioningSection | None = None              # τ_θ(y); null = the U-Net's own class labels or none
 
 
 @dataclass

@@ -30,6 +30,9 @@ from .errors import CheckpointError, MissingFileError
 
 CONFIG_FILE = "config.yaml"                 # the resolved config of a run or (diffusion) model folder
 WEIGHTS_FILE = "model.safetensors"          # the network of a model folder (diffusion or autoencoder)
+CONDITIONER_FILE = "conditioner.safetensors"  # the conditioner τ_θ of a diffusion model folder (text, class)
+TOKENIZER_FILE = "tokenizer.json"           # the text conditioner's vocabulary (run and model folders)
+MODEL_FILES = {"unet": WEIGHTS_FILE, "cond": CONDITIONER_FILE}  # network name in checkpoints -> model-folder file
 AE_CONFIG_FILE = "config.json"              # an autoencoder model folder's config and latent scale
 AE_FORMAT = "latentdiff-autoencoder"        # its "format" field
 FIRST_STAGE_DIR = "first_stage"             # the autoencoder's copy inside a latent run or model folder
@@ -245,8 +248,13 @@ def checkpoint_weights(run, name: str, *, ema: bool = True) -> Path:
 def model_weights(folder, name: str, *, ema: bool = True) -> Path:
     """The weights of network ``name`` in a model folder (its model.safetensors) or a run folder (the newest
     complete checkpoint, see :func:`checkpoint_weights`)."""
-    f = Path(folder) / WEIGHTS_FILE
-    return f if f.is_file() else checkpoint_weights(folder, name, ema=ema)
+    folder = Path(folder)
+    if not (folder / WEIGHTS_FILE).is_file():
+        return checkpoint_weights(folder, name, ema=ema)
+    f = folder / MODEL_FILES.get(name, WEIGHTS_FILE)
+    if not f.is_file():
+        raise MissingFileError(f"model folder {folder} has no {f.name} (the weights of its {name!r} network)")
+    return f
 
 
 def load_model_weights(model, path) -> None:

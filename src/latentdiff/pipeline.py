@@ -1,11 +1,14 @@
-"""A trained model as one object: the denoising network, its Gaussian diffusion and the config they came from.
+"""A trained model as one object: first stage + conditioner + denoising network + Gaussian diffusion.
 
     pipe = latentdiff.load("runs/digits")          # a run folder (EMA weights of its newest checkpoint) or a model folder
     images = pipe.sample(num=10, labels=range(10), guidance=2.0, seed=0)   # list of PIL images
+    images = latentdiff.load("runs/txt2img").sample(prompts=["a red circle at the top left"], guidance=3, seed=0)
 
-A model folder holds ``config.yaml`` (the resolved config) and ``model.safetensors`` (the network's weights);
-`latentdiff export` writes one from a run. Latent diffusion composes an autoencoder into the same object
-(``encode``/``decode``); pixel diffusion is the case without one.
+A model folder holds ``config.yaml`` (the resolved config) and ``model.safetensors`` (the U-Net's weights); a
+conditioned model adds ``conditioner.safetensors`` (τ_θ) and, for text, ``tokenizer.json``; a latent model its
+first stage in ``first_stage/``. `latentdiff export` writes one from a run. Latent diffusion composes an
+autoencoder into the same object (``encode``/``decode``); pixel diffusion is the case without one. Conditioning
+composes a conditioner (LDM's τ_θ, ``latentdiff.nn.conditioners``): ε_θ(z_t, t, τ_θ(y)).
 """
 
 from __future__ import annotations
@@ -24,8 +27,10 @@ from .first_stage import load_first_stage
 from .folders import (  # noqa: F401  (CONFIG_FILE, WEIGHTS_FILE, FIRST_STAGE_DIR, resolve_first_stage: re-exported)
     AUTOENCODER,
     AUTOENCODER_RUN,
+    CONDITIONER_FILE,
     CONFIG_FILE,
     FIRST_STAGE_DIR,
+    TOKENIZER_FILE,
     WEIGHTS_FILE,
     folder_kind,
     load_model_weights,
@@ -33,6 +38,8 @@ from .folders import (  # noqa: F401  (CONFIG_FILE, WEIGHTS_FILE, FIRST_STAGE_DI
     resolve_first_stage,
 )
 from .nn.autoencoder import save_autoencoder
+from .nn.conditioners import Conditioner, build_conditioner
+from .nn.tokenizer import WordTokenizer
 from .nn.unet import PRESETS, UNet, UNetConfig
 from .schedules import make_betas, rescale_zero_terminal_snr
 
@@ -48,16 +55,44 @@ def build_diffusion(section) -> GaussianDiffusion:
     )
 
 
-def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int) -> UNetConfig:
+def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int, conditioner: Conditioner | None = None
+                ) -> UNetConfig:
     """The UNetConfig of ``config.model`` (a preset plus field overrides), with the channels the data and the
-    diffusion need (out_channels doubles for a learned variance)."""
+    diffusion need (out_channels doubles for a learned variance) and the inputs the conditioner feeds."""
     model = dict(config.model)
     preset = model.pop("preset", None)
     if preset is not None and preset not in PRESETS:
         raise ConfigError(f"model.preset: unknown U-Net preset {preset!r}; known: {', '.join(PRESETS)}")
     model.setdefault("in_channels", channels)
     model.setdefault("out_channels", diffusion.output_channels(channels))
+    if conditioner is not None:
+        for key, value in conditioner.unet_kwargs().items():
+            if key in model and model[key] != value and (value or model[key]):
+                raise ConfigError(f"model.{key} is {model[key]!r} but the conditioning section gives the U-Net "
+                                  f"{key}={value!r}; remove model.{key}")
+            model[key] = value
     return update(PRESETS[preset] if preset else UNetConfig(), model, where="config", prefix="model.")
+
+
+def conditioner_config(section, tokenizer: WordTokenizer | None) -> dict:
+    """The conditioner config (nn.conditioners.ConditionerConfig fields) of a ``conditioning`` section."""
+    if section.kind == "text":
+        if section.mode != "crossattn":
+            raise ConfigError("conditioning: a text condition enters by cross-attention; set conditioning.mode=crossattn")
+        if tokenizer is None:
+            raise ConfigError(f"conditioning.kind is text but there is no tokenizer ({TOKENIZER_FILE}): it is built "
+                              "from the training captions when a run starts")
+        return {"mode": "crossattn", "kind": "text", "text": dict(section.text)}
+    if section.num_classes is None:
+        raise ConfigError("conditioning.kind is class: set conditioning.num_classes")
+    if section.text:
+        raise ConfigError("conditioning.text is for text conditions; remove it for kind class")
+    cfg = {"mode": section.mode, "kind": "class", "num_classes": section.num_classes}
+    if section.mode == "crossattn":
+        cfg["class_dim"] = section.class_dim or 64
+    elif section.class_dim is not None:
+        raise ConfigError("conditioning.class_dim is for mode crossattn (mode adm uses the U-Net's label embedding)")
+    return cfg
 
 
 class Pipeline:
@@ -65,8 +100,10 @@ class Pipeline:
     latent scale: ``encode`` maps images to scaled latents z = s·ℰ(x), ``decode`` maps them back, 𝒟(z/s), and
     ``sample`` draws latents and decodes them. ``sample`` takes the same options as ``latentdiff sample``."""
 
-    def __init__(self, unet: UNet, diffusion: GaussianDiffusion, config: Config, autoencoder=None):
+    def __init__(self, unet: UNet, diffusion: GaussianDiffusion, config: Config, autoencoder=None,
+                 conditioner: Conditioner | None = None):
         self.unet, self.diffusion, self.config = unet.eval(), diffusion, config
+        self.conditioner = None if conditioner is None else conditioner.eval()
         if config.data.channels is None or config.data.size is None:
             raise ConfigError("pipeline config needs data.channels and data.size (a resolved config)")
         self.autoencoder = None if autoencoder is None else autoencoder.eval().requires_grad_(False)
@@ -81,20 +118,43 @@ class Pipeline:
     # Construction and files
 
     @classmethod
-    def from_config(cls, config: Config, *, base_dir=None) -> "Pipeline":
+    def from_config(cls, config: Config, *, base_dir=None, tokenizer: WordTokenizer | None = None) -> "Pipeline":
         """Fresh (untrained) networks for a resolved config; the first stage (if any) is loaded from its folder,
-        resolved against ``base_dir`` (see :func:`resolve_first_stage`)."""
+        resolved against ``base_dir`` (see :func:`resolve_first_stage`); a text conditioner takes ``tokenizer``."""
         diffusion = _built("diffusion", build_diffusion, config.diffusion)
         autoencoder, channels = None, config.data.channels
         if config.latent.first_stage is not None:
             autoencoder = load_latent_first_stage(config, base_dir)
             channels = autoencoder.config.embed_dim
-        unet = UNet(unet_config(config, diffusion, channels))
-        return cls(unet, diffusion, config, autoencoder)
+        conditioner = None
+        if config.conditioning is not None:
+            spec = conditioner_config(config.conditioning, tokenizer)
+            conditioner = _built("conditioning", build_conditioner, spec, tokenizer)
+        unet = UNet(unet_config(config, diffusion, channels, conditioner))
+        return cls(unet, diffusion, config, autoencoder, conditioner)
 
     @property
     def num_classes(self) -> int | None:
+        """Classes of a class-conditional model (the U-Net's label embedding or a class conditioner), else None."""
+        if self.conditioner is not None and self.conditioner.kind == "class":
+            return self.conditioner.config.num_classes
         return self.unet.config.num_classes
+
+    @property
+    def takes_prompts(self) -> bool:
+        """Whether the model is conditioned on text (``prompts=``)."""
+        return self.conditioner is not None and self.conditioner.kind == "text"
+
+    @property
+    def conditioning(self) -> str | None:
+        """"text", "class" or None (unconditional): what ``sample`` takes."""
+        return "text" if self.takes_prompts else ("class" if self.num_classes is not None else None)
+
+    @property
+    def downsampling_factor(self) -> int:
+        """Image sides must be multiples of this: the first stage's f times the U-Net's own downsampling."""
+        f = self.autoencoder.f if self.autoencoder is not None else 1
+        return f * self.unet.config.downsampling_factor
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -113,9 +173,9 @@ class Pipeline:
         return next(self.unet.parameters()).device
 
     def to(self, device) -> "Pipeline":
-        self.unet.to(device)
-        if self.autoencoder is not None:
-            self.autoencoder.to(device)
+        for net in (self.unet, self.autoencoder, self.conditioner):
+            if net is not None:
+                net.to(device)
         return self
 
     @torch.no_grad()
@@ -151,6 +211,10 @@ class Pipeline:
             save_autoencoder(self.autoencoder, str(path / FIRST_STAGE_DIR), latent_scale=self.latent_scale)
             config = dataclasses.replace(config, latent=dataclasses.replace(config.latent, first_stage=FIRST_STAGE_DIR))
         atomic_write(path / WEIGHTS_FILE, lambda tmp: save_model(self.unet, tmp))
+        if self.conditioner is not None:
+            if self.conditioner.tokenizer is not None:
+                self.conditioner.tokenizer.save(path / TOKENIZER_FILE)
+            atomic_write(path / CONDITIONER_FILE, lambda tmp: save_model(self.conditioner, tmp))
         dump_config(config, path / CONFIG_FILE)
         return path
 
@@ -168,16 +232,19 @@ class Pipeline:
                                   "latentdiff.first_stage.load_first_stage loads it")
         if kind is None:
             raise MissingFileError(f"{path} is not a latentdiff run or model folder: no {CONFIG_FILE} in it")
-        pipe = cls.from_config(load_config(path / CONFIG_FILE), base_dir=path)
+        config = load_config(path / CONFIG_FILE)
+        pipe = cls.from_config(config, base_dir=path, tokenizer=load_tokenizer(path, config))
         load_model_weights(pipe.unet, model_weights(path, "unet", ema=ema))
+        if pipe.conditioner is not None:
+            load_model_weights(pipe.conditioner, model_weights(path, "cond", ema=ema))
         if device is not None:
             pipe.to(device)
         return pipe.eval()
 
     def eval(self) -> "Pipeline":
-        self.unet.eval()
-        if self.autoencoder is not None:
-            self.autoencoder.eval()
+        for net in (self.unet, self.autoencoder, self.conditioner):
+            if net is not None:
+                net.eval()
         return self
 
     # ---------------------------------------------------------------------------------------------------
@@ -194,6 +261,22 @@ class Pipeline:
         labels = labels or list(range(self.num_classes))
         return torch.tensor([labels[i % len(labels)] for i in range(num)], dtype=torch.long)
 
+    def _conditions(self, s: SampleSection, y: torch.Tensor | None, start: int, n: int) -> tuple[dict, dict | None]:
+        """U-Net keyword arguments of samples start .. start+n-1, conditional and unconditional (for guidance):
+        τ_θ of their prompts and of the negative prompt (text), their class and the null class (class)."""
+        if self.takes_prompts:
+            prompts = [s.prompts[(start + i) % len(s.prompts)] for i in range(n)]
+            cond = self.conditioner({"prompt": prompts})
+            uncond = self.conditioner({"prompt": [s.negative_prompt or ""] * n}) if s.guidance != 1.0 else None
+            return cond, uncond
+        if y is None:
+            return {}, None
+        label = y[start : start + n].to(self.device)
+        if self.conditioner is not None:
+            batch = {"label": label}
+            return self.conditioner(batch), self.conditioner(self.conditioner.null_like(batch))
+        return {"y": label}, {"y": torch.full((n,), self.num_classes, dtype=torch.long, device=self.device)}
+
     def _warn_ill_conditioned_start(self, opts: dict) -> None:
         if self.autoencoder is None:  # pixel models have clip_x0 for this
             return
@@ -204,17 +287,30 @@ class Pipeline:
                           "spacing='leading', a schedule with a larger alpha_bar_T (scaled_linear), or v-prediction",
                           stacklevel=3)
 
+    def sample_shape_at(self, size: tuple[int, int] | None) -> tuple[int, int, int]:
+        """The shape the diffusion runs in for images of ``size`` = (H, W) pixels (None: the training size). A
+        larger size is sampled convolutionally: the U-Net is applied to a larger latent (LDM sec. 4.3.2)."""
+        if size is None:
+            return self.sample_shape
+        h, w = size
+        if self.autoencoder is not None:
+            return self.autoencoder.latent_shape(h, w)
+        return (self.config.data.channels, h, w)
+
     @torch.no_grad()
     def sample(
         self,
         num: int | None = None,
         *,
+        prompts=None,               # text models: caption(s), cycled over the samples; None = the config's
+        negative_prompt: str | None = None,  # text models: the unconditional branch's prompt (None: the config's, "")
         labels=None,                # class id(s), cycled over the samples; None = the config's, else every class in turn
         sampler: str | None = None,  # a name of latentdiff.samplers.SAMPLERS; None = the config's
         steps: int | None = None,   # network evaluations grid; None = the config's
         guidance: float | None = None,  # classifier-free guidance scale s (1 = none); None = the config's
         seed: int | None = None,    # sample i uses seed + i whatever the batch; None = the config's
         batch_size: int | None = None,
+        size=None,                  # (H, W) in pixels; None = the training size; larger is sampled convolutionally
         output: str = "pil",        # "pil" (list of images) or "tensor" ((N, C, H, W) in [-1, 1])
         progress: bool = False,
         model_fn=None,              # the network call; None = self.model_fn (pass a wrapper of it to count calls)
@@ -225,31 +321,29 @@ class Pipeline:
         if output not in ("pil", "tensor"):
             raise RequestError(f"output must be 'pil' or 'tensor', got {output!r}")
         routed = ("eta", "spacing", "offset", "karras", "clip_x0", "guidance_rescale")  # sample-section options
-        s = self.sample_options(num=num, labels=labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed,
-                                batch_size=batch_size, **{k: v for k, v in options.items() if k in routed})
-        num, sampler, steps, guidance, seed, batch_size = s.num, s.sampler, s.steps, s.guidance, s.seed, s.batch_size
+        s = self.sample_options(num=num, prompts=prompts, negative_prompt=negative_prompt, labels=labels,
+                                sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
+                                size=size, **{k: v for k, v in options.items() if k in routed})
         opts = {k: getattr(s, k) for k in routed}
         opts.update({k: v for k, v in options.items() if k not in routed})
         self._warn_ill_conditioned_start(opts)
-        y = self._labels(s.labels, num)
+        y = None if self.takes_prompts else self._labels(s.labels, s.num)
         model_fn = self.model_fn if model_fn is None else model_fn
+        shape = self.sample_shape_at(s.size)
         out = []
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=num * steps, desc=f"{sampler} x{steps}", unit="step", leave=False)
-        for start in range(0, num, batch_size):
-            n = min(batch_size, num - start)
-            noise = torch.empty(n, *self.sample_shape, device=self.device)
-            cond, uncond = {}, None
-            if y is not None:
-                cond["y"] = y[start : start + n].to(self.device)
-                uncond = {"y": torch.full((n,), self.num_classes, dtype=torch.long, device=self.device)}
+            bar = tqdm(total=s.num * s.steps, desc=f"{s.sampler} x{s.steps}", unit="step", leave=False)
+        for start in range(0, s.num, s.batch_size):
+            n = min(s.batch_size, s.num - start)
+            noise = torch.empty(n, *shape, device=self.device)
+            cond, uncond = self._conditions(s, y, start, n)
             cb = (lambda i, t, x, x0: bar.update(n)) if bar is not None else None
             x = run_sampler(
-                model_fn, noise, diffusion=self.diffusion, sampler=sampler, steps=steps,
-                seed=[seed + start + i for i in range(n)], guidance_scale=guidance, uncond=uncond, callback=cb,
+                model_fn, noise, diffusion=self.diffusion, sampler=s.sampler, steps=s.steps,
+                seed=[s.seed + start + i for i in range(n)], guidance_scale=s.guidance, uncond=uncond, callback=cb,
                 **opts, **cond,
             )
             if self.autoencoder is not None:
@@ -263,35 +357,74 @@ class Pipeline:
     def sample_options(self, **given) -> SampleSection:
         """The config's sample section with the ``given`` values in place (None keeps the config's), checked in
         this one place for every caller (``sample``, ``latentdiff sample``, ``latentdiff eval``): types and
-        ranges as in a config file, a known sampler, at most the T steps of training, and class labels and
-        guidance only for a class-conditional model, the labels in 0..K-1. Raises ConfigError naming the option.
+        ranges as in a config file, a known sampler, at most the T steps of training, class labels only for a
+        class-conditional model (in 0..K-1), prompts only for a text model (each within the context length),
+        guidance only for a conditional one, a size the downsampling divides. Raises ConfigError or RequestError
+        naming the option.
 
         ``labels`` may be one id or any iterable of ids (list, range, array); they come back as a list of ints.
+        ``prompts`` may be one string or a list of strings; they come back as a list.
         """
         from .samplers import SAMPLERS
 
-        labels = given.pop("labels", None)
+        labels, prompts = given.pop("labels", None), given.pop("prompts", None)
         # None keeps the config's value; numpy and torch scalars become Python numbers.
         given = {k: (v.item() if hasattr(v, "item") else v) for k, v in given.items() if v is not None}
         if labels is not None:
             given["labels"] = [int(v) for v in (labels if hasattr(labels, "__iter__") else [labels])]
+        if prompts is not None:
+            given["prompts"] = [prompts] if isinstance(prompts, str) else list(prompts)
+        if "size" in given:
+            size = given["size"]
+            given["size"] = [size, size] if isinstance(size, int) else list(size)
         s = update(self.config.sample, given, where="sample options")
         if s.sampler not in SAMPLERS:
             raise ConfigError(f"unknown sampler {s.sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
         if s.steps > self.diffusion.num_steps:
             raise ConfigError(f"steps {s.steps} exceeds the model's {self.diffusion.num_steps} training steps")
-        if self.num_classes is None:
-            if s.labels is not None:
-                raise ConfigError("this model is unconditional: it takes no class labels")
-            if s.guidance != 1.0:
-                raise ConfigError("guidance needs a class-conditional model (this one is unconditional)")
-        elif s.labels is not None:
+        s = self._check_conditions(s)
+        self._check_size(s.size)
+        return s
+
+    def _check_conditions(self, s: SampleSection) -> SampleSection:
+        kind = self.conditioning
+        if kind != "text" and (s.prompts is not None or s.negative_prompt is not None):
+            what = "class-conditional (give class labels)" if kind == "class" else "unconditional"
+            raise ConfigError(f"this model is {what}: it takes no prompts")
+        if kind != "class" and s.labels is not None:
+            what = "text-conditioned (give prompts)" if kind == "text" else "unconditional"
+            raise ConfigError(f"this model is {what}: it takes no class labels")
+        if kind is None and s.guidance != 1.0:
+            raise ConfigError("guidance needs a class-conditional model or a text-conditioned one (this one is unconditional)")
+        if kind == "class" and s.labels is not None:
             if not s.labels:
                 raise ConfigError("labels is empty")
             bad = [v for v in s.labels if not 0 <= v < self.num_classes]
             if bad:
                 raise ConfigError(f"class label(s) {bad} out of range 0..{self.num_classes - 1}")
+        if kind == "text":
+            prompts = s.prompts if s.prompts is not None else ([s.prompt] if s.prompt is not None else None)
+            if prompts is None:
+                raise ConfigError("this model is text-conditioned: give prompts (--prompt)")
+            if not prompts:
+                raise ConfigError("the prompt list is empty")
+            try:
+                self.conditioner.tokenizer.encode(prompts + [s.negative_prompt or ""])
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            s = dataclasses.replace(s, prompts=prompts)
         return s
+
+    def _check_size(self, size) -> None:
+        if size is None:
+            return
+        f = self.downsampling_factor
+        if len(size) != 2 or any(v < 1 for v in size):
+            raise RequestError(f"size must be (height, width) in pixels, got {size}")
+        if any(v % f for v in size):
+            raise RequestError(f"size {size[0]}x{size[1]} is not divisible by {f}, the model's downsampling "
+                               f"(first stage f={self.downsampling_factor // self.unet.config.downsampling_factor} "
+                               f"x U-Net {self.unet.config.downsampling_factor}); use multiples of {f}")
 
 
 def _built(section: str, build, *args):
@@ -330,6 +463,19 @@ def load_latent_first_stage(config: Config, base_dir=None):
     if config.sample.clip_x0:
         raise ConfigError("sample.clip_x0 clamps x̂_0 to [-1, 1], which is for pixels, not latents; set sample.clip_x0=false")
     return autoencoder
+
+
+def load_tokenizer(folder, config: Config) -> WordTokenizer | None:
+    """The tokenizer saved in a run or model folder of a text-conditioned model (None for other models)."""
+    if config.conditioning is None or config.conditioning.kind != "text":
+        return None
+    f = Path(folder) / TOKENIZER_FILE
+    if not f.is_file():
+        raise MissingFileError(f"{folder} is a text-conditioned model but has no {TOKENIZER_FILE}")
+    try:
+        return WordTokenizer.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{f}: {e}") from None
 
 
 def to_pil(images: torch.Tensor) -> list:

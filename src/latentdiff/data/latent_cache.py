@@ -188,6 +188,31 @@ class LatentDataset(Dataset):
         return item
 
 
+class LatentMoments(Dataset):
+    """The cached posterior moments as a dataset: item i -> ``{"latent_mean", "latent_std" (sample mode), **fields}``.
+
+    For training: the objective draws z = μ + σ·ε itself, from the global RNG that checkpoints save, so a resumed
+    run repeats the draws exactly (``train.objective.DiffusionObjective`` with ``latent_scale``).
+    """
+
+    def __init__(self, cache: LatentDataset):
+        self.cache = cache
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def __getitem__(self, index: int) -> dict:
+        c, index = self.cache, int(index)
+        item = {"latent_mean": c.mean[index]}
+        if c.std is not None:
+            item["latent_std"] = c.std[index]
+        for name, t in c.tensor_fields.items():
+            item[name] = t[index]
+        for name, values in c.json_fields.items():
+            item[name] = values[index]
+        return item
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Building
 

@@ -269,6 +269,10 @@ class ShapesDataset(Dataset):
             raise IndexError(f"shapes: index {index} out of range for length {self.length}")
         return scene_at(self.seed, index, self.split, self.config)
 
+    def caption(self, index: int) -> str:
+        """The caption of item ``index`` without rendering it."""
+        return caption(self.scene(index), with_background=len(self.config.backgrounds) > 1)
+
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         scene = self.scene(index)

@@ -60,6 +60,13 @@ class DiffusionObjective:
         concat_key: batch key of a (B, C', H, W) tensor concatenated to x_t (never dropped), or None.
         latent_encoder: optional frozen callable image -> latent (LDM); diffusion then runs on its output.
         latent_decoder: optional callable latent -> image, used only for sample grids.
+        conditioner: optional τ_θ (``nn.conditioners.Conditioner``) trained jointly with the U-Net (LDM sec. 3.3):
+            ``batch[cond_key]`` (captions, list[str], or class ids) goes through it, dropped to its null condition
+            (the empty prompt, the null class) with ``cond_drop_prob``; it is optimized and averaged (EMA) with
+            the U-Net, as network "cond".
+        latent_scale: s of cached latents: a batch with ``latent_mean`` (and ``latent_std``: a KL posterior) holds
+            unscaled ℰ(x) from ``data.latent_cache``; the diffusion runs on z = s·(mean + std·ε) and the encoder
+            is never called.
         sample_sampler, sample_steps: sampler and steps of :meth:`sample_images`.
     """
 
@@ -78,18 +85,26 @@ class DiffusionObjective:
         latent_decoder: Callable | None = None,
         sample_sampler: str = "ddim",
         sample_steps: int = 50,
+        conditioner: nn.Module | None = None,
+        latent_scale: float | None = None,
     ):
         if not 0.0 <= cond_drop_prob <= 1.0:
             raise ValueError(f"cond_drop_prob must be in [0, 1], got {cond_drop_prob}")
         if cond_drop_prob > 0 and cond_key is None:
             raise ValueError("cond_drop_prob > 0 needs a cond_key: there is no condition to drop")
-        if cond_drop_prob > 0 and num_classes is None and null_context is None:
+        if cond_drop_prob > 0 and num_classes is None and null_context is None and conditioner is None:
             raise ValueError("cond_drop_prob > 0 needs num_classes (labels, null class = num_classes) or null_context (contexts)")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.models = {"unet": model}
         self.optimizers = {"model": ["unet"]}
         self.ema = ["unet"]
+        self.conditioner = conditioner  # the raw module: drop() and null_like() need no parameters
+        if conditioner is not None:
+            self.models["cond"] = conditioner
+            self.optimizers = {"model": ["unet", "cond"]}
+            self.ema = ["unet", "cond"]
+        self.latent_scale = latent_scale
         self.diffusion = diffusion
         self.cond_key, self.num_classes, self.cond_drop_prob = cond_key, num_classes, float(cond_drop_prob)
         self.null_context = None if null_context is None else torch.as_tensor(null_context)
@@ -102,6 +117,20 @@ class DiffusionObjective:
         self._sample_cond: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------------------
+
+    def _diffused(self, batch: dict) -> torch.Tensor:
+        """x_0 of the diffusion: s·z from cached latents (a fresh KL posterior sample, from the global RNG that
+        checkpoints save), else the encoded images (the images themselves in pixel space)."""
+        if "latent_mean" in batch:
+            if self.latent_scale is None:
+                raise ValueError("a batch of cached latents needs latent_scale")
+            z = batch["latent_mean"]
+            if "latent_std" in batch:
+                z = z + batch["latent_std"] * torch.randn_like(z)
+            return z * self.latent_scale
+        if self.image_key not in batch:
+            raise ValueError(f"batch has no {self.image_key!r} (image_key); keys: {', '.join(batch)}")
+        return self._encode(batch[self.image_key])
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         enc = self.latent_encoder
@@ -119,6 +148,8 @@ class DiffusionObjective:
             if self.cond_key not in batch:
                 raise ValueError(f"batch has no {self.cond_key!r} (cond_key); keys: {', '.join(batch)}")
             c = batch[self.cond_key]
+            if self.conditioner is not None:
+                return self._conditioner_kwargs(c, B, device)
             if not torch.is_tensor(c):
                 raise TypeError(f"batch[{self.cond_key!r}] must be a tensor (labels or contexts), got {type(c).__name__}")
             if c.is_floating_point():
@@ -151,15 +182,29 @@ class DiffusionObjective:
                 cond["context"] = torch.where(drop[:, None, None], null, cond["context"])
         return cond, clean
 
+    def _conditioner_kwargs(self, c, B: int, device) -> tuple[dict, dict]:
+        """U-Net kwargs from the conditioner, with conditioning dropout; the clean conditions are kept (not their
+        encodings) so that sample grids encode them with the EMA conditioner."""
+        kind = self.conditioner.kind
+        if kind == "text":
+            if isinstance(c, str) or len(c) != B:
+                raise ValueError(f"batch[{self.cond_key!r}] must be a list of {B} captions")
+            conds = {"prompt": list(c)}
+        else:
+            conds = {"label": torch.as_tensor(c, device=device).long()}
+        clean = dict(conds)
+        if self.cond_drop_prob > 0:
+            drop = torch.rand(B, device=device) < self.cond_drop_prob  # (B,) bool
+            conds = self.conditioner.drop(conds, drop)
+        return self.models["cond"](conds), {"conditions": clean}
+
     def losses(self, batch: dict, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Mean diffusion loss of a batch; the per-sample losses also update the timestep sampler."""
-        if self.image_key not in batch:
-            raise ValueError(f"batch has no {self.image_key!r} (image_key); keys: {', '.join(batch)}")
-        x0 = self._encode(batch[self.image_key])
+        x0 = self._diffused(batch)
         B = x0.shape[0]
         cond, clean = self._condition(batch, B, x0.device)
         self._sample_shape = tuple(x0.shape[1:])
-        self._sample_cond = {k: v[:64].detach() for k, v in clean.items()}
+        self._sample_cond = {k: _head(v, 64) for k, v in clean.items()}
         model = self.models["unet"]
         terms = self.diffusion.training_losses(lambda x, t, **c: model(x, t, **c), x0, **cond)
         sampler = self.diffusion.timestep_sampler
@@ -189,7 +234,9 @@ class DiffusionObjective:
         noise = torch.randn((num, *self._sample_shape), generator=generator).to(device)
         cond = {}
         for k, v in self._sample_cond.items():
-            if k == "y" and self.num_classes is not None:
+            if k == "conditions":  # captions or class ids of the last batch, encoded by the (EMA) conditioner
+                cond.update(models["cond"]({n: _cycled(c, num) for n, c in v.items()}))
+            elif k == "y" and self.num_classes is not None:
                 cond["y"] = torch.arange(num, device=device) % self.num_classes
             else:
                 idx = torch.arange(num, device=v.device) % v.shape[0]
@@ -200,3 +247,17 @@ class DiffusionObjective:
         if self.latent_decoder is not None:
             x0 = self.latent_decoder(x0)
         return x0.clamp(-1, 1)
+
+
+def _head(v, n: int):
+    """The first ``n`` entries of a tensor (detached), a list, or each value of a dict of those."""
+    if isinstance(v, dict):
+        return {k: _head(x, n) for k, x in v.items()}
+    return v[:n].detach() if torch.is_tensor(v) else list(v[:n])
+
+
+def _cycled(v, num: int):
+    """``num`` entries of a tensor or list, cycling through it."""
+    if torch.is_tensor(v):
+        return v[torch.arange(num, device=v.device) % v.shape[0]]
+    return [v[i % len(v)] for i in range(num)]

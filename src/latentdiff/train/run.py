@@ -14,11 +14,12 @@ from .. import first_stage
 from ..config import AutoencoderLossConfig, AutoencoderRunConfig, Config, ConfigError, dump_config, load_config
 from ..data import make_dataset
 from ..errors import DataError, MissingFileError, RequestError
-from ..folders import CONFIG_FILE, EXPORT_DIR, FIRST_STAGE_DIR, list_checkpoints
+from ..folders import CONFIG_FILE, EXPORT_DIR, FIRST_STAGE_DIR, TOKENIZER_FILE, list_checkpoints
 from ..nn.autoencoder import save_autoencoder
+from ..nn.tokenizer import WordTokenizer
 from ..pipeline import Pipeline
 from .autoencoder_objective import AutoencoderObjective
-from .loop import TrainResult, train
+from .loop import TrainResult, seed_everything, train
 from .objective import DiffusionObjective
 
 
@@ -45,10 +46,57 @@ def _data_for_run(config, out_dir: Path):
     return dataset, dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=str(out_dir)))
 
 
-def check_conditioning(config: Config, dataset, num_classes: int | None) -> None:
+def tokenizer_for_run(config: Config, dataset, out_dir: Path, resume) -> WordTokenizer | None:
+    """A text model's tokenizer: the run's own when it resumes, else built from the captions of the first
+    ``conditioning.vocab_pool`` training items (word level, lower-cased; see nn/tokenizer.py)."""
+    from ..data.captions import dataset_captions
+
+    c = config.conditioning
+    if c is None or c.kind != "text":
+        return None
+    saved = out_dir / TOKENIZER_FILE
+    if resume and saved.is_file():
+        return WordTokenizer.load(saved)
+    captions = dataset_captions(dataset, c.vocab_pool, key=c.data_key)
+    try:
+        tokenizer = WordTokenizer.build(captions, context_length=c.context_length, min_count=c.min_count)
+    except ValueError as e:
+        raise ConfigError(f"conditioning: {e}") from None
+    print(f"tokenizer: {tokenizer.vocab_size} tokens from {len(captions)} captions, context length "
+          f"{tokenizer.context_length}", flush=True)
+    return tokenizer
+
+
+def cached_latents(config: Config, dataset, pipe: Pipeline, fields: list[str]):
+    """The training data as cached first-stage latents (data/latent_cache.py): the frozen autoencoder encodes the
+    data once (the first ``latent.cache_pool`` items of it), later runs with the same data and autoencoder reuse
+    the cache, and training never runs the encoder."""
+    from ..config import to_dict
+    from ..data.latent_cache import LatentMoments, build_or_load_latent_cache
+    from ..eval.stats_cache import cache_root
+
+    kl_sample = config.latent.sample_posterior and pipe.autoencoder.config.regularizer == "kl"
+    identity = {"data": to_dict(config.data), "length": len(dataset)}
+    cache = build_or_load_latent_cache(dataset, pipe.autoencoder, root=cache_root() / "latents", identity=identity,
+                                       mode="sample" if kl_sample else "mean", pool=config.latent.cache_pool,
+                                       fields=fields, progress=True)
+    print(f"latent cache: {len(cache)} items in {cache.folder}", flush=True)
+    return LatentMoments(cache)
+
+
+def check_conditioning(config: Config, dataset, pipe: Pipeline) -> None:
     """Errors, before any step, for conditioning settings that the model or the data cannot honour; each
     names the config key to change."""
     name = config.data.name
+    num_classes = pipe.num_classes
+    if pipe.takes_prompts:
+        key = config.conditioning.data_key
+        if key not in dataset[0]:
+            raise ConfigError(f"conditioning.kind is text but dataset {name!r} has no {key!r} field "
+                              "(give the images captions: metadata.jsonl or .txt files)")
+        if config.sample.labels is not None:
+            raise ConfigError("sample.labels is set but the model is text-conditioned; give sample.prompts")
+        return
     if num_classes is None:
         if config.train.cond_drop_prob > 0:
             raise ConfigError(f"train.cond_drop_prob is {config.train.cond_drop_prob} but the model is unconditional "
@@ -108,22 +156,32 @@ def train_from_config(config, out_dir=None, *, resume: bool | str = False, progr
     if resume and config.latent.first_stage is not None and own_copy.is_dir():
         # A resumed latent run keeps diffusing in the latents of its own copy of the first stage.
         config = dataclasses.replace(config, latent=dataclasses.replace(config.latent, first_stage=str(own_copy)))
-    pipe = Pipeline.from_config(config)
+    tokenizer = tokenizer_for_run(config, dataset, out_dir, resume)
+    seed_everything(config.train.seed)  # the networks' initial weights depend on the seed alone
+    pipe = Pipeline.from_config(config, tokenizer=tokenizer)
     num_classes = pipe.num_classes
-    check_conditioning(config, dataset, num_classes)
+    check_conditioning(config, dataset, pipe)
     latent = pipe.autoencoder is not None
+    cond_key = None if pipe.conditioning is None else (config.conditioning.data_key if config.conditioning else "label")
     if latent:
         ae = pipe.autoencoder.config
         print(f"latent diffusion in the {ae.regularizer.upper()}-f{ae.f} first stage of {config.latent.first_stage}: "
               f"latents {'x'.join(map(str, pipe.sample_shape))}, scale {pipe.latent_scale:.4f}", flush=True)
+        if config.latent.cache:
+            dataset = cached_latents(config, dataset, pipe, [cond_key] if cond_key else [])
+    if pipe.conditioner is not None:
+        pipe.conditioner.train()
     objective = DiffusionObjective(
         pipe.unet.train(), pipe.diffusion,
-        cond_key="label" if num_classes is not None else None, num_classes=num_classes,
+        cond_key=cond_key, num_classes=num_classes if pipe.conditioner is None else None,
         cond_drop_prob=config.train.cond_drop_prob,
         sample_sampler=config.sample.sampler, sample_steps=config.sample.steps,
         latent_encoder=pipe.encode if latent else None, latent_decoder=pipe.decode if latent else None,
+        conditioner=pipe.conditioner, latent_scale=pipe.latent_scale,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if tokenizer is not None:
+        tokenizer.save(out_dir / TOKENIZER_FILE)
     if latent:  # the run carries its first stage, so that it samples and resumes wherever it is moved
         if not own_copy.is_dir():
             save_autoencoder(pipe.autoencoder, str(own_copy), latent_scale=pipe.latent_scale)
