@@ -1,10 +1,11 @@
 # Two commands: `make demo` and `make test`. Both create .venv when it is missing and reuse it after.
+# `make lint` runs ruff (rules in pyproject.toml; installed with the test extra); CI runs it before the tests.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test install clean bench
+.PHONY: demo test lint install clean bench
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
 demo: $(STAMP)
 	$(PY) -m latentdiff.demo
 
@@ -26,4 +30,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/unet_throughput.py
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

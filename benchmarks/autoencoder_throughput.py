@@ -41,6 +41,28 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def rates(ae, x, repeats: int) -> tuple[tuple, float, float, float]:
+    """(latent shape, encode, decode and training-step images per second) of autoencoder ``ae`` on batch ``x``."""
+    B = len(x)
+    ae.eval()
+    with torch.no_grad():
+        z = ae.encode(x)
+        t_enc = timed(lambda: ae.encode(x), repeats)
+        t_dec = timed(lambda: ae.decode(z), repeats)
+    ae.train()
+    opt = torch.optim.AdamW(ae.parameters(), lr=1e-4)
+
+    def step():
+        x_rec, info = ae(x)
+        loss = (x_rec - x).abs().mean() + 1e-6 * info["kl"].mean() / x[0].numel()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t_train = timed(step, max(1, repeats // 2))
+    return tuple(z.shape[1:]), B / t_enc, B / t_dec, B / t_train
+
+
 class _TimeUp(Exception):
     pass
 
@@ -53,7 +75,8 @@ def train_and_score(args) -> None:
     from latentdiff.train.autoencoder_objective import AutoencoderLossConfig, AutoencoderObjective
 
     S = args.size
-    cfg = AutoencoderConfig(ch=args.ch, ch_mult=tuple(int(m) for m in args.ch_mult.split(",")), num_res_blocks=args.res_blocks,
+    ch_mult = tuple(int(m) for m in args.ch_mult.split(","))
+    cfg = AutoencoderConfig(ch=args.ch, ch_mult=ch_mult, num_res_blocks=args.res_blocks,
                             z_channels=3, embed_dim=3, resolution=S, norm_groups=args.norm_groups,
                             regularizer=args.regularizer, n_embed=args.n_embed)
     ae = Autoencoder(cfg)
@@ -73,24 +96,28 @@ def train_and_score(args) -> None:
         done[0] = step
         if args.eval_every and step % args.eval_every == 0:
             sc = obj.evaluate(x_test[:128])
-            vq = f", perplexity {metrics['perplexity']:.1f}, usage {metrics['usage']:.2f}" if "perplexity" in metrics else ""
+            vq = ""
+            if "perplexity" in metrics:
+                vq = f", perplexity {metrics['perplexity']:.1f}, usage {metrics['usage']:.2f}"
             print(f"step {step} ({(time.perf_counter() - t0) / 60:.2f} min): held-out PSNR {sc['psnr']:.2f} dB "
                   f"({min(128, len(x_test))} images), batch rec_loss {metrics['rec_loss']:.4f}{vq}", flush=True)
         elapsed = time.perf_counter() - t0
         if elapsed * (step + 1) / step > limit:  # the next step would end past the limit
             raise _TimeUp
 
-    print(f"training {cfg.regularizer.upper()}-f{cfg.f} ({sum(p.numel() for p in ae.parameters()) / 1e6:.2f} M params, ch {cfg.ch}, ch_mult "
+    params = sum(p.numel() for p in ae.parameters()) / 1e6
+    print(f"training {cfg.regularizer.upper()}-f{cfg.f} ({params:.2f} M params, ch {cfg.ch}, ch_mult "
           f"{cfg.ch_mult}, {cfg.num_res_blocks} res blocks) on shapes {S}x{S}, batch {args.batch}, lr {args.lr}, "
-          f"{torch.get_num_threads()} threads, for at most {args.train_minutes or '-'} min / {args.train_steps or '-'} steps",
-          flush=True)
+          f"{torch.get_num_threads()} threads, for at most {args.train_minutes or '-'} min / "
+          f"{args.train_steps or '-'} steps", flush=True)
     try:
         train(obj, data, tc, args.out + "_run", progress=False, callback=stop_when_time_is_up)
     except _TimeUp:
         pass
     minutes = (time.perf_counter() - t0) / 60
     scores = obj.evaluate(x_test)
-    print(f"after {done[0]} steps ({done[0] * args.batch} images) in {minutes:.2f} min: held-out PSNR {scores['psnr']:.2f} dB, "
+    print(f"after {done[0]} steps ({done[0] * args.batch} images) in {minutes:.2f} min: "
+          f"held-out PSNR {scores['psnr']:.2f} dB, "
           f"SSIM {scores['ssim']:.4f}, L1 {scores['l1']:.4f} on {len(x_test)} test-split images", flush=True)
     first = torch.stack([data[i]["image"] for i in range(args.batch)])
     scale = obj.export(args.out, first)
@@ -109,16 +136,19 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--factors", default="1,2,4,8,16,32")
-    ap.add_argument("--train-minutes", type=float, default=0.0, help="train KL-f4 on shapes for this long, then score it")
+    ap.add_argument("--train-minutes", type=float, default=0.0,
+                    help="train KL-f4 on shapes for this long, then score it")
     ap.add_argument("--train-steps", type=int, default=0, help="... or for this many steps (cosine lr decay)")
     ap.add_argument("--ch-mult", default="1,2,2", help="training run: ch_mult (f = 2^(len-1))")
     ap.add_argument("--norm-groups", type=int, default=32, help="training run: GroupNorm groups")
     ap.add_argument("--regularizer", default="kl", choices=("kl", "vq"), help="training run: KL or VQ autoencoder")
     ap.add_argument("--n-embed", type=int, default=256, help="training run: VQ codebook size")
-    ap.add_argument("--rec-loss", default="l2", choices=("l1", "l2"), help="training run: L_rec (l2 optimises PSNR directly)")
+    ap.add_argument("--rec-loss", default="l2", choices=("l1", "l2"),
+                    help="training run: L_rec (l2 optimises PSNR directly)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--test-images", type=int, default=512)
-    ap.add_argument("--eval-every", type=int, default=0, help="training run: print held-out PSNR every N steps (0 = never)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="training run: print held-out PSNR every N steps (0 = never)")
     ap.add_argument("--out", default="/tmp/latentdiff_kl_f4")
     args = ap.parse_args(argv)
     if args.threads:
@@ -131,26 +161,13 @@ def main(argv=None):
     rows = []
     train_rate = {}
     for f in (int(v) for v in args.factors.split(",")):
-        ae = Autoencoder(config_for_factor(f, ch=args.ch, num_res_blocks=args.res_blocks, resolution=S, z_channels=3, embed_dim=3))
+        config = config_for_factor(f, ch=args.ch, num_res_blocks=args.res_blocks, resolution=S, z_channels=3,
+                                   embed_dim=3)
+        ae = Autoencoder(config)
         params = sum(p.numel() for p in ae.parameters()) / 1e6
-        ae.eval()
-        with torch.no_grad():
-            z = ae.encode(x)
-            t_enc = timed(lambda: ae.encode(x), args.repeats)
-            t_dec = timed(lambda: ae.decode(z), args.repeats)
-        ae.train()
-        opt = torch.optim.AdamW(ae.parameters(), lr=1e-4)
-
-        def step():
-            x_rec, info = ae(x)
-            loss = (x_rec - x).abs().mean() + 1e-6 * info["kl"].mean() / x[0].numel()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        t_train = timed(step, max(1, args.repeats // 2))
-        train_rate[f] = B / t_train
-        rows.append((f, tuple(z.shape[1:]), params, B / t_enc, B / t_dec, B / t_train))
+        shape, enc, dec, tr = rates(ae, x, args.repeats)
+        train_rate[f] = tr
+        rows.append((f, shape, params, enc, dec, tr))
 
     print(f"KL autoencoder, {S}x{S} images, batch {B}, ch {args.ch}, {args.res_blocks} res blocks, "
           f"{torch.get_num_threads()} threads; images/s (median of {args.repeats})")

@@ -67,7 +67,8 @@ def markdown(rows: list[dict], floor: dict | None, oracle_acc) -> str:
                      f"{fmt(r.get('accuracy'), '.3f')} | {r['sample_seconds']:.1f} | {r['images_per_second']:.1f} |")
     if floor:
         kid = f"{floor['kid_mean'] * 1e3:.2f} ± {floor['kid_std'] * 1e3:.2f}"
-        lines.append(f"| real data (floor, {floor['n_fake']} vs {floor['n_real']}) | - | - | {floor['fid']:.3f} | {kid} | "
+        lines.append(f"| real data (floor, {floor['n_fake']} vs {floor['n_real']}) | - | - | {floor['fid']:.3f} "
+                     f"| {kid} | "
                      f"{fmt(oracle_acc, '.3f')} | - | - |")
     return "\n".join(lines)
 
@@ -76,8 +77,8 @@ def plot(rows: list[dict], floor: dict | None, path: Path, title: str) -> None:
     """FID against steps, log x, one line (with markers) per sampler, the floor as a dotted line."""
     import matplotlib
     matplotlib.use("Agg")
-    import matplotlib.ticker
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=120)
     for sampler in dict.fromkeys(r["sampler"] for r in rows):
@@ -106,17 +107,21 @@ def plot(rows: list[dict], floor: dict | None, path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="outputs/demo/run", help="run or model folder (default: outputs/demo/run, the digits demo's run)")
+    ap.add_argument("--model", default="outputs/demo/run",
+                    help="run or model folder (default: outputs/demo/run, the digits demo's run)")
     ap.add_argument("--num", type=int, default=500, help="samples per (sampler, steps) (default: 500)")
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model config's)")
     ap.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
     ap.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the config's)")
-    ap.add_argument("--grid", default=None, help='the runs, e.g. "ddim:10,20;heun:10" (default: the list in this file\'s docstring)')
-    ap.add_argument("--oracle", default=None, help="oracle folder (default: the digits oracle in the cache, trained on first use)")
+    ap.add_argument("--grid", default=None,
+                    help='the runs, e.g. "ddim:10,20;heun:10" (default: the list in this file\'s docstring)')
+    ap.add_argument("--oracle", default=None,
+                    help="oracle folder (default: the digits oracle in the cache, trained on first use)")
     ap.add_argument("--cache", default=None, help="cache folder (default: $LATENTDIFF_CACHE or ~/.cache/latentdiff)")
     ap.add_argument("--device", default=None, help="torch device (default: cuda if available, else mps, else cpu)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: 0, leave as is)")
-    ap.add_argument("--out", default="outputs/bench", help=f"folder for {STEM}.png, .json and .md (default: outputs/bench)")
+    ap.add_argument("--out", default="outputs/bench",
+                    help=f"folder for {STEM}.png, .json and .md (default: outputs/bench)")
     ap.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
     args = ap.parse_args(argv)
 

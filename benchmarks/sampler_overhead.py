@@ -75,9 +75,11 @@ def main() -> None:
             sync(device)
             bare.append(time.perf_counter() - t0)
     bare_ms = 1e3 * sorted(bare)[len(bare) // 2]
-    print(f"model: {sum(p.numel() for p in net.parameters())} parameters, batch {args.batch}x3x{args.size}x{args.size}, "
+    params = sum(p.numel() for p in net.parameters())
+    print(f"model: {params} parameters, batch {args.batch}x3x{args.size}x{args.size}, "
           f"{device}, threads {torch.get_num_threads()}; bare call {bare_ms:.2f} ms (median of 20)")
-    print(f"{'sampler':<16} {'ms/step':>8} {'calls/step':>10} {'model ms/step':>13} {'overhead ms/step':>16} {'overhead %':>10}")
+    print(f"{'sampler':<16} {'ms/step':>8} {'calls/step':>10} {'model ms/step':>13} {'overhead ms/step':>16} "
+          f"{'overhead %':>10}")
     for name in SAMPLERS:
         opts = {"corrector_steps": 1} if name == "langevin" else {}
         best = None
@@ -93,7 +95,8 @@ def main() -> None:
         total, model, calls = best
         n = args.steps
         over = total - model
-        print(f"{name:<16} {1e3 * total / n:8.2f} {calls / n:10.2f} {1e3 * model / n:13.2f} {1e3 * over / n:16.3f} {100 * over / model:9.1f}%")
+        print(f"{name:<16} {1e3 * total / n:8.2f} {calls / n:10.2f} {1e3 * model / n:13.2f} {1e3 * over / n:16.3f} "
+              f"{100 * over / model:9.1f}%")
 
 
 if __name__ == "__main__":

@@ -1,11 +1,8 @@
-import os
-import sys
-
 import pytest
 import torch
 
-# tests/ holds shared helpers (analytic.py) imported as plain modules.
-sys.path.insert(0, os.path.dirname(__file__))
+# Shared helpers live in tests/helpers/ (imported as ``helpers.analytic`` etc.: pyproject.toml puts tests/ on the
+# path with pytest's ``pythonpath`` setting).
 
 # One torch thread per test process: the suite runs as two pytest-xdist workers (Makefile), one per core,
 # and tiny-tensor tests lose 10x or more to idle threads spinning when two processes share a core.

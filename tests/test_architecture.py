@@ -20,8 +20,8 @@ PACKAGE = "latentdiff"
 # The layers, lowest first: a module may import its own layer (without a cycle) and the layers below it,
 # never one above. A name is a top-level module or package of latentdiff; "" is the package's own __init__.
 LAYERS = [
-    ("errors", "fileio", "dataclass_io", "pngmeta", "devices", "folders"),  # the UserError family, atomic writes,
-                                                                          # typed configs from dicts, run/model folders
+    ("errors", "fileio", "dataclass_io", "pngmeta", "devices", "folders",  # the UserError family, atomic writes,
+     "recipes"),                                          # typed configs from dicts, run/model folders, recipes
     ("schedules",),                                       # β schedules, timestep spacings, σ grids
     ("likelihood", "resample", "diffusion"),              # the Gaussian diffusion process
     ("nn",),                                              # the networks

@@ -7,14 +7,24 @@ import pytest
 import torch
 
 from latentdiff.nn.autoencoder import (
-    Autoencoder, AutoencoderConfig, DiagonalGaussian, compute_latent_scale, config_for_factor, load_autoencoder,
+    Autoencoder,
+    AutoencoderConfig,
+    DiagonalGaussian,
+    compute_latent_scale,
+    config_for_factor,
+    load_autoencoder,
     save_autoencoder,
 )
 from latentdiff.nn.discriminator import PatchDiscriminator
 from latentdiff.nn.lpips import LPIPS, convert_reference_lpips, load_lpips, save_lpips
 from latentdiff.nn.quantize import VectorQuantizer
 from latentdiff.train.autoencoder_objective import (
-    AutoencoderLossConfig, AutoencoderObjective, adaptive_weight, hinge_d_loss, psnr, ssim,
+    AutoencoderLossConfig,
+    AutoencoderObjective,
+    adaptive_weight,
+    hinge_d_loss,
+    psnr,
+    ssim,
 )
 
 
@@ -57,10 +67,12 @@ def test_f_must_divide_image_size():
 
 def test_layout_names_follow_the_compvis_first_stage():
     names = set(tiny(4, attn_resolutions=(16,)).state_dict())
-    for key in ("encoder.conv_in.weight", "encoder.down.0.block.0.norm1.weight", "encoder.down.1.downsample.conv.weight",
-                "encoder.down.1.attn.0.q.weight", "encoder.mid.attn_1.proj_out.weight", "encoder.mid.block_2.conv2.bias",
-                "encoder.norm_out.weight", "quant_conv.weight", "post_quant_conv.weight", "decoder.up.2.block.1.conv1.weight",
-                "decoder.up.1.upsample.conv.weight", "decoder.up.0.block.0.nin_shortcut.weight", "decoder.conv_out.weight"):
+    for key in ("encoder.conv_in.weight", "encoder.down.0.block.0.norm1.weight",
+                "encoder.down.1.downsample.conv.weight", "encoder.down.1.attn.0.q.weight",
+                "encoder.mid.attn_1.proj_out.weight", "encoder.mid.block_2.conv2.bias", "encoder.norm_out.weight",
+                "quant_conv.weight", "post_quant_conv.weight", "decoder.up.2.block.1.conv1.weight",
+                "decoder.up.1.upsample.conv.weight", "decoder.up.0.block.0.nin_shortcut.weight",
+                "decoder.conv_out.weight"):
         assert key in names, key
     assert "decoder.up.0.upsample.conv.weight" not in names and "encoder.down.2.downsample.conv.weight" not in names
 
@@ -107,7 +119,8 @@ def test_vq_straight_through_gradient_reaches_the_encoder():
     ae.zero_grad()
     info["commitment_loss"].backward()
     assert ae.encoder.conv_in.weight.grad.abs().sum() > 0
-    assert info["vq_loss"].item() == pytest.approx(info["codebook_loss"].item() + 0.25 * info["commitment_loss"].item(), rel=1e-5)
+    expected = info["codebook_loss"].item() + 0.25 * info["commitment_loss"].item()
+    assert info["vq_loss"].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_vq_usage_perplexity_and_dead_code_restart():
@@ -179,7 +192,8 @@ def test_objective_two_optimizers_and_disc_start():
     losses, logs = obj.losses({"image": x}, step=5)
     assert losses["discriminator"].item() > 0 and logs["d_weight"] > 0
     # The discriminator loss trains only the discriminator (inputs detached).
-    grads = torch.autograd.grad(losses["discriminator"], list(disc.parameters()) + [ae.decoder.conv_out.weight], allow_unused=True)
+    grads = torch.autograd.grad(losses["discriminator"], [*disc.parameters(), ae.decoder.conv_out.weight],
+                                allow_unused=True)
     assert grads[-1] is None and any(g is not None and g.abs().sum() > 0 for g in grads[:-1])
     # Without a discriminator there is one optimizer.
     single = AutoencoderObjective(tiny(4))

@@ -1,6 +1,6 @@
 """The variational bound is a bound: on 1-D Gaussian data quantised to 8 bits, with the exact denoiser.
 
-For x_0 ~ N(m, s²) every reverse step has a closed form: E[x_0|x_t] (tests/analytic.py) and the true reverse
+For x_0 ~ N(m, s²) every reverse step has a closed form: E[x_0|x_t] (tests/helpers/analytic.py) and the true reverse
 variance β̃_t + c_1² Var[x_0|x_t], c_1 = √ᾱ_{t-1} β_t/(1−ᾱ_t). With both, bits_per_dim is the model's NLL up to
 noise; it can never be below the data's entropy H (cross-entropy ≥ entropy), and a wrong denoiser scores worse.
 Data: all 256 levels weighted by their exact probability, so the only randomness is the noise of q_sample.

@@ -18,13 +18,14 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import latentdiff
-from clitools import captured as _captured
-from clitools import run_cli
 from latentdiff import cli
 from latentdiff.config import load_config
 from latentdiff.pipeline import CONFIG_FILE, WEIGHTS_FILE
 from latentdiff.samplers import SAMPLERS
 from latentdiff.train import list_checkpoints, verify_checkpoint
+
+from helpers.clitools import captured as _captured
+from helpers.clitools import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_test.yaml")
@@ -54,7 +55,8 @@ def run(tmp_path_factory):
     logs = {}  # module fixtures cannot use capsys: capture by hand
     for name, args in [
         ("first", ["train", TINY, "train.steps=2", "train.checkpoint_every=1", "--out", run_dir, "--quiet"]),
-        ("resumed", ["train", TINY, "train.steps=3", "train.checkpoint_every=1", "--out", run_dir, "--resume", "--quiet"]),
+        ("resumed", ["train", TINY, "train.steps=3", "train.checkpoint_every=1", "--out", run_dir, "--resume",
+                     "--quiet"]),
     ]:
         logs[name] = _captured(*args)
     return {"root": root, "run": run_dir, "model": root / "model", "logs": logs}
@@ -90,15 +92,18 @@ def test_train_then_resume_writes_a_complete_run(run):
 
 def test_train_again_without_resume_is_refused_and_changes_nothing(run, capsys):
     before = (run["run"] / CONFIG_FILE).read_bytes()
-    rc, out, err = run_cli(capsys, "train", TINY, "train.steps=3", "diffusion.num_steps=50", "--out", run["run"], "--quiet")
+    rc, out, err = run_cli(capsys, "train", TINY, "train.steps=3", "diffusion.num_steps=50", "--out", run["run"],
+                           "--quiet")
     assert rc == 2 and "already holds checkpoints" in err and "--resume" in err
     assert (run["run"] / CONFIG_FILE).read_bytes() == before
-    rc, out, err = run_cli(capsys, "train", TINY, "train.steps=4", "diffusion.num_steps=50", "--out", run["run"], "--resume")
+    rc, out, err = run_cli(capsys, "train", TINY, "train.steps=4", "diffusion.num_steps=50", "--out", run["run"],
+                           "--resume")
     assert rc == 2 and "another model or diffusion config" in err
     assert (run["run"] / CONFIG_FILE).read_bytes() == before
     assert [s for s, _ in list_checkpoints(run["run"])] == [2, 3]
     # train.resume: latest in the config does what --resume does (here: nothing left to train).
-    rc, out, err = run_cli(capsys, "train", TINY, "train.steps=3", "train.resume=latest", "--out", run["run"], "--quiet")
+    rc, out, err = run_cli(capsys, "train", TINY, "train.steps=3", "train.resume=latest", "--out", run["run"],
+                           "--quiet")
     assert rc == 0 and "resumed from" in out and "step_0000003" in out and "trained to step 3" in out, err
     assert [s for s, _ in list_checkpoints(run["run"])] == [2, 3]
 
@@ -178,13 +183,14 @@ def test_sampling_uses_the_newest_intact_weights_of_a_run(run, tmp_path):
 
 def test_import_latentdiff_does_not_import_torch():
     code = ("import sys, latentdiff; assert 'torch' not in sys.modules, 'torch imported'; "
-            "import latentdiff.cli; latentdiff.cli.build_parser(); assert 'torch' not in sys.modules, 'cli imports torch'; "
+            "import latentdiff.cli; latentdiff.cli.build_parser(); "
+            "assert 'torch' not in sys.modules, 'cli imports torch'; "
             "assert 'load' in dir(latentdiff) and 'Pipeline' in dir(latentdiff)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert latentdiff.load is latentdiff.pipeline.load and latentdiff.Pipeline is latentdiff.pipeline.Pipeline
     with pytest.raises(AttributeError, match="no attribute 'lod'"):
-        latentdiff.lod
+        _ = latentdiff.lod
 
 
 # ----------------------------------------------------------------------------------------------------------

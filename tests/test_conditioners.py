@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from latentdiff.nn.conditioners import (
     ClassEmbedder,
     Conditioner,
-    ConditionerConfig,
     SpatialRescaler,
     SpatialRescalerConfig,
     build_conditioner,

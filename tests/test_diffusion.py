@@ -1,4 +1,5 @@
-"""GaussianDiffusion: the closed forms of DDPM (Ho et al.), the conversions, continuous time, the losses and bad input."""
+"""GaussianDiffusion: the closed forms of DDPM (Ho et al.), the conversions, continuous time, the losses and bad
+input."""
 
 import math
 
@@ -112,7 +113,8 @@ def test_posterior_helpers_match_the_tables_and_the_variance_choice():
     lb, lbt = math.log(b), math.log(beta_tilde)
     assert reverse_log_variance("fixed_small", lb, lbt) == lbt and reverse_log_variance("fixed_large", lb, lbt) == lb
     v = torch.tensor([-1.0, 0.0, 1.0])
-    torch.testing.assert_close(reverse_log_variance("learned_range", lb, lbt, v), torch.tensor([lbt, (lb + lbt) / 2, lb]))
+    torch.testing.assert_close(reverse_log_variance("learned_range", lb, lbt, v),
+                               torch.tensor([lbt, (lb + lbt) / 2, lb]))
     with pytest.raises(ValueError, match="doubled"):
         reverse_log_variance("learned", lb, lbt, None)
 
@@ -162,7 +164,8 @@ def test_normal_kl_matches_numerical_integration():
 def test_discretized_gaussian_matches_integration_and_sums_to_one():
     mean, std = 0.13, 0.05
     levels = torch.linspace(-1, 1, 256, dtype=torch.float64)
-    logp = discretized_gaussian_log_likelihood(levels, means=torch.tensor(mean, dtype=torch.float64), log_scales=torch.tensor(math.log(std), dtype=torch.float64))
+    logp = discretized_gaussian_log_likelihood(levels, means=torch.tensor(mean, dtype=torch.float64),
+                                               log_scales=torch.tensor(math.log(std), dtype=torch.float64))
     assert logp.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
     # One middle bin against a direct integral of the density over it.
     k = 145
@@ -245,8 +248,10 @@ def test_p_mean_variance_variants():
         (lambda d: d.q_sample(torch.zeros(2, 3), 5, torch.zeros(2, 4)), ValueError, "noise has shape"),
         (lambda d: d.q_sample(torch.tensor([[0.0], [float("nan")]]), 5), ValueError, "x0 contains NaN"),
         (lambda d: d.q_posterior(torch.zeros(2, 3), torch.zeros(2, 2), 1), ValueError, "x0 has shape"),
-        (lambda d: d.p_mean_variance(torch.zeros(2, 6, 2, 2), torch.zeros(2, 3, 2, 2), 1), ValueError, "model output has shape"),
-        (lambda d: d.p_mean_variance(torch.full((1, 1), float("inf")), torch.zeros(1, 1), 1), ValueError, "model output contains NaN"),
+        (lambda d: d.p_mean_variance(torch.zeros(2, 6, 2, 2), torch.zeros(2, 3, 2, 2), 1), ValueError,
+         "model output has shape"),
+        (lambda d: d.p_mean_variance(torch.full((1, 1), float("inf")), torch.zeros(1, 1), 1), ValueError,
+         "model output contains NaN"),
     ],
 )
 def test_bad_input(call, err, match):

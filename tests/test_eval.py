@@ -10,11 +10,30 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from latentdiff.eval import (FeatureStats, OracleConfig, compare, dataset_identity, extract_stats, fid,
-                             files_fingerprint,
-                             frechet_distance, image_batches, inception_score, kid, load_oracle, load_stats,
-                             mmd2_unbiased, precision_recall, psnr, quantize_8bit, real_floor,
-                             reference_stats, save_oracle, split_stats, ssim)
+from latentdiff.eval import (
+    FeatureStats,
+    OracleConfig,
+    compare,
+    dataset_identity,
+    extract_stats,
+    fid,
+    files_fingerprint,
+    frechet_distance,
+    image_batches,
+    inception_score,
+    kid,
+    load_oracle,
+    load_stats,
+    mmd2_unbiased,
+    precision_recall,
+    psnr,
+    quantize_8bit,
+    real_floor,
+    reference_stats,
+    save_oracle,
+    split_stats,
+    ssim,
+)
 from latentdiff.eval.oracle import Oracle, digits_arrays, stratified_split, train_digits_oracle
 from latentdiff.nn import inception as inc
 
@@ -201,7 +220,7 @@ def test_ssim_identical_is_one_constant_images_closed_form_and_noise_lowers_it()
         ssim(x, x[:, :, :8])
 
 
-# ---------------------------------------------------------------------------------------------- extraction, cache, floor
+# ----------------------------------------------------------------------------------------- extraction, cache, floor
 
 class TinyNet(nn.Module):
     """A feature network for tests: pooled conv features and logits; counts images seen."""
@@ -334,8 +353,10 @@ def test_fid_inception_layout_matches_the_published_state_dict():
     sd = net.state_dict()
     facts = {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Conv2d_4a_3x3.bn.running_var": (192,),
              "Mixed_5b.branch1x1.conv.weight": (64, 192, 1, 1), "Mixed_5b.branch_pool.conv.weight": (32, 192, 1, 1),
-             "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7), "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
-             "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1), "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+             "Mixed_6e.branch7x7dbl_5.conv.weight": (192, 192, 1, 7),
+             "Mixed_7a.branch3x3_2.conv.weight": (320, 192, 3, 3),
+             "Mixed_7c.branch3x3dbl_3b.conv.weight": (384, 384, 3, 1),
+             "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
              "fc.weight": (1008, 2048), "fc.bias": (1008,)}
     for key, shape in facts.items():
         assert tuple(sd[key].shape) == shape, key

@@ -14,15 +14,25 @@ import torch
 from PIL import Image
 
 import latentdiff
-from clitools import captured as _captured
-from clitools import run_cli
 from latentdiff import cli
 from latentdiff.data import Digits
-from latentdiff.eval import (OracleConfig, class_accuracy, extract_stats, fid_from_stats, load_oracle, load_stats,
-                             quantize_8bit, save_oracle, split_stats)
+from latentdiff.eval import (
+    OracleConfig,
+    class_accuracy,
+    extract_stats,
+    fid_from_stats,
+    load_oracle,
+    load_stats,
+    quantize_8bit,
+    save_oracle,
+    split_stats,
+)
 from latentdiff.eval import run as ev
 from latentdiff.eval.oracle import Oracle
 from latentdiff.pipeline import to_pil
+
+from helpers.clitools import captured as _captured
+from helpers.clitools import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny_test.yaml")
@@ -77,7 +87,8 @@ def test_eval_table_json_and_floor_match_the_library(env, capsys):
     lines = {ln.split("  ")[0]: ln for ln in out.splitlines()}
     for row, key in [("FID", "fid"), ("precision", "precision"), ("class accuracy", "accuracy")]:
         shown = [float(v) for v in lines[row][len(row):].split()]
-        assert shown == [pytest.approx(m[key], rel=2e-3, abs=1e-3), pytest.approx(f[key], rel=2e-3, abs=1e-3)], (row, out)
+        expected = [pytest.approx(m[key], rel=2e-3, abs=1e-3), pytest.approx(f[key], rel=2e-3, abs=1e-3)]
+        assert shown == expected, (row, out)
     assert "KID x 1e3" in out and "IS" in lines and "real floor (24 vs" in out
     # Recompute through the library: same seeds, labels cycling over the 10 classes, the cached reference.
     stats_file = Path(result["reference"]["stats_file"])
@@ -114,7 +125,8 @@ def test_a_statistics_file_is_reused_as_reference_and_checked(env, capsys, tmp_p
     # Statistics of another feature network are refused, naming both.
     other = tmp_path / "other_oracle"
     save_oracle(Oracle(OracleConfig()), other)
-    rc, out, err = run_cli(capsys, "eval", env["run"], "--num", 4, "--oracle", other, "--reference", stats_file, "--quiet")
+    rc, out, err = run_cli(capsys, "eval", env["run"], "--num", 4, "--oracle", other, "--reference", stats_file,
+                           "--quiet")
     assert rc == 2 and "another feature network" in err and str(stats_file) in err
 
 
@@ -165,7 +177,8 @@ def test_bits_per_dim_on_the_tiny_run(env, capsys):
     ds = Digits(8, "test")
     x0 = quantize_8bit(ds.images[:5])
     y = torch.tensor([int(t) for t in ds.targets[:5]])
-    direct = pipe.diffusion.bits_per_dim(pipe.model_fn, x0, clip_x0=True, generator=torch.Generator().manual_seed(3), y=y)
+    direct = pipe.diffusion.bits_per_dim(pipe.model_fn, x0, clip_x0=True, generator=torch.Generator().manual_seed(3),
+                                         y=y)
     assert b["total"] == pytest.approx(direct["total"].mean().item(), rel=1e-9)
     assert b["decoder"] == pytest.approx(direct["terms"][:, 0].mean().item(), rel=1e-9)
     pipe.autoencoder = object()  # a latent model: no bound on image likelihood
@@ -183,12 +196,16 @@ def test_bad_input_gives_one_clear_line(env, capsys, tmp_path):
         (["eval", run, "--metrics", ","], ["no metric given"]),
         (["eval", run, "--reference", tmp_path / "nope.npz"], ["nope.npz", "not found"]),
         (["eval", run, "--reference", tmp_path / "empty"], ["no images", "empty"]),
-        (["eval", run, "--features", "inception"], ["no FID Inception weights given", "--fid-weights", "LATENTDIFF_FID_WEIGHTS"]),
-        (["eval", run, "--features", "inception", "--fid-weights", tmp_path / "w.pth"], ["weights file not found", "w.pth"]),
-        (["eval", "--real", tmp_path / "empty", "--fake", tmp_path / "empty2", "--features", "oracle"], ["no images", "empty2"]),
+        (["eval", run, "--features", "inception"],
+         ["no FID Inception weights given", "--fid-weights", "LATENTDIFF_FID_WEIGHTS"]),
+        (["eval", run, "--features", "inception", "--fid-weights", tmp_path / "w.pth"],
+         ["weights file not found", "w.pth"]),
+        (["eval", "--real", tmp_path / "empty", "--fake", tmp_path / "empty2", "--features", "oracle"],
+         ["no images", "empty2"]),
         (["eval", "--real", tmp_path / "empty"], ["--real and --fake go together"]),
         (["eval", run, "--real", tmp_path / "empty", "--fake", tmp_path / "empty2"], ["not both"]),
-        (["eval", "--real", tmp_path / "empty", "--fake", tmp_path / "empty2", "--metrics", "bpd"], ["bpd needs a model"]),
+        (["eval", "--real", tmp_path / "empty", "--fake", tmp_path / "empty2", "--metrics", "bpd"],
+         ["bpd needs a model"]),
         (["eval"], ["give a run or model folder"]),
         (["eval", run, "--sampler", "dpmpp_9m"], ["unknown sampler", "dpmpp_9m"]),
         (["eval", run, "--steps", 50], ["exceeds the model's 20 training steps"]),
@@ -260,7 +277,8 @@ def test_quality_benchmark_end_to_end_on_the_tiny_run(env, tmp_path, capsys):
     assert rc == 0
     result = json.loads((tmp_path / "quality_vs_steps.json").read_text())
     got = [(r["sampler"], r["steps"], r["nfe"]) for r in result["results"]]
-    assert got == [("ddpm", 20, 20), ("ddim", 2, 2), ("ddim", 4, 4), ("heun", 2, 3)]  # heun: 2 calls per step but the last
+    # heun: 2 calls per step but the last
+    assert got == [("ddpm", 20, 20), ("ddim", 2, 2), ("ddim", 4, 4), ("heun", 2, 3)]
     assert all(r["fid"] > 0 and r["sample_seconds"] > 0 and 0 <= r["accuracy"] <= 1 for r in result["results"])
     assert result["floor"]["n_fake"] == 8 and result["guidance"] == 1.5
     assert "| ddim | 4 | 4 |" in out and "real data (floor" in out
@@ -292,4 +310,5 @@ def test_devices_and_image_folders_do_not_need_eval(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True,
                          env=env).stdout
     assert out.splitlines() == ["cpu (10, 10) 1", "[]"]
-    assert ev.default_device is latentdiff.devices.default_device and ev.folder_dataset.__module__ == "latentdiff.data.folder"
+    assert ev.default_device is latentdiff.devices.default_device
+    assert ev.folder_dataset.__module__ == "latentdiff.data.folder"

@@ -1,6 +1,6 @@
 """The first stage as a command: train an autoencoder from a config (LDM objective, two optimizers), the
-model folder with its latent scale, reconstruct, export, eval (PSNR, SSIM, rFID beside the rFID of other real images), and the
-clear outcome of bad input. A tiny autoencoder on 16x16 shapes; the commands run in-process."""
+model folder with its latent scale, reconstruct, export, eval (PSNR, SSIM, rFID beside the rFID of other real
+images), and the clear outcome of bad input. A tiny autoencoder on 16x16 shapes; the commands run in-process."""
 
 import json
 from pathlib import Path
@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from torch import nn
 
-from clitools import run_cli
 from latentdiff import cli
 from latentdiff.config import AutoencoderRunConfig, ConfigError, load_config
 from latentdiff.eval.metrics import psnr
 from latentdiff.eval.reconstruction import evaluate_reconstruction
 from latentdiff.first_stage import EXPORT_DIR, load_first_stage, reconstruct
 from latentdiff.nn.autoencoder import load_autoencoder, save_autoencoder
+
+from helpers.clitools import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,7 +74,8 @@ def test_every_shipped_autoencoder_config_loads_and_builds():
 
 def test_train_writes_checkpoints_and_the_model_folder_with_its_latent_scale(trained_run, capsys):
     assert (trained_run / "config.yaml").is_file()
-    assert sorted(p.name for p in (trained_run / "checkpoints").iterdir() if p.name.startswith("step_"))[-1] == "step_0000006"
+    steps = sorted(p.name for p in (trained_run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert steps[-1] == "step_0000006"
     ae = load_autoencoder(str(trained_run / EXPORT_DIR))
     assert ae.latent_scale is not None and ae.latent_scale > 0
     # The scale is 1/std of the latents of the first training batch (posterior samples drawn with train.seed).
@@ -111,7 +113,8 @@ def test_reconstruct_writes_pairs_and_reports_psnr(trained_run, tmp_path, capsys
 
 def test_eval_reports_psnr_ssim_and_rfid_with_its_reference(trained_run, tiny_shapes_oracle, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    rc, stdout, err = run_cli(capsys, "eval", trained_run, "--num", 32, "--oracle", tiny_shapes_oracle, "--out", out, "--quiet")
+    rc, stdout, err = run_cli(capsys, "eval", trained_run, "--num", 32, "--oracle", tiny_shapes_oracle, "--out", out,
+                              "--quiet")
     assert rc == 0, err
     result = json.loads(out.read_text())
     m = result["model"]
@@ -126,7 +129,8 @@ def test_export_then_eval_the_model_folder(trained_run, tmp_path, capsys):
     assert rc == 0, err and "latent scale" in stdout
     exported, run_ae = load_autoencoder(str(model)), load_autoencoder(str(trained_run / EXPORT_DIR))
     assert exported.latent_scale == pytest.approx(run_ae.latent_scale)
-    rc, stdout, err = run_cli(capsys, "eval", model, "--reference", "shapes", "--metrics", "psnr,ssim", "--num", 8, "--quiet")
+    rc, stdout, err = run_cli(capsys, "eval", model, "--reference", "shapes", "--metrics", "psnr,ssim", "--num", 8,
+                              "--quiet")
     assert rc == 0, err
     assert (model / "eval" / "eval_reconstruction_test_8.json").is_file()
     # The exported folder records the data it was trained on: reconstruct and eval find held-out images.

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 
-from analytic import gaussian_model_fn, ode_endpoint, optimal_x0
 from latentdiff.diffusion import GaussianDiffusion
 from latentdiff.guidance import classifier_free_guidance
 from latentdiff.samplers import SAMPLERS, sample
 from latentdiff.samplers.common import alpha_bar, denoise, make_timesteps
 from latentdiff.samplers.ddim import sample_ddim
 from latentdiff.schedules import make_betas
+
+from helpers.analytic import gaussian_model_fn, ode_endpoint, optimal_x0
 
 BETAS = make_betas("linear", 1000)
 NULL = 2  # the null class of the toy conditional model
@@ -67,7 +69,8 @@ def test_guidance_is_one_batched_pass():
     calls = []
     f = class_model(d, calls=calls)
     y = torch.tensor([0, 1, 1])
-    classifier_free_guidance(f, 5.0, {"y": torch.full((3,), NULL)})(torch.randn(3, 1, 2, 2), torch.tensor([5, 5, 5]), y=y)
+    guided = classifier_free_guidance(f, 5.0, {"y": torch.full((3,), NULL)})
+    guided(torch.randn(3, 1, 2, 2), torch.tensor([5, 5, 5]), y=y)
     assert len(calls) == 1
     assert calls[0][0] == 6 and calls[0][1].tolist() == [0, 1, 1, NULL, NULL, NULL]
 
@@ -80,7 +83,7 @@ def test_guidance_gives_the_same_denoiser_for_every_parameterisation(prediction)
     for pred in ("eps", prediction):
         d = GaussianDiffusion(BETAS, prediction=pred)
         g = classifier_free_guidance(class_model(d), 4.0, {"y": torch.tensor([NULL])})
-        x0s.append(denoise(lambda x_, t_: g(x_, t_, y=y), x, t, d)[0])
+        x0s.append(denoise(functools.partial(g, y=y), x, t, d)[0])
     torch.testing.assert_close(x0s[1], x0s[0], rtol=1e-9, atol=1e-9)
 
 
@@ -152,7 +155,8 @@ def test_inpainting_keeps_known_region_exactly(name):
     d = GaussianDiffusion(BETAS)
     known, mask = _inpaint_inputs()
     kw = {"corrector_steps": 1} if name == "langevin" else {}
-    x = sample(gaussian_model_fn(d, 0.5, 0.3), torch.empty_like(known), diffusion=d, sampler=name, steps=6, seed=1, known=known, mask=mask, **kw)
+    x = sample(gaussian_model_fn(d, 0.5, 0.3), torch.empty_like(known), diffusion=d, sampler=name, steps=6, seed=1,
+               known=known, mask=mask, **kw)
     keep = mask.expand_as(known).bool()
     assert torch.equal(x[keep], known[keep])
     assert (x[~keep] - known[~keep]).abs().mean() > 0.1  # the rest is generated
@@ -218,7 +222,8 @@ def test_img2img_runs_the_last_steps_from_the_noised_image():
     err = (x - ode_endpoint(start, ab, m, s)).abs()
     assert err.mean() < 0.02 and err.max() < 0.05  # DDIM's first-order error over 30 steps
     # Tiny strength: one step at the cleanest grid point, the image comes back nearly unchanged.
-    y = sample(f, torch.empty_like(init), diffusion=d, sampler="ddim", steps=100, seed=5, init_image=init, strength=0.001)
+    y = sample(f, torch.empty_like(init), diffusion=d, sampler="ddim", steps=100, seed=5, init_image=init,
+               strength=0.001)
     assert (y - init).abs().max() < 0.02
 
 
@@ -227,5 +232,6 @@ def test_img2img_with_every_sampler():
     init = torch.zeros(2, 1, 2, 2)
     for name in sorted(SAMPLERS):
         kw = {"corrector_steps": 1} if name == "langevin" else {}
-        x = sample(gaussian_model_fn(d, 0.5, 0.3), torch.empty_like(init), diffusion=d, sampler=name, steps=10, seed=0, init_image=init, strength=0.5, **kw)
+        x = sample(gaussian_model_fn(d, 0.5, 0.3), torch.empty_like(init), diffusion=d, sampler=name, steps=10, seed=0,
+                   init_image=init, strength=0.5, **kw)
         assert x.shape == init.shape and torch.isfinite(x).all(), name

@@ -12,13 +12,20 @@ import torch
 from PIL import Image
 
 import latentdiff
-from clitools import run_cli
 from latentdiff import cli
 from latentdiff.config import ConfigError, load_config
 from latentdiff.data import make_dataset
 from latentdiff.first_stage import first_images
-from latentdiff.nn.autoencoder import Autoencoder, AutoencoderConfig, compute_latent_scale, load_autoencoder, save_autoencoder
+from latentdiff.nn.autoencoder import (
+    Autoencoder,
+    AutoencoderConfig,
+    compute_latent_scale,
+    load_autoencoder,
+    save_autoencoder,
+)
 from latentdiff.pipeline import FIRST_STAGE_DIR, Pipeline
+
+from helpers.clitools import run_cli
 
 CONFIG = """
 model: {{preset: tiny, num_classes: null}}

@@ -9,7 +9,8 @@ from PIL import Image
 from latentdiff.pngmeta import format_params, read_png_params, save_png, summary
 
 PARAMS = {"prompt": "a red circle at the top left — «rouge» 赤い円 🟥",
-          "negative_prompt": "blurry, two objects", "seed": 7, "sampler": "dpmpp_2m", "steps": 20, "guidance": 3.5, "model": "runs/shapes_ldm_txt2img",
+          "negative_prompt": "blurry, two objects", "seed": 7, "sampler": "dpmpp_2m", "steps": 20, "guidance": 3.5,
+          "model": "runs/shapes_ldm_txt2img",
           "size": [32, 48], "class": None, "extra": {"eta": 0.0, "tags": ["a", "b"]}}
 
 

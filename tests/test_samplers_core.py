@@ -1,6 +1,6 @@
 """DDPM, DDIM (+ inversion), PLMS, Langevin, and the entry point ``samplers.sample``.
 
-Exact answers on Gaussian data N(M, S²) (tests/analytic.py): the data's mean and variance, the end point of
+Exact answers on Gaussian data N(M, S²) (tests/helpers/analytic.py): the data's mean and variance, the end point of
 the probability-flow ODE and DDIM's first-order convergence to it. Parity with diffusers' DDIMScheduler,
 PNDMScheduler(skip_prk_steps=True) and DDPMScheduler, step by step on the same model function, the same x_T
 and the same noise draws. Reproducibility per seed, and clear errors on bad input.
@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from analytic import gaussian_model_fn, ode_endpoint
 from latentdiff.diffusion import GaussianDiffusion
 from latentdiff.samplers import SAMPLER_OPTIONS, SAMPLERS, ddim_invert, sample
 from latentdiff.samplers.common import alpha_bar, make_timesteps
@@ -23,6 +22,8 @@ from latentdiff.samplers.ddim import sample_ddim
 from latentdiff.samplers.ddpm import sample_ddpm
 from latentdiff.samplers.plms import sample_plms
 from latentdiff.schedules import make_betas
+
+from helpers.analytic import gaussian_model_fn, ode_endpoint
 
 M, S = 0.5, 0.3
 BETAS = make_betas("linear", 1000)
@@ -133,7 +134,8 @@ def _diffusers_loop(sch, d, f, x_T, step_kwargs=None):
     from ours by ~1e-6, amplified ~100x near t = T-1): what is compared is the step math alone."""
     sch.alphas_cumprod = d.alphas_cumprod.clone()
     if hasattr(sch, "final_alpha_cumprod"):
-        sch.final_alpha_cumprod = torch.tensor(1.0 if sch.config.set_alpha_to_one else float(d.alphas_cumprod[0]), dtype=torch.float64)
+        final = 1.0 if sch.config.set_alpha_to_one else float(d.alphas_cumprod[0])
+        sch.final_alpha_cumprod = torch.tensor(final, dtype=torch.float64)
     if hasattr(sch, "one"):
         sch.one = torch.tensor(1.0, dtype=torch.float64)
     x = x_T.clone()
@@ -179,7 +181,8 @@ def test_ddim_matches_diffusers(spacing, offset, one, eta, clip, prediction):
     assert _rel(ours, ref) < 1e-9
 
 
-@pytest.mark.parametrize("spacing,offset,one", [("leading", 0, True), ("leading", 1, False), ("trailing", 0, False), ("leading", 0, False)])
+@pytest.mark.parametrize("spacing,offset,one",
+                         [("leading", 0, True), ("leading", 1, False), ("trailing", 0, False), ("leading", 0, False)])
 @pytest.mark.parametrize("n", [1, 2, 10])
 def test_plms_matches_pndm_skip_prk(spacing, offset, one, n):
     d = _diffusion()
@@ -209,11 +212,14 @@ def test_plms_is_the_same_for_every_parameterisation(prediction):
     samples as the ε network. (diffusers' PNDMScheduler combines raw v outputs instead; it differs for v.)"""
     x_T = torch.randn(16, 2, 4, 4)
     ts = make_timesteps(_diffusion(), 10)
-    runs = [sample_plms(gaussian_model_fn(d, M, S), x_T, ts, diffusion=d) for d in (_diffusion(), _diffusion(prediction=prediction))]
+    runs = [sample_plms(gaussian_model_fn(d, M, S), x_T, ts, diffusion=d)
+            for d in (_diffusion(), _diffusion(prediction=prediction))]
     assert _rel(runs[1], runs[0]) < 1e-5
 
 
-@pytest.mark.parametrize("variance,n,T", [("fixed_small", 20, 1000), ("fixed_large", 20, 1000), ("learned_range", 20, 1000), ("fixed_large", 100, 100), ("fixed_small", 100, 100)])
+@pytest.mark.parametrize("variance,n,T", [("fixed_small", 20, 1000), ("fixed_large", 20, 1000),
+                                         ("learned_range", 20, 1000), ("fixed_large", 100, 100),
+                                         ("fixed_small", 100, 100)])
 def test_ddpm_matches_diffusers(variance, n, T):
     """Respaced (n < T) and full-chain (n = T) ancestral sampling with the same noise draws."""
     d = GaussianDiffusion(make_betas("linear", T), variance=variance)
@@ -223,7 +229,8 @@ def test_ddpm_matches_diffusers(variance, n, T):
         out = base(x, t)
         return torch.cat([out[:, :2], 0.8 * torch.tanh(x)], 1) if d.learned_variance else out
 
-    sch = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=False, variance_type=variance)
+    sch = diffusers.DDPMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=False,
+                                  variance_type=variance)
     sch.set_timesteps(n)
     ts = make_timesteps(d, n)
     assert ts.long().tolist() == sch.timesteps.tolist()
@@ -254,7 +261,8 @@ def test_ddpm_on_the_full_chain_is_the_diffusions_reverse_process(variance):
     g, x = torch.Generator().manual_seed(5), x_T
     for t in range(T - 1, -1, -1):
         p = d.p_mean_variance(f(x, torch.full((4,), t)), x, t)
-        x = p["mean"] + (torch.exp(0.5 * p["log_variance"]) * torch.randn(x.shape, generator=g, dtype=x.dtype) if t else 0)
+        noise = torch.exp(0.5 * p["log_variance"]) * torch.randn(x.shape, generator=g, dtype=x.dtype) if t else 0
+        x = p["mean"] + noise
     assert _rel(ours, x) < 1e-9
 
 
@@ -273,7 +281,8 @@ def test_sampling_leaves_the_diffusion_unchanged():
     d = _diffusion()
     before = dict(vars(d))
     for name in SAMPLERS:
-        sample(gaussian_model_fn(d, M, S), torch.empty(1, 1, 2, 2), diffusion=d, sampler=name, steps=3, seed=0, karras=True,
+        sample(gaussian_model_fn(d, M, S), torch.empty(1, 1, 2, 2), diffusion=d, sampler=name, steps=3, seed=0,
+               karras=True,
                **({"corrector_steps": 1} if name == "langevin" else {}))
     assert vars(d).keys() == before.keys() and all(vars(d)[k] is v for k, v in before.items())
 
@@ -335,12 +344,15 @@ def test_conditioning_is_bound():
         ({"init_image": torch.zeros(2, 1, 4, 4), "strength": 1.5}, ValueError, "strength must lie in \\(0, 1\\]"),
         ({"strength": 0.5}, ValueError, "needs init_image"),
         ({"init_image": torch.zeros(2, 1, 4, 5)}, ValueError, "init_image has shape \\(2, 1, 4, 5\\)"),
-        ({"mask": torch.ones(2, 1, 3, 4), "known": torch.zeros(2, 1, 4, 4)}, ValueError, "mask has shape \\(2, 1, 3, 4\\)"),
-        ({"mask": torch.ones(2, 1, 4, 4), "known": torch.zeros(3, 1, 4, 4)}, ValueError, "known has shape \\(3, 1, 4, 4\\)"),
+        ({"mask": torch.ones(2, 1, 3, 4), "known": torch.zeros(2, 1, 4, 4)}, ValueError,
+         "mask has shape \\(2, 1, 3, 4\\)"),
+        ({"mask": torch.ones(2, 1, 4, 4), "known": torch.zeros(3, 1, 4, 4)}, ValueError,
+         "known has shape \\(3, 1, 4, 4\\)"),
         ({"mask": torch.ones(2, 1, 4, 4)}, ValueError, "both mask and known"),
         ({"mask": 2 * torch.ones(2, 1, 4, 4), "known": torch.zeros(2, 1, 4, 4)}, ValueError, "mask values"),
         ({"sampler": "plms", "eta": 0.5}, ValueError, "'plms' takes no eta"),
-        ({"sampler": "plms", "resample_jumps": 2, "mask": torch.ones(2, 1, 4, 4), "known": torch.zeros(2, 1, 4, 4)}, ValueError, "ddpm, ddim only"),
+        ({"sampler": "plms", "resample_jumps": 2, "mask": torch.ones(2, 1, 4, 4), "known": torch.zeros(2, 1, 4, 4)},
+         ValueError, "ddpm, ddim only"),
         ({"resample_jumps": 2}, ValueError, "only acts with inpainting"),
         ({"guidance_scale": 3.0}, ValueError, "needs uncond"),
         ({"seed": [1, 2, 3]}, ValueError, "3 seeds for a batch of 2"),

@@ -1,6 +1,6 @@
 """DPM-Solver++ (2M, 3M, 2M SDE), UniPC and the Euler family (Euler, Euler ancestral, Heun).
 
-Exact answers on Gaussian data N(M, S²) (tests/analytic.py): the data's mean and variance, the end point of
+Exact answers on Gaussian data N(M, S²) (tests/helpers/analytic.py): the data's mean and variance, the end point of
 the probability-flow ODE, and the order of convergence as a log-log slope. Parity with diffusers, step by
 step on the same model function and the same x_T (and the same noise draws for the stochastic samplers).
 """
@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from analytic import gaussian_model_fn, ode_endpoint, optimal_x0
 from latentdiff.diffusion import GaussianDiffusion
 from latentdiff.samplers.common import alpha_bar, make_timesteps
 from latentdiff.samplers.dpm_solver import sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_dpmpp_3m
 from latentdiff.samplers.euler import sample_euler, sample_euler_ancestral, sample_heun
 from latentdiff.samplers.unipc import sample_unipc
 from latentdiff.schedules import make_betas
+
+from helpers.analytic import gaussian_model_fn, ode_endpoint, optimal_x0
 
 M, S = 0.5, 0.3
 BETAS = make_betas("linear", 1000)
@@ -67,7 +68,8 @@ def ode_then_denoise(x, ts, diffusion):
     """
     ab0, ab1 = alpha_bar(diffusion, ts[0]), alpha_bar(diffusion, ts[-1])
     var0, var1 = (1 - ab0) / ab0, (1 - ab1) / ab1  # σ² in σ-space
-    x_sigma = M + (S**2 + var1).sqrt() * (x.double() / ab0.sqrt() - M) / (S**2 + var0).sqrt()  # (x_σ − M)/√(S² + σ²) is constant
+    # (x_σ − M)/√(S² + σ²) is constant
+    x_sigma = M + (S**2 + var1).sqrt() * (x.double() / ab0.sqrt() - M) / (S**2 + var0).sqrt()
     return optimal_x0(x_sigma * ab1.sqrt(), ab1, M, S)
 
 
@@ -109,7 +111,8 @@ def test_dpmpp_3m_beats_2m(diffusion):
     model_fn = gaussian_model_fn(diffusion, M, S)
     ts = make_timesteps(diffusion, 40, karras=True)
     ref = ode_then_denoise(x, ts, diffusion)
-    err = {f.__name__: (f(model_fn, x, ts, diffusion=diffusion) - ref).abs().max().item() for f in (sample_dpmpp_2m, sample_dpmpp_3m)}
+    err = {f.__name__: (f(model_fn, x, ts, diffusion=diffusion) - ref).abs().max().item()
+           for f in (sample_dpmpp_2m, sample_dpmpp_3m)}
     assert err["sample_dpmpp_3m"] < 0.5 * err["sample_dpmpp_2m"], err
 
 
@@ -153,7 +156,8 @@ def test_callback_and_edit_state_see_each_step_in_vp_scale(diffusion, name):
         return x
 
     x = torch.randn(2, 1, 4, 4, generator=seeded(0))
-    out = ALL[name](gaussian_model_fn(diffusion, M, S), x, ts, diffusion=diffusion, generator=seeded(1), callback=callback, edit_state=edit_state)
+    out = ALL[name](gaussian_model_fn(diffusion, M, S), x, ts, diffusion=diffusion, generator=seeded(1),
+                    callback=callback, edit_state=edit_state)
     assert [s[0] for s in seen] == list(range(6)) and [s[1] for s in seen] == ts.tolist()
     assert all(s[3] == x.shape for s in seen)
     assert torch.equal(seen[-1][2], out)  # the last state is the result, at ᾱ = 1
@@ -302,7 +306,8 @@ def test_dpm_solver_and_unipc_match_diffusers(kind, spacing, offset, steps):
         (sample_dpmpp_2m_sde, {}, diffusers.DPMSolverMultistepScheduler(**common, algorithm_type="sde-dpmsolver++"), 7),
         (sample_unipc, {}, diffusers.UniPCMultistepScheduler(**common), None),
         (sample_unipc, {"order": 3}, diffusers.UniPCMultistepScheduler(**common, solver_order=3), None),
-        (sample_unipc, {"disable_corrector": (0,)}, diffusers.UniPCMultistepScheduler(**common, disable_corrector=[0]), None),
+        (sample_unipc, {"disable_corrector": (0,)}, diffusers.UniPCMultistepScheduler(**common, disable_corrector=[0]),
+         None),
     ]
     for sampler, options, sched, seed in cases:
         gen = seeded(seed) if seed is not None else None
@@ -331,11 +336,14 @@ def test_euler_and_heun_match_diffusers(kind, karras, steps):
     spacing = "linspace" if karras else "trailing"
     ts = make_timesteps(diff, steps, spacing=spacing, karras=karras)
     x = torch.randn(2, 2, 4, 4, generator=seeded(1))
-    for sampler, cls in [(sample_euler, diffusers.EulerDiscreteScheduler), (sample_heun, diffusers.HeunDiscreteScheduler)]:
-        sched = cls(trained_betas=BETAS, prediction_type=prediction_type, use_karras_sigmas=karras, timestep_spacing=spacing)
+    for sampler, cls in [(sample_euler, diffusers.EulerDiscreteScheduler),
+                         (sample_heun, diffusers.HeunDiscreteScheduler)]:
+        sched = cls(trained_betas=BETAS, prediction_type=prediction_type, use_karras_sigmas=karras,
+                    timestep_spacing=spacing)
         sched.set_timesteps(steps)
         # Same grid: diffusers' Heun repeats each inner timestep for its second evaluation.
-        assert np.allclose(sched.timesteps.numpy()[:: 1 if sampler is sample_euler else 2], ts.numpy(), atol=1e-2)  # float32 tables
+        every = 1 if sampler is sample_euler else 2
+        assert np.allclose(sched.timesteps.numpy()[::every], ts.numpy(), atol=1e-2)  # float32 tables
         ours = sampler(model_fn, x, ts, diffusion=diff)
         theirs = run_diffusers_sigma_space(sched, model_fn, x)
         assert rel_err(ours, theirs) < 1e-4, (sampler.__name__, rel_err(ours, theirs))

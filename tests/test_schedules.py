@@ -88,7 +88,8 @@ def test_timestep_grids():
     g = timesteps(1000, 50, "leading", offset=1)
     assert g[0] == 981 and g[-1] == 1 and len(g) == 50  # CompVis' DDIM grid
     assert timesteps(1000, 10, "linspace").tolist()[0] == 999 and timesteps(1000, 10, "linspace").tolist()[-1] == 0
-    assert all(np.all(np.diff(timesteps(1000, n, s)) < 0) for n in (1, 7, 1000) for s in ("leading", "trailing", "linspace"))
+    assert all(np.all(np.diff(timesteps(1000, n, s)) < 0)
+               for n in (1, 7, 1000) for s in ("leading", "trailing", "linspace"))
 
 
 def test_timestep_grids_match_diffusers():

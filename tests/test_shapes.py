@@ -9,7 +9,16 @@ import torch.nn.functional as F
 
 from latentdiff.errors import ConfigError
 from latentdiff.data.shapes import (
-    BACKGROUNDS, COLOURS, GRID, POSITIONS, SHAPES, ShapesConfig, ShapesDataset, pixel_box, render_scene, scene_split,
+    BACKGROUNDS,
+    COLOURS,
+    GRID,
+    POSITIONS,
+    SHAPES,
+    ShapesConfig,
+    ShapesDataset,
+    pixel_box,
+    render_scene,
+    scene_split,
 )
 
 CAPTION_PART = re.compile(r"a (\w+) (\w+) ((?:at|on|in) the [\w ]+?)(?:, | and |$)")

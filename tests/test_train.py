@@ -17,9 +17,6 @@ from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 
-from train_ddp_script import Pairs, Regression, run_regression
-from train_tiny import TinyDenoiser, ToyImages, make_objective
-
 from latentdiff.train import (
     EMA,
     CheckpointError,
@@ -38,6 +35,9 @@ from latentdiff.train import (
     verify_checkpoint,
 )
 from latentdiff.train.checkpoint import _torch_load
+
+from helpers.train_ddp_script import Pairs, Regression, run_regression
+from helpers.train_tiny import TinyDenoiser, ToyImages, make_objective
 
 TESTS = Path(__file__).parent
 PYTHON = sys.executable
@@ -71,7 +71,8 @@ def test_config_rejects_unknown_and_bad_values():
 def test_lr_warmup_and_decay():
     f = lambda s, sched="constant": lr_factor(s, warmup_steps=4, schedule=sched, total_steps=14)  # noqa: E731
     assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
-    assert f(4, "cosine") == pytest.approx(1.0) and f(9, "cosine") == pytest.approx(0.5) and f(14, "cosine") == pytest.approx(0.0)
+    assert f(4, "cosine") == pytest.approx(1.0) and f(9, "cosine") == pytest.approx(0.5)
+    assert f(14, "cosine") == pytest.approx(0.0)
     assert f(9, "linear") == pytest.approx(0.5)
     assert lr_factor(0, warmup_steps=0, schedule="constant", total_steps=10) == 1.0
 
@@ -124,9 +125,11 @@ def test_diffusion_objective_protocol_dropout_and_resampler_state():
     obj.cond_drop_prob = 0.5
     torch.manual_seed(0)
     cond, clean = obj._condition({"label": torch.zeros(4000, dtype=torch.long)}, 4000, "cpu")
-    assert abs((cond["y"] == 4).float().mean().item() - 0.5) < 0.03 and torch.equal(clean["y"], torch.zeros(4000, dtype=torch.long))
+    assert abs((cond["y"] == 4).float().mean().item() - 0.5) < 0.03
+    assert torch.equal(clean["y"], torch.zeros(4000, dtype=torch.long))
 
-    ctx_obj = DiffusionObjective(TinyDenoiser(), obj.diffusion, cond_key="text", cond_drop_prob=1.0, null_context=torch.zeros(3, 5))
+    ctx_obj = DiffusionObjective(TinyDenoiser(), obj.diffusion, cond_key="text", cond_drop_prob=1.0,
+                                 null_context=torch.zeros(3, 5))
     cond, _ = ctx_obj._condition({"text": torch.ones(2, 3, 5)}, 2, "cpu")
     assert torch.equal(cond["context"], torch.zeros(2, 3, 5))
     with pytest.raises(ValueError, match="num_classes.*null_context"):
@@ -155,7 +158,8 @@ def _fixed_loss(obj, data, T):
     t = torch.arange(32) % T
     noise = torch.randn(x0.shape, generator=g)
     with torch.no_grad():
-        out = obj.diffusion.training_losses(lambda x, tt, **c: obj.models["unet"](x, tt, **c), x0, t, noise, y=data.labels[:32])
+        out = obj.diffusion.training_losses(lambda x, tt, **c: obj.models["unet"](x, tt, **c), x0, t, noise,
+                                            y=data.labels[:32])
     return out["loss"].mean().item()
 
 
@@ -183,14 +187,16 @@ def test_loss_falls_logs_lr_and_writes_samples(tmp_path):
     # the EMA is saved and differs from the trained weights
     ckpt = result.checkpoint
     w, e = load_file(ckpt / "models" / "unet.safetensors"), load_file(ckpt / "ema" / "unet.safetensors")
-    assert torch.equal(w["out.weight"], obj.models["unet"].out.weight) and not torch.equal(w["out.weight"], e["out.weight"])
+    assert torch.equal(w["out.weight"], obj.models["unet"].out.weight)
+    assert not torch.equal(w["out.weight"], e["out.weight"])
     fresh = TinyDenoiser(num_classes=4, T=T)
     load_models(ckpt, {"unet": fresh}, ema=True)
     assert torch.equal(fresh.out.weight, e["out.weight"])
 
 
 def test_truncated_checkpoint_is_reported_and_previous_used(tmp_path):
-    cfg = TrainConfig(steps=4, batch_size=8, checkpoint_every=2, keep_checkpoints=0, deterministic=True, log_every=1, ema_decay=0.9)
+    cfg = TrainConfig(steps=4, batch_size=8, checkpoint_every=2, keep_checkpoints=0, deterministic=True, log_every=1,
+                      ema_decay=0.9)
     train(make_objective(T=10, dropout=0.1), ToyImages(n=24), cfg, tmp_path, progress=False)
     last = tmp_path / "checkpoints" / "step_0000004"
     good = {f: _sha(last / f) for f in ("models/unet.safetensors", "ema/unet.safetensors", "optimizers.pt")}
@@ -334,7 +340,9 @@ def test_save_grid(tmp_path):
 
 
 def _spawn(*args):
-    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    """``python ARGS`` in its own process group, with tests/ on its path (for ``-m helpers.…``)."""
+    path = os.pathsep.join(p for p in (str(TESTS), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PYTHONPATH=path)
     return subprocess.Popen([PYTHON, *map(str, args)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
@@ -353,15 +361,15 @@ def _finish(proc, timeout=240):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigkill_and_resume_is_bit_exact(tmp_path):
-    script = TESTS / "train_resume_script.py"
-    a = _spawn(script, tmp_path / "A")  # uninterrupted, alongside the interrupted run
+    script = ("-m", "helpers.train_resume_script")
+    a = _spawn(*script, tmp_path / "A")  # uninterrupted, alongside the interrupted run
     # Killed while writing the checkpoint of step 12: steps 9-12 are lost, a half-written directory is left.
-    b1 = _spawn(script, tmp_path / "B", "--kill-in-checkpoint", "12")
+    b1 = _spawn(*script, tmp_path / "B", "--kill-in-checkpoint", "12")
     out_b1 = _finish(b1)
     assert b1.returncode == -signal.SIGKILL, out_b1
     assert [s for s, _ in list_checkpoints(tmp_path / "B")] == [4, 8]
     assert (tmp_path / "B" / "checkpoints" / ".tmp_step_0000012").is_dir()
-    b2 = _spawn(script, tmp_path / "B", "--resume")
+    b2 = _spawn(*script, tmp_path / "B", "--resume")
     out_b2, out_a = _finish(b2), _finish(a)
     assert a.returncode == 0 and b2.returncode == 0, out_a + out_b2
     assert "step_0000008 at step 8" in out_b2  # resumed from the last complete checkpoint
@@ -378,7 +386,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path):
 @pytest.mark.timeout(300)
 def test_two_processes_match_one_process_with_double_batch(tmp_path):
     proc = _spawn("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                  TESTS / "train_ddp_script.py", tmp_path / "ddp")
+                  "-m", "helpers.train_ddp_script", tmp_path / "ddp")
     single = run_regression(tmp_path / "single")  # meanwhile, one process with the whole batch of 8
     out = _finish(proc)
     assert proc.returncode == 0 and "ddp ok: world=2" in out, out

@@ -49,12 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model from a YAML config", formatter_class=_fmt(),
                        description="Train a model from a YAML config. Any key can be overridden as key=value (e.g. train.steps=500).")
-    t.add_argument("config", help="YAML config file (see configs/)")
+    t.add_argument("config", help="YAML config file, or the name of a shipped recipe (see `latentdiff recipes`)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides on dotted keys, e.g. train.lr=1e-3 model.channel_mult=[1,2]")
     t.add_argument("--out", default=None, help="run folder (checkpoints, samples, metrics, resolved config); default: the config's train.out_dir")
     t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the run folder (default: start a new run; "
                    "a folder that already holds checkpoints is then an error)")
     t.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
+
+    sub.add_parser("recipes", help="list the shipped recipes, one line each (train one: latentdiff train NAME)")
 
     s = sub.add_parser("sample", help="draw images from a run or model folder", formatter_class=_fmt(),
                        description="Draw images from a trained model (EMA weights by default) and write a grid PNG or one PNG per image.")
@@ -163,12 +165,10 @@ def _add_oracle_parser(sub) -> None:
 
 def cmd_train(args) -> int:
     from .config import load_config
+    from .recipes import find_recipe
     from .train.run import train_from_config
 
-    path = Path(args.config)
-    if not path.is_file():
-        raise CLIError(f"config file {path} not found")
-    config = load_config(path, args.overrides)
+    config = load_config(find_recipe(args.config), args.overrides)
     result = train_from_config(config, args.out, resume=args.resume, progress=not args.quiet)
     print(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
     return 0
@@ -472,8 +472,19 @@ def cmd_oracle(args) -> int:
     return 0
 
 
+def cmd_recipes(args) -> int:
+    """``latentdiff recipes``: each shipped recipe's name and description, one line each."""
+    from .recipes import list_recipes
+
+    recipes = list_recipes()
+    width = max(len(name) for name, _ in recipes)
+    for name, description in recipes:
+        print(f"{name:<{width}}  {description}".rstrip())
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "reconstruct": cmd_reconstruct, "eval": cmd_eval,
-            "oracle": cmd_oracle, "info": cmd_info}
+            "oracle": cmd_oracle, "info": cmd_info, "recipes": cmd_recipes}
 
 
 def main(argv=None) -> int:

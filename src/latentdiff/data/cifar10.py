@@ -5,7 +5,8 @@ each a dict with ``b"data"`` (N, 3072) uint8 (1024 red, 1024 green, 1024 blue va
 ``b"labels"`` (N ints 0..9). A pickle can run arbitrary code when loaded, so these files are read with
 :class:`RestrictedUnpickler`, which resolves only the handful of globals that a numpy array needs (the array
 reconstructor, ``ndarray``, ``dtype`` without object fields, and latin-1 ``_codecs.encode`` that Python 3
-uses for bytes in old protocols); any other global, e.g. ``os.system``, raises :class:`UnsafePickleError` (a ``pickle.UnpicklingError``).
+uses for bytes in old protocols); any other global, e.g. ``os.system``, raises :class:`UnsafePickleError` (a
+``pickle.UnpicklingError``).
 Non-object containers (dict, list, bytes, str, int) need no globals at all.
 """
 

@@ -179,7 +179,8 @@ class ImageFolder(Dataset):
                         if not key.is_file():
                             raise DataError(f"{where}: file_name {name!r} does not exist under {str(meta.parent)!r}")
                         raise DataError(
-                            f"{where}: file_name {name!r} is not an image this dataset reads ({', '.join(IMAGE_EXTENSIONS)})"
+                            f"{where}: file_name {name!r} is not an image this dataset reads "
+                            f"({', '.join(IMAGE_EXTENSIONS)})"
                         )
                     if key in records:
                         first = records[key]
@@ -281,7 +282,8 @@ class ImageFolder(Dataset):
             except Exception as e:  # decoding failed despite verify (e.g. a truncated JPEG): use the next image
                 if src not in self._failed:
                     self._failed.add(src)
-                    logger.warning("could not decode %s (%s: %s); using the next image", self.paths[src], type(e).__name__, e)
+                    logger.warning("could not decode %s (%s: %s); using the next image", self.paths[src],
+                                   type(e).__name__, e)
                 src = (src + 1) % n
         else:
             raise DataError(f"no image under {str(self.root)!r} could be decoded")
@@ -310,26 +312,6 @@ class ImageFolder(Dataset):
         extra = f", classes={self.num_classes}" if self.classes is not None else ""
         cap = f", captions={self.caption_source}" if self.has_captions else ""
         return f"ImageFolder({str(self.root)!r}, n={len(self)}, size={self.size}, channels={self.channels}{extra}{cap})"
-
-
-def folder_dataset(path, *, size: int | None = None, channels: int = 3) -> ImageFolder:
-    """An ImageFolder of ``path`` as plain images (no labels, captions or random transforms) at ``size``
-    (default: the shorter side of its first readable image): a set of real or generated images to score."""
-    root = Path(path)
-    if root.is_dir() and size is None:
-        size = _first_image_side(root)
-    return ImageFolder(root, size or 8, channels=channels, captions="none", labels="none")
-
-
-def _first_image_side(root: Path) -> int | None:
-    for p in sorted(root.rglob("*")):
-        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith("."):
-            try:
-                with Image.open(p) as im:
-                    return min(im.size)
-            except Exception:  # unreadable: ImageFolder skips it and reports it
-                continue
-    return None
 
 
 def _caption_field(rec: dict) -> str | None:
@@ -369,8 +351,8 @@ def first_image_side(root: Path) -> int | None:
 
 
 def folder_dataset(path, *, size: int | None = None, channels: int = 3) -> ImageFolder:
-    """An ImageFolder of ``path`` (no labels, captions or random transforms) at ``size`` (default: the
-    shorter side of its first image)."""
+    """An ImageFolder of ``path`` as plain images (no labels, captions or random transforms) at ``size``
+    (default: the shorter side of its first readable image): a set of real or generated images to score."""
     root = Path(path)
     if root.is_dir() and size is None:
         size = first_image_side(root)

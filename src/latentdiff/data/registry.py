@@ -120,7 +120,8 @@ def _build_cifar10(s: dict) -> Dataset:
 
     _fixed(s, "size", 32, "cifar10")
     _fixed(s, "channels", 3, "cifar10")
-    return CIFAR10(_require(s, "root", "cifar10"), train=s["split"] == "train", flip=s["flip"], seed=s["seed"], **s["options"])
+    return CIFAR10(_require(s, "root", "cifar10"), train=s["split"] == "train", flip=s["flip"], seed=s["seed"],
+                   **s["options"])
 
 
 def _build_digits(s: dict) -> Dataset:

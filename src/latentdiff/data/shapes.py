@@ -80,7 +80,8 @@ class ShapesConfig:
         if not 1 <= self.min_objects <= self.max_objects <= GRID * GRID:
             raise ConfigError(f"shapes: need 1 <= min_objects <= max_objects <= {GRID * GRID}, "
                               f"got {self.min_objects}, {self.max_objects}")
-        for kind, names, known in (("shape", self.shapes, SHAPES), ("colour", self.colours, COLOURS), ("background", self.backgrounds, BACKGROUNDS)):
+        for kind, names, known in (("shape", self.shapes, SHAPES), ("colour", self.colours, COLOURS),
+                                   ("background", self.backgrounds, BACKGROUNDS)):
             bad = [n for n in names if n not in known]
             if bad or not names or len(set(names)) != len(names):
                 raise ConfigError(f"shapes: bad {kind} list {names!r}; choose distinct names from {', '.join(known)}")
@@ -257,7 +258,8 @@ class ShapesDataset(Dataset):
         config: a ShapesConfig; keyword ``overrides`` replace its fields (unknown names are errors).
     """
 
-    def __init__(self, split: str = "train", length: int = 50_000, seed: int = 0, config: ShapesConfig | None = None, **overrides):
+    def __init__(self, split: str = "train", length: int = 50_000, seed: int = 0, config: ShapesConfig | None = None,
+                 **overrides):
         if split not in SPLITS:
             raise ConfigError(f"shapes: unknown split {split!r}; expected one of {', '.join(SPLITS)}")
         if length < 1:

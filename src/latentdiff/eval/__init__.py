@@ -13,11 +13,22 @@ Typical use (the CLI's `eval` does this):
 from ..nn.inception import FIDInceptionV3, load_fid_inception
 from .evaluate import compare, real_floor, split_stats
 from .features import extract_stats, image_batches, quantize_8bit
-from .metrics import (FeatureStats, class_accuracy, fid, fid_from_stats, frechet_distance, inception_score, kid,
-                      mmd2_unbiased, polynomial_kernel, precision_recall, psnr, ssim)
+from .metrics import (
+    FeatureStats,
+    class_accuracy,
+    fid,
+    fid_from_stats,
+    frechet_distance,
+    inception_score,
+    kid,
+    mmd2_unbiased,
+    polynomial_kernel,
+    precision_recall,
+    psnr,
+    ssim,
+)
 from .oracle import Oracle, OracleConfig, digits_oracle, load_oracle, save_oracle, train_digits_oracle, train_oracle
-from .stats_cache import (cache_path, dataset_identity, files_fingerprint, load_stats, reference_stats,
-                          save_stats)
+from .stats_cache import cache_path, dataset_identity, files_fingerprint, load_stats, reference_stats, save_stats
 
 __all__ = [
     "FIDInceptionV3", "load_fid_inception",

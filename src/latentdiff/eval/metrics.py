@@ -153,7 +153,8 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
         warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)  # handled below by the finiteness check
         covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)
         if not np.isfinite(covmean).all():
-            warnings.warn(f"FID: sqrtm(S1 S2) is singular; adding {eps} to the covariance diagonals", RuntimeWarning)
+            warnings.warn(f"FID: sqrtm(S1 S2) is singular; adding {eps} to the covariance diagonals", RuntimeWarning,
+                          stacklevel=2)
             offset = np.eye(sigma1.shape[0]) * eps
             covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):

@@ -27,10 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..dataclass_io import FromDict
 from ..errors import CheckpointError, MissingFileError
 from ..fileio import atomic_write_bytes
 from ..nn.inception import state_dict_hash
-from ..dataclass_io import FromDict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -134,7 +134,8 @@ def _hash_text(s: str) -> str:
 # ---------------------------------------------------------------------------------------------- save / load
 
 def save_network(model: nn.Module, out_dir: str | os.PathLike, record: dict) -> Path:
-    """Write ``out_dir/model.safetensors`` (the state dict) and ``out_dir/config.json`` (``record``), each atomically."""
+    """Write ``out_dir/model.safetensors`` (the state dict) and ``out_dir/config.json`` (``record``), each
+    atomically."""
     from safetensors.torch import save
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +150,8 @@ def save_oracle(oracle: Oracle, out_dir: str | os.PathLike) -> Path:
     return save_network(oracle, out_dir, {"config": dataclasses.asdict(oracle.config), "info": oracle.info})
 
 
-def load_network(path: str | os.PathLike, build, *, what: str, hint: str, kind: str | None = None, device=None) -> nn.Module:
+def load_network(path: str | os.PathLike, build, *, what: str, hint: str, kind: str | None = None,
+                 device=None) -> nn.Module:
     """Load a folder written by :func:`save_network` (or a file in it): ``build(record["config"])`` makes the
     module, whose weights must match the file's names and shapes; ``kind`` (when given) must equal the
     record's. Eval mode, no gradients, ``.info`` from the record. Missing or corrupt files raise errors that
@@ -175,7 +177,8 @@ def load_network(path: str | os.PathLike, build, *, what: str, hint: str, kind: 
     except (SafetensorError, OSError, RuntimeError) as e:
         raise CheckpointError(f"corrupt {what} weights {w_path}: {e}") from None
     expected = net.state_dict()
-    bad = sorted(set(expected) ^ set(state)) + [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    bad = sorted(set(expected) ^ set(state))
+    bad += [k for k in expected if k in state and state[k].shape != expected[k].shape]
     if bad:
         raise CheckpointError(f"{what} weights {w_path} do not match its config: {bad[:8]}")
     net.load_state_dict(state)

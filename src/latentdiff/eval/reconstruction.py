@@ -110,7 +110,9 @@ def format_reconstruction(result: dict) -> str:
         rows.append(("SSIM", f"{m['ssim']:.4f}", "1 (identity)"))
     rows.append(("L1", f"{m['l1']:.4f}", "0 (identity)"))
     if "rfid" in m:
-        other = f"0 (identity); {m['rfid_other_real']:.4g} (other real images)" if "rfid_other_real" in m else "0 (identity)"
+        other = "0 (identity)"
+        if "rfid_other_real" in m:
+            other += f"; {m['rfid_other_real']:.4g} (other real images)"
         rows.append((f"rFID ({(result.get('features') or {}).get('name', '?')})", f"{m['rfid']:.4g}", other))
     rows.append(("encode / decode img/s", f"{m['encode_images_per_s']:.0f} / {m['decode_images_per_s']:.0f}", "-"))
     w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)

@@ -15,12 +15,31 @@ Reference statistics are cached under ``cache_root()/fid_stats`` (``$LATENTDIFF_
 
 from ..data.folder import folder_dataset
 from ..devices import default_device
-from .feature_networks import (FEATURES, ORACLE_DATASETS, choose_features, digits_oracle_cached, feature_network,
-                               load_any_oracle, shapes_oracle_cached)
+from .feature_networks import (
+    FEATURES,
+    ORACLE_DATASETS,
+    choose_features,
+    digits_oracle_cached,
+    feature_network,
+    load_any_oracle,
+    shapes_oracle_cached,
+)
 from .references import Reference, dataset_for, load_reference
 from .report import default_json_path, format_table, table_rows, write_json
-from .scoring import (DEFAULT_METRICS, METRICS, CountedCalls, bits_per_dim, bpd_dataset, evaluate_folders,
-                      evaluate_model, feature_metrics, floor_metrics, parse_metrics, sample_batches, sample_stats)
+from .scoring import (
+    DEFAULT_METRICS,
+    METRICS,
+    CountedCalls,
+    bits_per_dim,
+    bpd_dataset,
+    evaluate_folders,
+    evaluate_model,
+    feature_metrics,
+    floor_metrics,
+    parse_metrics,
+    sample_batches,
+    sample_stats,
+)
 from .stats_cache import CACHE_ENV, cache_root
 
 __all__ = [

@@ -34,8 +34,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.shapes import COLOURS, GRID, POSITIONS, SHAPES, ShapesDataset
-from .oracle import load_network, save_network
 from ..dataclass_io import FromDict
+from .oracle import load_network, save_network
 
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 CELL = 12  # pixels per cell side after resizing to GRID·CELL = 36
@@ -49,7 +49,8 @@ class ShapesOracleConfig(FromDict):
     cell_dim: int = 64                # cell embedding width; features are 9·cell_dim wide
 
     def __post_init__(self):
-        self.shapes, self.colours, self.widths = tuple(self.shapes), tuple(self.colours), tuple(int(w) for w in self.widths)
+        self.shapes, self.colours = tuple(self.shapes), tuple(self.colours)
+        self.widths = tuple(int(w) for w in self.widths)
         if len(self.widths) != 3 or min(self.widths) < 1 or self.cell_dim < 1:
             raise ValueError(f"invalid ShapesOracleConfig widths {self.widths} / cell_dim {self.cell_dim}")
         if any(s not in SHAPES for s in self.shapes) or any(c not in COLOURS for c in self.colours):
@@ -140,7 +141,8 @@ class ShapesOracle(nn.Module):
             parts = []
             for cell, t in enumerate(row):
                 if t:
-                    shape, colour = self.config.shapes[(t - 1) // len(self.config.colours)], self.config.colours[(t - 1) % len(self.config.colours)]
+                    shape_id, colour_id = divmod(t - 1, len(self.config.colours))
+                    shape, colour = self.config.shapes[shape_id], self.config.colours[colour_id]
                     parts.append(f"a {colour} {shape} {POSITIONS[cell]}")
             out.append(parts[0] if len(parts) == 1 else (", ".join(parts[:-1]) + " and " + parts[-1]) if parts else "")
         return out
@@ -204,8 +206,8 @@ def augment(x: torch.Tensor, noise: float = 0.03, photometric: bool = False) -> 
 
 def train_shapes_oracle(out_dir: str | os.PathLike | None = None, *, n_train: int = 20_000, n_test: int = 2_000,
                         epochs: int = 5, batch_size: int = 128, lr: float = 4e-3, noise: float = 0.03,
-                        size: int = 32, seed: int = 0, photometric: bool = False, config: ShapesOracleConfig | None = None,
-                        verbose: bool = True) -> tuple[ShapesOracle, dict]:
+                        size: int = 32, seed: int = 0, photometric: bool = False,
+                        config: ShapesOracleConfig | None = None, verbose: bool = True) -> tuple[ShapesOracle, dict]:
     """Train the oracle on ``n_train`` train-split images, score it on ``n_test`` test-split images.
 
     Adam with a one-cycle schedule (15% warm-up to ``lr``, cosine decay); per-cell cross-entropy. Training
@@ -242,13 +244,14 @@ def train_shapes_oracle(out_dir: str | os.PathLike | None = None, *, n_train: in
     scores = evaluate_oracle(oracle, x_te, c_te)
     train_scores = evaluate_oracle(oracle, x_tr[:n_test], c_tr[:n_test])
     oracle.info = {"test": scores, "train": train_scores, "n_train": n_train, "n_test": n_test, "epochs": epochs,
-                   "size": size, "seed": seed, "noise": noise, "photometric": photometric, "data_seconds": round(t_data, 1),
-                   "train_seconds": round(time.time() - t0, 1)}
+                   "size": size, "seed": seed, "noise": noise, "photometric": photometric,
+                   "data_seconds": round(t_data, 1), "train_seconds": round(time.time() - t0, 1)}
     if verbose:
         print(f"shapes oracle: held-out test split ({n_test} images, layouts unseen in training): "
               f"image accuracy {scores['image_accuracy']:.4f}, object accuracy {scores['object_accuracy']:.4f}, "
               f"cell accuracy {scores['cell_accuracy']:.4f}, false objects/image {scores['false_objects']:.4f} "
-              f"(train image accuracy {train_scores['image_accuracy']:.4f}; {oracle.info['train_seconds']} s)", flush=True)
+              f"(train image accuracy {train_scores['image_accuracy']:.4f}; {oracle.info['train_seconds']} s)",
+              flush=True)
     if out_dir is not None:
         save_shapes_oracle(oracle, out_dir)
     return oracle, scores

@@ -116,9 +116,9 @@ def reference_stats(net, source, *, dataset_id: dict, cache_dir: str | os.PathLi
             stats, meta = load_stats(path)
             if json.dumps(meta, sort_keys=True) == json.dumps(meta_want, sort_keys=True):
                 return stats
-            warnings.warn(f"statistics cache {path} has other identities; recomputing", RuntimeWarning)
+            warnings.warn(f"statistics cache {path} has other identities; recomputing", RuntimeWarning, stacklevel=2)
         except ValueError as e:
-            warnings.warn(f"{e}; recomputing", RuntimeWarning)
+            warnings.warn(f"{e}; recomputing", RuntimeWarning, stacklevel=2)
     stats = extract_stats(net, source, batch_size=batch_size, indices=indices, max_items=max_items,
                           max_kept=max_kept, device=device, progress=progress)
     save_stats(path, stats, meta_want)

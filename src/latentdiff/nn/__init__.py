@@ -11,5 +11,6 @@ from .unet import UNet, UNetConfig, unet_from_preset
 
 __all__ = [
     "AttentionBlock", "CrossAttention", "Downsample", "ResBlock", "SinusoidalEmbedding", "SpatialTransformer",
-    "UNET_PRESETS", "UNet", "UNetConfig", "Upsample", "group_norm", "group_norm_silu", "unet_from_preset", "zero_module",
+    "UNET_PRESETS", "UNet", "UNetConfig", "Upsample", "group_norm", "group_norm_silu", "unet_from_preset",
+    "zero_module",
 ]

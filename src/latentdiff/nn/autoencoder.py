@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..dataclass_io import FromDict
 from ..errors import CheckpointError, MissingFileError
 from ..fileio import atomic_write, atomic_write_text
-from ..dataclass_io import FromDict
 from ..folders import AE_CONFIG_FILE as CONFIG_FILE
 from ..folders import AE_FORMAT as FORMAT
 from ..folders import WEIGHTS_FILE
@@ -64,10 +64,12 @@ class AutoencoderConfig(FromDict):
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
         self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
         if self.regularizer not in REGULARIZERS:
-            raise ValueError(f"unknown autoencoder regularizer {self.regularizer!r}; expected one of {', '.join(REGULARIZERS)}")
+            raise ValueError(f"unknown autoencoder regularizer {self.regularizer!r}; "
+                             f"expected one of {', '.join(REGULARIZERS)}")
         if not self.ch_mult or any(m < 1 for m in self.ch_mult):
             raise ValueError(f"autoencoder ch_mult must be a non-empty tuple of positive ints, got {self.ch_mult}")
-        for name in ("in_channels", "out_channels", "resolution", "ch", "z_channels", "embed_dim", "n_embed", "norm_groups"):
+        for name in ("in_channels", "out_channels", "resolution", "ch", "z_channels", "embed_dim", "n_embed",
+                     "norm_groups"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"autoencoder {name} must be a positive int, got {v!r}")
@@ -134,7 +136,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (conv(h).reshape(B, 1, C, H * W).transpose(2, 3) for conv in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        # (B, 1, HW, C) each
+        q, k, v = (conv(h).reshape(B, 1, C, H * W).transpose(2, 3) for conv in (self.q, self.k, self.v))
         a = F.scaled_dot_product_attention(q, k, v)  # softmax(q kᵀ / √C) v
         a = a.transpose(2, 3).reshape(B, C, H, W)
         return x + self.proj_out(a)
@@ -285,7 +288,8 @@ class Autoencoder(nn.Module):
         kl = cfg.regularizer == "kl"
         self.encoder = Encoder(cfg, 2 * cfg.z_channels if kl else cfg.z_channels)
         self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels if kl else cfg.z_channels, 2 * cfg.embed_dim if kl else cfg.embed_dim, 1)
+        moments = 2 if kl else 1  # KL: mean and log-variance
+        self.quant_conv = nn.Conv2d(moments * cfg.z_channels, moments * cfg.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
         if not kl:
             self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim, cfg.vq_beta, restart_dead=cfg.vq_restart_dead)
@@ -308,7 +312,8 @@ class Autoencoder(nn.Module):
 
     def _check_size(self, height: int, width: int):
         if height % self.f or width % self.f:
-            raise ValueError(f"autoencoder downsampling factor f={self.f} does not divide the image size {height}x{width}")
+            raise ValueError(f"autoencoder downsampling factor f={self.f} does not divide the image size "
+                             f"{height}x{width}")
 
     def _check_image(self, x: torch.Tensor):
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
@@ -316,7 +321,8 @@ class Autoencoder(nn.Module):
         self._check_size(x.shape[2], x.shape[3])
 
     def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
-        """quant_conv(encoder(x)): KL moments (B, 2·embed_dim, h, w) or the VQ pre-quantisation latent (B, embed_dim, h, w)."""
+        """quant_conv(encoder(x)): KL moments (B, 2·embed_dim, h, w) or the VQ pre-quantisation latent
+        (B, embed_dim, h, w)."""
         self._check_image(x)
         return self.quant_conv(self.encoder(x))
 
@@ -333,9 +339,11 @@ class Autoencoder(nn.Module):
         return self.encode_moments(x)
 
     def decode(self, z: torch.Tensor, quantize: bool = True) -> torch.Tensor:
-        """x̂ (B, out_channels, h·f, w·f) from an unscaled latent; a VQ model quantises z first unless ``quantize=False``."""
+        """x̂ (B, out_channels, h·f, w·f) from an unscaled latent; a VQ model quantises z first unless
+        ``quantize=False``."""
         if z.ndim != 4 or z.shape[1] != self.config.embed_dim:
-            raise ValueError(f"autoencoder.decode expects latents (B, {self.config.embed_dim}, h, w), got {tuple(z.shape)}")
+            raise ValueError(f"autoencoder.decode expects latents (B, {self.config.embed_dim}, h, w), "
+                             f"got {tuple(z.shape)}")
         if self.config.regularizer == "vq" and quantize:
             z, _ = self.quantize(z)
         return self.decoder(self.post_quant_conv(z))
@@ -351,8 +359,10 @@ class Autoencoder(nn.Module):
 
 
 @torch.no_grad()
-def compute_latent_scale(autoencoder: Autoencoder, images: torch.Tensor, generator: torch.Generator | None = None) -> float:
-    """LDM's scale_by_std: 1 / std of the latents of one batch (KL: posterior samples), so scaled latents have unit variance."""
+def compute_latent_scale(autoencoder: Autoencoder, images: torch.Tensor,
+                         generator: torch.Generator | None = None) -> float:
+    """LDM's scale_by_std: 1 / std of the latents of one batch (KL: posterior samples), so scaled latents have
+    unit variance."""
     model = getattr(autoencoder, "module", autoencoder)
     was_training = model.training
     model.eval()
@@ -366,7 +376,8 @@ def compute_latent_scale(autoencoder: Autoencoder, images: torch.Tensor, generat
     return 1.0 / std
 
 
-def save_autoencoder(autoencoder: Autoencoder, folder: str, latent_scale: float | None = None, data: dict | None = None) -> None:
+def save_autoencoder(autoencoder: Autoencoder, folder: str, latent_scale: float | None = None,
+                     data: dict | None = None) -> None:
     """Write ``folder/config.json`` (config, latent scale, and the data section it was trained on when known:
     ``data`` or the model's ``training_data``) and ``folder/model.safetensors``, each atomically."""
     from safetensors.torch import save_file

@@ -70,7 +70,8 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape or x.ndim != 4:
-            raise ValueError(f"LPIPS: inputs must be two (B, 3, H, W) batches of one shape, got {tuple(x.shape)}, {tuple(y.shape)}")
+            raise ValueError(f"LPIPS: inputs must be two (B, 3, H, W) batches of one shape, "
+                             f"got {tuple(x.shape)}, {tuple(y.shape)}")
         d = 0.0
         for lin, fx, fy in zip(self.lins, self.features(x), self.features(y)):
             nx = fx / (fx.pow(2).sum(1, keepdim=True).sqrt() + 1e-10)  # unit length along channels

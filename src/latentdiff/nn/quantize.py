@@ -47,7 +47,8 @@ class VectorQuantizer(nn.Module):
         if beta < 0:
             raise ValueError(f"VectorQuantizer: beta must be >= 0, got {beta}")
         self.n_embed, self.embed_dim, self.beta = int(n_embed), int(embed_dim), float(beta)
-        self.restart_dead, self.usage_decay, self.dead_threshold = bool(restart_dead), float(usage_decay), float(dead_threshold)
+        self.restart_dead = bool(restart_dead)
+        self.usage_decay, self.dead_threshold = float(usage_decay), float(dead_threshold)
         self.embedding = nn.Embedding(self.n_embed, self.embed_dim)
         nn.init.uniform_(self.embedding.weight, -1.0 / self.n_embed, 1.0 / self.n_embed)
         self.register_buffer("usage", torch.full((self.n_embed,), 1.0 / self.n_embed))  # EMA of assignment shares

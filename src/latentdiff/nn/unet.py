@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..dataclass_io import FromDict, update
 from .attention import AttentionBlock, SpatialTransformer
 from .layers import Downsample, ResBlock, SinusoidalEmbedding, Upsample, group_norm, group_norm_silu, zero_module
-from ..dataclass_io import FromDict, update
 
 
 @dataclass

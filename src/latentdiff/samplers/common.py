@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from ..diffusion import x0_eps_from_output
-from ..schedules import karras_sigmas, timesteps as integer_timesteps
+from ..schedules import karras_sigmas
+from ..schedules import timesteps as integer_timesteps
 
 
 def alpha_bar(diffusion, t) -> torch.Tensor:

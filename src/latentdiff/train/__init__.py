@@ -10,8 +10,8 @@ from .checkpoint import (
     find_resume_checkpoint,
     latest_checkpoint,
     list_checkpoints,
-    load_models,
     load_model_weights,
+    load_models,
     verify_checkpoint,
 )
 from .config import TrainConfig, lr_factor

@@ -31,7 +31,8 @@ from ..eval.metrics import psnr, ssim  # noqa: F401  (psnr and ssim are also imp
 from ..nn.autoencoder import Autoencoder, compute_latent_scale, save_autoencoder
 
 
-def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
+def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
+                    max_weight: float = 1e4) -> torch.Tensor:
     """λ = ||∇_{G_L} L_rec|| / (||∇_{G_L} L_G|| + 1e-4), clamped to [0, max_weight], detached (VQGAN eq. 7)."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
@@ -120,7 +121,8 @@ class AutoencoderObjective:
             if f_d > 0:
                 g_loss = -disc(x_rec.contiguous()).mean()
                 if torch.is_grad_enabled() and x_rec.requires_grad:
-                    d_weight = adaptive_weight(nll, g_loss, raw_ae.last_layer, cfg.max_adaptive_weight) * cfg.disc_weight
+                    lam = adaptive_weight(nll, g_loss, raw_ae.last_layer, cfg.max_adaptive_weight)  # VQGAN eq. 7
+                    d_weight = lam * cfg.disc_weight
                 else:  # no graph (evaluation): λ is undefined, the term is left out
                     d_weight = torch.zeros((), device=x.device)
                 losses["autoencoder"] = loss_ae + d_weight * f_d * g_loss
@@ -180,7 +182,8 @@ class AutoencoderObjective:
                 l1.append((rec - xb).abs().flatten(1).mean(1).cpu())
         finally:
             ae.train(was)
-        return {"psnr": float(torch.cat(p).mean()), "ssim": float(torch.cat(s).mean()), "l1": float(torch.cat(l1).mean())}
+        return {"psnr": float(torch.cat(p).mean()), "ssim": float(torch.cat(s).mean()),
+                "l1": float(torch.cat(l1).mean())}
 
 
 def _distributed() -> bool:

@@ -110,7 +110,8 @@ def capture_rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                   "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64), "gauss_next": py_gauss},
+        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss_next": py_gauss},
     }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -120,7 +121,8 @@ def capture_rng_state() -> dict:
 def restore_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    keys = n["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, n["pos"], n["has_gauss"], n["cached_gaussian"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
@@ -219,7 +221,8 @@ def load_models(path, models: dict, *, ema: bool = False) -> None:
         load_model_weights(model, f)
 
 
-def load_training_state(path, *, models: dict, ema: dict, optimizers: dict, objective=None, rank: int = 0, world_size: int = 1) -> dict:
+def load_training_state(path, *, models: dict, ema: dict, optimizers: dict, objective=None, rank: int = 0,
+                        world_size: int = 1) -> dict:
     """Load everything a resumed run needs into the given objects; returns state.json plus ``rng`` (this
     process's RNG states, or None when the checkpoint was written by a different number of processes)."""
     path = Path(path)
@@ -232,7 +235,8 @@ def load_training_state(path, *, models: dict, ema: dict, optimizers: dict, obje
             load_model_weights(e.model, f)
             e.num_updates = int(state.get("ema_updates", {}).get(n, 0))
         else:
-            warnings.warn(f"checkpoint {path.name} has no EMA weights for {n!r}; the EMA restarts from the model", stacklevel=2)
+            warnings.warn(f"checkpoint {path.name} has no EMA weights for {n!r}; the EMA restarts from the model",
+                          stacklevel=2)
             e.model.load_state_dict(models[n].state_dict())
     saved = _torch_load(path / "optimizers.pt")
     for n, (opt, sched) in optimizers.items():
@@ -247,6 +251,7 @@ def load_training_state(path, *, models: dict, ema: dict, optimizers: dict, obje
         state["rng"] = _torch_load(rng_file)
     else:
         warnings.warn(f"checkpoint {path.name} was written by {state.get('world_size')} process(es), this run has "
-                      f"{world_size}: random states restart from the seed, so the run will not repeat exactly", stacklevel=2)
+                      f"{world_size}: random states restart from the seed, so the run will not repeat exactly",
+                      stacklevel=2)
         state["rng"] = None
     return state

@@ -30,7 +30,8 @@ class EpochBatchSampler:
         seed: seeds the permutation of each epoch (with the epoch number).
     """
 
-    def __init__(self, num_samples: int, global_batch: int, *, world_size: int = 1, rank: int = 0, grad_accum: int = 1, seed: int = 0):
+    def __init__(self, num_samples: int, global_batch: int, *, world_size: int = 1, rank: int = 0, grad_accum: int = 1,
+                 seed: int = 0):
         if global_batch % (world_size * grad_accum):
             raise ConfigError(f"batch_size {global_batch} must be divisible by processes × grad_accum = "
                               f"{world_size} × {grad_accum}")

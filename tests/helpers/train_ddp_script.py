@@ -1,6 +1,6 @@
 """Data-parallel check, launched by test_train.py as
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/train_ddp_script.py OUT_DIR
+    python -m torch.distributed.run --nproc_per_node 2 -m helpers.train_ddp_script OUT_DIR   # tests/ on PYTHONPATH
 
 or imported and run in one process (``run_regression``). The regression objective has no randomness and a
 mean loss, so 2 processes × batch B must update the weights as 1 process × batch 2B does (up to float error).
@@ -15,9 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from latentdiff.train import TrainConfig, train  # noqa: E402
+from latentdiff.train import TrainConfig, train
 
 CONFIG = dict(steps=3, batch_size=8, lr=1e-2, warmup_steps=2, grad_clip=0.5, checkpoint_every=0, log_every=1,
               ema_decay=0.5, seed=0, deterministic=True)
@@ -60,16 +58,18 @@ def run_regression(out_dir, **overrides):
 def main(out_dir):
     import torch.distributed as dist
 
-    from train_tiny import ToyImages, make_objective
+    from helpers.train_tiny import ToyImages, make_objective
 
     run_regression(os.path.join(out_dir, "regression"))
     obj = make_objective(T=10, sampler="loss_second_moment")
-    train(obj, ToyImages(n=32), TrainConfig(steps=2, batch_size=8, checkpoint_every=0, log_every=1), os.path.join(out_dir, "diffusion"), progress=False)
+    config = TrainConfig(steps=2, batch_size=8, checkpoint_every=0, log_every=1)
+    train(obj, ToyImages(n=32), config, os.path.join(out_dir, "diffusion"), progress=False)
     counts = obj.diffusion.timestep_sampler.counts
     gathered = [torch.zeros(len(counts), dtype=torch.int64) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, torch.as_tensor(counts))
     if dist.get_rank() == 0:
-        assert int(gathered[0].sum()) == 2 * 8, f"history holds {int(gathered[0].sum())} losses, expected 16 (all processes)"
+        total = int(gathered[0].sum())
+        assert total == 2 * 8, f"history holds {total} losses, expected 16 (all processes)"
         assert all(torch.equal(gathered[0], c) for c in gathered), "timestep samplers differ between processes"
         print(f"ddp ok: world={dist.get_world_size()}", flush=True)
 

@@ -1,6 +1,8 @@
 """A tiny deterministic training run for the kill-and-resume test (run as a subprocess by test_train.py).
 
-    python tests/train_resume_script.py OUT_DIR [--resume] [--kill-at-step N] [--kill-in-checkpoint N]
+    python -m helpers.train_resume_script OUT_DIR [--resume] [--kill-at-step N] [--kill-in-checkpoint N]
+
+(with tests/ on PYTHONPATH)
 
 --kill-at-step N       SIGKILL this process right after optimizer step N.
 --kill-in-checkpoint N SIGKILL it in the middle of writing the checkpoint of step N (after the first file).
@@ -9,17 +11,13 @@
 import argparse
 import os
 import signal
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-torch.set_num_threads(1)
+import latentdiff.train.checkpoint as ckpt
+from latentdiff.train import TrainConfig, train
 
-from train_tiny import ToyImages, make_objective  # noqa: E402
-
-import latentdiff.train.checkpoint as ckpt  # noqa: E402
-from latentdiff.train import TrainConfig, train  # noqa: E402
+from helpers.train_tiny import ToyImages, make_objective
 
 CONFIG = dict(steps=14, batch_size=8, grad_accum=2, lr=3e-3, warmup_steps=3, lr_schedule="cosine", checkpoint_every=4,
               keep_checkpoints=0, log_every=2, ema_decay=0.9, deterministic=True, num_workers=0, seed=3)
@@ -62,4 +60,5 @@ def main():
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)
     main()

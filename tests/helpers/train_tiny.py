@@ -18,7 +18,8 @@ class TinyDenoiser(nn.Module):
     """forward(x, t, *, y=None, context=None, concat=None) like the UNet; a few convs with a timestep and
     class embedding (class id num_classes = the null class)."""
 
-    def __init__(self, channels: int = 1, width: int = 16, num_classes: int | None = None, T: int = 1000, dropout: float = 0.0):
+    def __init__(self, channels: int = 1, width: int = 16, num_classes: int | None = None, T: int = 1000,
+                 dropout: float = 0.0):
         super().__init__()
         self.T = T
         self.inp = nn.Conv2d(channels, width, 3, padding=1)
@@ -46,7 +47,8 @@ class ToyImages(Dataset):
         g = torch.Generator().manual_seed(seed)
         self.templates = torch.rand(num_classes, channels, size, size, generator=g) * 2 - 1
         self.labels = torch.randint(0, num_classes, (n,), generator=g)
-        self.images = (self.templates[self.labels] + 0.05 * torch.randn(n, channels, size, size, generator=g)).clamp(-1, 1)
+        noise = 0.05 * torch.randn(n, channels, size, size, generator=g)
+        self.images = (self.templates[self.labels] + noise).clamp(-1, 1)
 
     def __len__(self):
         return len(self.labels)
@@ -60,4 +62,5 @@ def make_objective(*, T: int = 50, num_classes: int = 4, cond_drop_prob: float =
     torch.manual_seed(seed)
     model = TinyDenoiser(num_classes=num_classes, T=T, dropout=dropout)
     diffusion = GaussianDiffusion(make_betas("cosine", T), timestep_sampler=sampler)
-    return DiffusionObjective(model, diffusion, cond_key="label", num_classes=num_classes, cond_drop_prob=cond_drop_prob)
+    return DiffusionObjective(model, diffusion, cond_key="label", num_classes=num_classes,
+                              cond_drop_prob=cond_drop_prob)
