@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from latentdiff.errors import ConfigError
 from latentdiff.data.shapes import (
     BACKGROUNDS,
     COLOURS,
@@ -20,6 +19,7 @@ from latentdiff.data.shapes import (
     render_scene,
     scene_split,
 )
+from latentdiff.errors import ConfigError
 
 CAPTION_PART = re.compile(r"a (\w+) (\w+) ((?:at|on|in) the [\w ]+?)(?:, | and |$)")
 
