@@ -37,6 +37,14 @@ sample: {{sampler: ddim, steps: 3, num: 2, batch_size: 2}}
 """
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _cache_dir(tmp_path_factory):
+    """The latent caches of these runs stay in a temporary folder, not in ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LATENTDIFF_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def first_stage(tmp_path_factory) -> Path:
     torch.manual_seed(0)

@@ -76,12 +76,27 @@ def cached_latents(config: Config, dataset, pipe: Pipeline, fields: list[str]):
     from ..eval.stats_cache import cache_root
 
     kl_sample = config.latent.sample_posterior and pipe.autoencoder.config.regularizer == "kl"
-    identity = {"data": to_dict(config.data), "length": len(dataset)}
+    identity = {"data": to_dict(config.data), "length": len(dataset), **_files_identity(dataset)}
     cache = build_or_load_latent_cache(dataset, pipe.autoencoder, root=cache_root() / "latents", identity=identity,
                                        mode="sample" if kl_sample else "mean", pool=config.latent.cache_pool,
                                        fields=fields, progress=True)
     print(f"latent cache: {len(cache)} items in {cache.folder}", flush=True)
     return LatentMoments(cache)
+
+
+def _files_identity(dataset) -> dict:
+    """What the cache key needs beyond the data section for an image folder, whose files can change under the same
+    root: the images' names, sizes and modification times, and a hash of the captions and labels read with them."""
+    import hashlib
+    import json
+
+    from ..eval.stats_cache import files_fingerprint
+
+    if not isinstance(getattr(dataset, "paths", None), list):
+        return {}
+    conditions = json.dumps([getattr(dataset, "captions", None), getattr(dataset, "labels", None)], ensure_ascii=False)
+    return {"files": files_fingerprint(dataset.paths),
+            "conditions": hashlib.sha256(conditions.encode()).hexdigest()[:16]}
 
 
 def check_conditioning(config: Config, dataset, pipe: Pipeline) -> None:
