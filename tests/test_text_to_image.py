@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from clitools import run_cli
 from PIL import Image
 
 import latentdiff
@@ -23,6 +22,8 @@ from latentdiff.samplers import sample as run_sampler
 from latentdiff.train import run as train_run
 from latentdiff.train.objective import DiffusionObjective
 from latentdiff.train.run import resolve_data, train_from_config
+
+from helpers.clitools import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE = 0.5  # the first stage's latent scale s; not 1, so that a missing s shows

@@ -193,10 +193,10 @@ def cmd_sample(args) -> int:
     from .pipeline import load
 
     pipe = load(args.model, ema=not args.no_ema)
-    print(f"loaded {args.model} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     s = pipe.sample_options(num=args.num, prompts=args.prompts, negative_prompt=args.negative_prompt,
                             labels=args.labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                             eta=args.eta, seed=args.seed, batch_size=args.batch_size, size=args.size)
+    print(f"loaded {args.model} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     images = pipe.sample(s.num, prompts=s.prompts, negative_prompt=s.negative_prompt, labels=s.labels,
                          sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, seed=s.seed,
                          batch_size=s.batch_size, size=s.size, output="tensor", progress=not args.quiet)

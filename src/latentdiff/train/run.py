@@ -8,6 +8,7 @@ any point can be resumed and sampled from.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 from .. import first_stage
@@ -67,7 +68,7 @@ def tokenizer_for_run(config: Config, dataset, out_dir: Path, resume) -> WordTok
     return tokenizer
 
 
-def cached_latents(config: Config, dataset, pipe: Pipeline, fields: list[str]):
+def cached_latents(config: Config, dataset, pipe: Pipeline, fields: list[str], progress: bool = True):
     """The training data as cached first-stage latents (data/latent_cache.py): the frozen autoencoder encodes the
     data once (the first ``latent.cache_pool`` items of it), later runs with the same data and autoencoder reuse
     the cache, and training never runs the encoder."""
@@ -75,11 +76,14 @@ def cached_latents(config: Config, dataset, pipe: Pipeline, fields: list[str]):
     from ..data.latent_cache import LatentMoments, build_or_load_latent_cache
     from ..eval.stats_cache import cache_root
 
+    if config.data.flip or config.data.crop == "random":
+        warnings.warn("latent.cache stores one encoding per image, so data.flip / data.crop=random augment nothing; "
+                      "set latent.cache=false to keep the augmentation", stacklevel=2)
     kl_sample = config.latent.sample_posterior and pipe.autoencoder.config.regularizer == "kl"
     identity = {"data": to_dict(config.data), "length": len(dataset), **_files_identity(dataset)}
     cache = build_or_load_latent_cache(dataset, pipe.autoencoder, root=cache_root() / "latents", identity=identity,
                                        mode="sample" if kl_sample else "mean", pool=config.latent.cache_pool,
-                                       fields=fields, progress=True)
+                                       fields=fields, progress=progress)
     print(f"latent cache: {len(cache)} items in {cache.folder}", flush=True)
     return LatentMoments(cache)
 
@@ -183,7 +187,7 @@ def train_from_config(config, out_dir=None, *, resume: bool | str = False, progr
         print(f"latent diffusion in the {ae.regularizer.upper()}-f{ae.f} first stage of {config.latent.first_stage}: "
               f"latents {'x'.join(map(str, pipe.sample_shape))}, scale {pipe.latent_scale:.4f}", flush=True)
         if config.latent.cache:
-            dataset = cached_latents(config, dataset, pipe, [cond_key] if cond_key else [])
+            dataset = cached_latents(config, dataset, pipe, [cond_key] if cond_key else [], progress)
     if pipe.conditioner is not None:
         pipe.conditioner.train()
     objective = DiffusionObjective(
