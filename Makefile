@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint install clean bench
+.PHONY: demo demo-digits test lint install clean bench
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m latentdiff.demo
+
+demo-digits: $(STAMP)
+	$(PY) -m latentdiff.demo_digits
 
 bench: $(STAMP)
 	$(PY) benchmarks/unet_throughput.py

@@ -8,8 +8,8 @@ them. Prints a markdown table and writes QUALITY.png (FID against steps, log x, 
 Rombach et al. 2022 plot quality against sampling steps in their Figure 7), QUALITY.json and QUALITY.md.
 Steps beyond the model's T are lowered to T (said so in the output).
 
-    make demo                                    # trains outputs/demo/run
-    .venv/bin/python benchmarks/quality_vs_steps.py [--model outputs/demo/run] [--num 500] [--guidance G]
+    make demo-digits                             # trains outputs/demo_digits/run
+    .venv/bin/python benchmarks/quality_vs_steps.py [--model outputs/demo_digits/run] [--num 500] [--guidance G]
         [--out outputs/bench] [--grid "ddim:10,20;heun:10"] [--device cuda] [--threads 0]
 """
 
@@ -107,8 +107,8 @@ def plot(rows: list[dict], floor: dict | None, path: Path, title: str) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="outputs/demo/run",
-                    help="run or model folder (default: outputs/demo/run, the digits demo's run)")
+    ap.add_argument("--model", default="outputs/demo_digits/run",
+                    help="run or model folder (default: outputs/demo_digits/run, the digits demo's run)")
     ap.add_argument("--num", type=int, default=500, help="samples per (sampler, steps) (default: 500)")
     ap.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model config's)")
     ap.add_argument("--seed", type=int, default=0, help="image i uses seed + i (default: 0)")
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
 
     model = Path(args.model)
     if not (model / "config.yaml").is_file():
-        print(f"no trained model at {model}: run `make demo` first (it trains outputs/demo/run), "
+        print(f"no trained model at {model}: run `make demo-digits` first (it trains outputs/demo_digits/run), "
               "or pass --model RUN_OR_MODEL_DIR", file=sys.stderr)
         return 2
     try:

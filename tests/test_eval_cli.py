@@ -293,7 +293,7 @@ def test_quality_benchmark_end_to_end_on_the_tiny_run(env, tmp_path, capsys):
     assert r["model"]["fid"] == pytest.approx(result["results"][2]["fid"], rel=1e-9)
     # A missing model: the message says what to do.
     rc = bench.main(["--model", str(tmp_path / "nowhere")])
-    assert rc == 2 and "run `make demo` first" in capsys.readouterr().err
+    assert rc == 2 and "run `make demo-digits` first" in capsys.readouterr().err
 
 
 def test_devices_and_image_folders_do_not_need_eval(tmp_path):

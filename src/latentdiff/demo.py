@@ -1,99 +1,192 @@
-"""`make demo`: a class-conditional diffusion model learns scikit-learn's handwritten digits on a CPU.
+"""`make demo`: text-to-image latent diffusion learns the shapes world on a CPU, from nothing.
 
-1. trains configs/digits_ddpm.yaml (pixel space, 10% label dropout for classifier-free guidance);
-2. samples a grid, one row per digit, with a fast sampler and guidance;
-3. trains a classifier on the real digits (scikit-learn) and prints the fraction of samples it assigns to the
-   digit that was asked for, beside its accuracy on held-out real digits.
+1. trains the first stage (a KL-f4 autoencoder, recipe ``shapes_vae_txt2img``) on 32x32 shapes with 1-3 objects,
+   while a second process trains the shapes oracle that scores the samples (once; it is cached);
+2. trains the text-to-image latent diffusion model (recipe ``shapes_ldm_txt2img``): a word-level text encoder τ_θ
+   and a U-Net whose spatial transformers cross-attend to τ_θ(y), trained jointly on cached latents, with 10%
+   empty prompts for classifier-free guidance;
+3. draws a grid, one row per prompt and one column per seed; the prompts describe compositions of the test split,
+   which the model never saw (the recipe holds out whole captions: ``split_by: composition``);
+4. prints prompt adherence per number of objects (the oracle reads every object back: shape, colour and cell, and
+   no extra object), beside the oracle's score on the real images of the same prompts, and FID / precision /
+   recall on the oracle's features beside the same metrics between two sets of real images.
 
-Writes outputs/demo/digits_grid.png, outputs/demo/summary.json and the run folder outputs/demo/run.
+Writes outputs/demo/txt2img_grid.png (PNG text chunks hold the prompts and settings), outputs/demo/summary.json,
+and the run folders outputs/demo/first_stage and outputs/demo/run (sample more with `latentdiff sample`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
+
+FIRST_STAGE_RECIPE = "shapes_vae_txt2img"
+LDM_RECIPE = "shapes_ldm_txt2img"
 
 
-def digit_classifier(seed: int = 0):
-    """An SVM on the 8x8 digits (the 'train' split of data/digits.py); returns (classifier, held-out accuracy)."""
-    from sklearn.svm import SVC
+def start_oracle(epochs: int | None) -> subprocess.Popen | None:
+    """Train the shapes oracle in a second process on one thread, unless it is cached; None when cached."""
+    from .eval.stats_cache import cache_root
 
-    from .data import make_dataset
-
-    def arrays(split):
-        ds = make_dataset("digits", size=8, split=split)
-        x = torch.stack([ds[i]["image"] for i in range(len(ds))]).reshape(len(ds), -1).numpy()
-        y = np.array([ds[i]["label"] for i in range(len(ds))])
-        return x, y
-
-    x_train, y_train = arrays("train")
-    x_test, y_test = arrays("test")
-    clf = SVC(gamma="scale", C=10.0, random_state=seed).fit(x_train, y_train)
-    return clf, float((clf.predict(x_test) == y_test).mean())
+    if (cache_root() / "oracles" / "shapes" / "model.safetensors").is_file():
+        return None
+    cmd = [sys.executable, "-m", "latentdiff.cli", "oracle", "shapes"] + ([] if epochs is None else ["--epochs", str(epochs)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    print("[demo] training the shapes oracle in a second process (cached after this run) ...", flush=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def to_8x8(images: torch.Tensor) -> np.ndarray:
-    """(N, 1, H, W) samples in [-1, 1] -> (N, 64) features on the classifier's 8x8 grid (area average)."""
-    if images.shape[-1] != 8:
-        images = F.adaptive_avg_pool2d(images, 8)
-    return images.reshape(images.shape[0], -1).numpy()
+def finish_oracle(proc: subprocess.Popen | None):
+    """Wait for the oracle process and load the oracle (eval mode)."""
+    from .eval.feature_networks import shapes_oracle_cached
+
+    if proc is not None:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"training the shapes oracle failed:\n{out}")
+        print("[demo] " + out.strip().splitlines()[-1], flush=True)
+    return shapes_oracle_cached(verbose=False).eval()
+
+
+def train_stage(recipe: str, out: Path, overrides: list[str], callback=None) -> float:
+    """Train ``recipe`` into a fresh run folder ``out``; returns the seconds it took."""
+    from .config import load_config
+    from .recipes import find_recipe
+    from .train.run import train_from_config
+
+    if out.exists():
+        shutil.rmtree(out)  # a fresh run each time: the time below is the whole training
+    config = load_config(find_recipe(recipe), overrides)
+    print(f"[demo] training {recipe} for {config.train.steps} steps on {torch.get_num_threads()} thread(s) ...",
+          flush=True)
+    t0 = time.perf_counter()
+    train_from_config(config, out, progress=True, callback=callback)
+    return time.perf_counter() - t0
+
+
+def grid_prompts(cases, per_tag: int) -> list[str]:
+    """The first ``per_tag`` held-out prompts of each object count."""
+    out, seen = [], {}
+    for c in cases:
+        if seen.get(c.tag, 0) < per_tag:
+            out.append(c.prompt)
+            seen[c.tag] = seen.get(c.tag, 0) + 1
+    return out
+
+
+def draw_grid(pipe, prompts: list[str], seeds: int, path: Path, guidance: float, steps: int) -> None:
+    """One row per prompt, one column per seed, with the generation parameters in the PNG."""
+    from PIL import Image
+
+    from .pngmeta import save_png
+    from .train.logging import make_grid
+
+    rows = [pipe.sample(seeds, prompts=[p], guidance=guidance, steps=steps, seed=0, output="tensor") for p in prompts]
+    images = torch.nn.functional.interpolate(torch.cat(rows), scale_factor=2, mode="nearest")
+    params = {"model": str(path.parent / "run"), "prompt": prompts, "seeds": list(range(seeds)), "guidance": guidance,
+              "steps": steps, "sampler": pipe.config.sample.sampler, "rows": "prompts", "columns": "seeds"}
+    save_png(Image.fromarray(make_grid(images, nrow=seeds)), path, params)
+
+
+def adherence_and_fid(pipe, oracle, cases, others, guidance: float, steps: int) -> dict:
+    """Adherence per tag (model and real images of the same prompts) and FID / precision / recall on the oracle's
+    features: samples vs the real images of their prompts, beside two real sets (the floor)."""
+    from .eval.adherence import evaluate_adherence, real_images
+    from .eval.features import quantize_8bit
+    from .eval.metrics import fid, precision_recall
+
+    samples = []
+
+    def generate(prompts, seeds):  # seeds are consecutive: image i of a call uses seed + i
+        samples.append(pipe.sample(len(prompts), prompts=prompts, seed=seeds[0], guidance=guidance, steps=steps,
+                                   output="tensor"))
+        return samples[-1]
+
+    result = evaluate_adherence(generate, oracle, cases, batch_size=64, seed=0)
+    fake, real, other = torch.cat(samples), real_images(cases), real_images(others)
+    with torch.no_grad():
+        f_fake, f_real, f_other = (oracle.features(quantize_8bit(x)).double() for x in (fake, real, other))
+    p, r = precision_recall(f_real, f_fake)
+    p0, r0 = precision_recall(f_real, f_other)
+    result["fid"] = {"model": fid(f_fake, f_real), "floor": fid(f_other, f_real)}
+    result["precision"], result["recall"] = {"model": p, "floor": p0}, {"model": r, "floor": r0}
+    return result
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", default="configs/digits_ddpm.yaml", help="training config")
     p.add_argument("--out", default="outputs/demo", help="output folder")
-    p.add_argument("--per-class", type=int, default=10, help="samples per digit in the grid")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides (e.g. train.steps=500)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads once the oracle is trained")
+    p.add_argument("--per-tag", type=int, default=60, help="held-out prompts scored per object count")
+    p.add_argument("--grid-per-tag", type=int, default=3, help="grid rows per object count")
+    p.add_argument("--seeds", type=int, default=8, help="grid columns (seeds)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the recipe's)")
+    p.add_argument("--oracle-epochs", type=int, default=None, help="epochs of the shapes oracle (default: its own)")
+    p.add_argument("--first-stage", action="append", default=[], metavar="key=value",
+                   help="override of the first-stage recipe (repeatable)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the text-to-image recipe")
     args = p.parse_args(argv)
 
-    from .config import load_config
+    from .eval.adherence import OVERALL, format_adherence, heldout_prompts
     from .pipeline import load
-    from .train.logging import save_grid
-    from .train.run import train_from_config
 
     out = Path(args.out)
-    run = out / "run"
-    if run.exists():
-        shutil.rmtree(run)  # a fresh run each time: the timing below is the whole training
-    config = load_config(args.config, args.overrides)
-    print(f"[demo] training {args.config} for {config.train.steps} steps on {torch.get_num_threads()} CPU threads ...", flush=True)
-    t0 = time.perf_counter()
-    train_from_config(config, run, progress=True)
-    t_train = time.perf_counter() - t0
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    oracle_proc = start_oracle(args.oracle_epochs)
+    torch.set_num_threads(1 if oracle_proc is not None else args.threads)
+    t_ae = train_stage(FIRST_STAGE_RECIPE, out / "first_stage", args.first_stage)
 
-    pipe = load(run)
+    def more_threads(step, metrics):  # the oracle's core is free once it is done
+        if oracle_proc is not None and oracle_proc.poll() is not None and torch.get_num_threads() != args.threads:
+            torch.set_num_threads(args.threads)
+
+    overrides = [f"latent.first_stage={out / 'first_stage'}", *args.overrides]
+    t_ldm = train_stage(LDM_RECIPE, out / "run", overrides, callback=more_threads)
+    oracle = finish_oracle(oracle_proc)
+    torch.set_num_threads(args.threads)
+    t_train = time.perf_counter() - t_start
+
+    pipe = load(out / "run")
     s = pipe.config.sample
-    labels = [d for d in range(10) for _ in range(args.per_class)]  # one row per digit
-    t1 = time.perf_counter()
-    images = pipe.sample(len(labels), labels=labels, output="tensor", progress=True)
-    t_sample = time.perf_counter() - t1
-    grid = out / "digits_grid.png"
-    # Upscale (nearest) to 64 px per digit so the grid is visible.
-    save_grid(F.interpolate(images, scale_factor=max(1, 64 // images.shape[-1]), mode="nearest"), grid, nrow=args.per_class)
+    guidance = s.guidance if args.guidance is None else args.guidance
+    world = dict(pipe.config.data.options)
+    world.pop("length", None)
+    cases = heldout_prompts(3 * args.per_tag, seed=0, size=pipe.config.data.size, unique=False, **world)
+    others = heldout_prompts(3 * args.per_tag, seed=1, size=pipe.config.data.size, unique=False, **world)
+    t0 = time.perf_counter()
+    draw_grid(pipe, grid_prompts(cases, args.grid_per_tag), args.seeds, out / "txt2img_grid.png", guidance, s.steps)
+    t_grid = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    result = adherence_and_fid(pipe, oracle, cases, others, guidance, s.steps)
+    t_eval = time.perf_counter() - t0
+    total = time.perf_counter() - t_start
 
-    clf, real_acc = digit_classifier()
-    pred = clf.predict(to_8x8(images))
-    acc = float((pred == np.array(labels)).mean())
-    per_digit = {d: float((pred[d * args.per_class : (d + 1) * args.per_class] == d).mean()) for d in range(10)}
     summary = {
-        "train_seconds": round(t_train, 1), "sample_seconds": round(t_sample, 1),
-        "total_seconds": round(t_train + t_sample, 1), "steps": pipe.config.train.steps,
-        "sampler": s.sampler, "sampling_steps": s.steps, "guidance": s.guidance,
-        "class_accuracy": acc, "per_digit_accuracy": per_digit, "classifier_accuracy_on_real_test_digits": real_acc,
-        "grid": str(grid),
+        "seconds": {"first_stage": round(t_ae, 1), "txt2img": round(t_ldm, 1), "training_total": round(t_train, 1),
+                    "grid": round(t_grid, 1), "eval": round(t_eval, 1), "total": round(total, 1)},
+        "sampler": s.sampler, "steps": s.steps, "guidance": guidance,
+        "adherence": {"model": result["model"], "real_images": result["real"]},
+        "fid": result["fid"], "precision": result["precision"], "recall": result["recall"],
+        "grid": str(out / "txt2img_grid.png"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[demo] training {t_train:.0f} s, sampling {len(labels)} images ({s.sampler}, {s.steps} steps, guidance {s.guidance}) {t_sample:.1f} s")
-    print(f"[demo] grid: {grid}")
-    print(f"[demo] {acc:.1%} of samples are classified as the digit asked for (classifier accuracy on real held-out digits: {real_acc:.1%})")
+    print(f"[demo] training {t_train:.0f} s (first stage {t_ae:.0f} s, text-to-image {t_ldm:.0f} s); "
+          f"total {total / 60:.1f} min")
+    print(f"[demo] grid: {out / 'txt2img_grid.png'} (rows: held-out prompts, columns: seeds)")
+    print(f"[demo] {s.sampler}, {s.steps} steps, guidance {guidance:g}; prompts of compositions never seen in training:")
+    print(format_adherence(result["model"], result["real"]))
+    for name in ("fid", "precision", "recall"):
+        print(f"{name} (oracle features): {result[name]['model']:.3f}   real vs real: {result[name]['floor']:.3f}")
+    print(f"[demo] overall adherence {result['model'][OVERALL]['rate']:.1%}")
     return 0
 
 
