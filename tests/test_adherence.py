@@ -2,17 +2,15 @@
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
 
 from latentdiff.data.shapes import (
-    COLOURS, GRID, POSITIONS, Scene, ShapeObject, ShapesConfig, ShapesDataset, caption, scene_at, scene_split,
-    scene_targets,
+    COLOURS, GRID, Scene, ShapesConfig, ShapesDataset, caption, scene_at, scene_split, scene_targets,
 )
 from latentdiff.eval.adherence import (
-    PromptCase, adherence_report, cells_caption, evaluate_adherence, format_adherence, heldout_prompts,
+    adherence_report, cells_caption, evaluate_adherence, format_adherence, heldout_prompts,
     parse_caption, parse_objects, read_cells, real_images, score,
 )
 from latentdiff.eval.ceiling import format_ceiling, reconstruction_ceiling
@@ -200,17 +198,18 @@ def test_score_passes_real_images_and_fails_one_wrong_object():
     for c in three:
         objs = list(c.scene.objects)
         empty = next(k for k in range(9) if all(o.cell != k for o in objs))
-        other = next(n for n in cfg.colours if n != objs[1].colour)
+        colour = next(n for n in cfg.colours if n != objs[1].colour)
+        shape = next(n for n in cfg.shapes if n != objs[1].shape)
         variants = {
             "removed": objs[:1] + objs[2:],
             "added": objs + [dataclasses.replace(objs[0], cell=empty)],
-            "recoloured": [objs[0], dataclasses.replace(objs[1], colour=other)] + objs[2:],
-            "reshaped": [objs[0], dataclasses.replace(objs[1], shape=next(s for s in cfg.shapes if s != objs[1].shape))]
-                        + objs[2:],
+            "recoloured": [objs[0], dataclasses.replace(objs[1], colour=colour)] + objs[2:],
+            "reshaped": [objs[0], dataclasses.replace(objs[1], shape=shape)] + objs[2:],
             "moved": [objs[0], dataclasses.replace(objs[1], cell=empty)] + objs[2:],
         }
-        x = torch.cat([render(c.scene, cfg)] + [render(Scene(tuple(sorted(v, key=lambda o: o.cell)), c.scene.background), cfg)
-                                                 for v in variants.values()])
+        bg = c.scene.background
+        scenes = [c.scene] + [Scene(tuple(sorted(v, key=lambda o: o.cell)), bg) for v in variants.values()]
+        x = torch.cat([render(s, cfg) for s in scenes])
         passes = score(oracle, x, c.cells.expand(len(x), 9))
         assert passes.tolist() == [True] + [False] * len(variants), (c.prompt, dict(zip(variants, passes[1:].tolist())))
 

@@ -8,9 +8,10 @@ only if all nine cells equal the prompt's: each object's shape, colour and cell,
 - ``parse_caption``: a prompt in the shapes grammar ("a red circle at the top left and a blue square in the
   centre", optionally "... on a grey background") -> per-cell targets (9,), the inverse of
   ``data.shapes.caption``; ``cells_caption`` goes back.
-- ``heldout_prompts``: prompts from the *test* split of shapes, whose layouts never occur in training
-  (compositions the model has not seen), balanced over object counts; ``real_images`` renders the real
-  test image of each, whose score is the oracle's ceiling.
+- ``heldout_prompts``: prompts from the *test* split of shapes, whose layouts (objects with their sizes)
+  never occur in training, balanced over object counts; ``real_images`` renders the real test image of
+  each, whose score is the oracle's ceiling. (The split is by layout, not by prompt: the same prompt with
+  other sizes can be a training layout, so a test prompt's *text* may have been seen in training.)
 - ``score`` -> passes (N,), ``adherence_report`` -> rate and count per tag and overall,
   ``format_adherence`` -> a table beside the real images' ceiling, ``evaluate_adherence`` does all of it
   for a ``generate(prompts, seeds)`` callable.
