@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ from latentdiff.eval.adherence import (
     adherence_report, cells_caption, evaluate_adherence, format_adherence, heldout_prompts,
     parse_caption, parse_objects, read_cells, real_images, score,
 )
-from latentdiff.eval.ceiling import format_ceiling, reconstruction_ceiling
+from latentdiff.eval.ceiling import equal_size_precision_recall, format_ceiling, reconstruction_ceiling
 from latentdiff.eval.shapes_oracle import ShapesOracle, ShapesOracleConfig, shapes_arrays
 
 # Rendered at 60 px (20 px cells) with 2x supersampling, the rule reader below reads every held-out scene right.
@@ -342,3 +343,21 @@ def test_reconstruction_ceiling_of_a_perfect_and_of_a_random_autoencoder():
         reconstruction_ceiling(Identity(), oracle, x, cells=cells[:3])
     with pytest.raises(ValueError, match="N > k = 3"):
         reconstruction_ceiling(Identity(), oracle, x[:3])
+
+
+def test_equal_size_precision_recall_cuts_the_reference_to_the_sample_count():
+    from latentdiff.eval.metrics import precision_recall
+
+    # A finite world: 25 lattice points, the reference holds each 16 times (tiny jitter); the "samples" are
+    # lattice points moved by a fifth of the spacing (as a blur moves an image a little).
+    rng = np.random.default_rng(0)
+    lattice = np.stack(np.meshgrid(np.arange(5.0), np.arange(5.0)), -1).reshape(-1, 2)
+    real = np.repeat(lattice, 16, axis=0) + 0.01 * rng.standard_normal((400, 2))
+    fake = lattice[rng.integers(0, 25, 50)] + 0.2
+    got = equal_size_precision_recall(real, fake, k=3, seed=1)
+    idx = np.sort(np.random.default_rng(1).choice(400, 50, replace=False))
+    assert got == precision_recall(real[idx], fake, k=3)
+    # Against all 400, the k-NN balls shrink to the jitter and no sample is "precise"; at equal size they
+    # reach the neighbouring lattice points.
+    assert precision_recall(real, fake, k=3)[0] == 0.0 and got[0] > 0.9
+    assert equal_size_precision_recall(real[:20], fake, k=3) == precision_recall(real[:20], fake, k=3)

@@ -15,6 +15,7 @@ fall outside every ball although each is read as the same scene: a low ``precisi
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .features import extract_stats
@@ -31,6 +32,18 @@ def _metrics(real, fake, k: int) -> dict:
 def _read(net, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     from .adherence import read_cells  # the same reading (8-bit, eval mode) as prompt adherence
     return read_cells(net, images, batch_size)
+
+
+def equal_size_precision_recall(real, fake, k: int = 3, seed: int = 0) -> tuple[float, float]:
+    """Precision and recall with the real set cut (at random, ``seed``) to as many rows as ``fake``, as
+    Kynkaanniemi et al. (2019) compare sets of equal size: the k-NN radii of the real manifold then do not
+    shrink with the size of a cached reference. (In the finite shapes world a 50,000-image reference packs
+    the balls down to the distance between images one jitter step apart; see
+    benchmarks/oracle_feature_sensitivity.py.)"""
+    real, fake = np.asarray(real), np.asarray(fake)
+    if len(real) > len(fake):
+        real = real[np.sort(np.random.default_rng(seed).choice(len(real), len(fake), replace=False))]
+    return precision_recall(real, fake, k=k)
 
 
 def reconstruction_ceiling(autoencoder, oracle, images: torch.Tensor, *, other_images: torch.Tensor | None = None,
