@@ -18,6 +18,27 @@ spaces:
 A second table shows how the precision of the blurred set depends on the reference size: the k-NN radius
 shrinks as the reference fills the (finite) shapes world, until it is the distance between two images one
 jitter step apart. The oracle comes from ``--oracle`` or the eval cache (trained there on first use).
+
+Measured (2-core CPU, one thread; the default oracle, 99.4% image accuracy on the test split; 1,000
+single-object "samples"; precision / recall on oracle features, k = 3):
+
+    samples                          PSNR  oracle reads   ref 1,000     ref 5,000     ref 20,000    ref 50,000
+                                          exactly right   prec  rec     prec  rec     prec  rec     prec  rec
+    other real images (the floor)     inf     99.7%       0.97  0.97    0.97  0.97    0.97  0.97    0.97  0.97
+    blur sigma 0.8 px                32.2     96.9%       0.97  0.92    0.87  0.91    0.64  0.91    0.44  0.91
+    blur 0.8 + half-pixel shift      29.3     93.9%       0.97  0.85    0.78  0.83      -     -     0.30  0.83
+      + colour gain 0.97
+    4x down, bilinear up (visible)   24.8     40.0%       0.80  0.29    0.31  0.30    0.07  0.31    0.02  0.31
+
+``latentdiff eval`` takes the model's whole training set as the reference (50,000 shapes images): there a
+perfect model whose images went through a mild blur, a half-pixel shift and a 3% colour gain (29 dB, the
+scene still read right in 94% of images) scores precision 0.30 against a floor of 0.97, as the class
+recipe's 0.26 vs 0.96. With a reference as large as the sample set the same images score 0.97, and the
+visible 4x degradation is caught by recall (0.29). Per-cell probabilities as features move less under blur
+(0.88 at 50,000) and still catch the 4x degradation (0.60); a reference degraded like the samples
+("matched", a reference of reconstructions) scores 0.95-0.97 for all rows. An oracle trained with
+``photometric=True`` has more blur-invariant embeddings (blur + shift + gain: 0.88 at 5,000) but read only
+90.1% of clean test images right in this run.
 """
 
 from __future__ import annotations
