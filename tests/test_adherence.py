@@ -8,11 +8,27 @@ import torch
 from torch import nn
 
 from latentdiff.data.shapes import (
-    COLOURS, GRID, Scene, ShapesConfig, ShapesDataset, caption, scene_at, scene_split, scene_targets,
+    COLOURS,
+    GRID,
+    Scene,
+    ShapesConfig,
+    ShapesDataset,
+    caption,
+    scene_at,
+    scene_split,
+    scene_targets,
 )
 from latentdiff.eval.adherence import (
-    adherence_report, cells_caption, evaluate_adherence, format_adherence, heldout_prompts,
-    parse_caption, parse_objects, read_cells, real_images, score,
+    adherence_report,
+    cells_caption,
+    evaluate_adherence,
+    format_adherence,
+    heldout_prompts,
+    parse_caption,
+    parse_objects,
+    read_cells,
+    real_images,
+    score,
 )
 from latentdiff.eval.ceiling import equal_size_precision_recall, format_ceiling, reconstruction_ceiling
 from latentdiff.eval.shapes_oracle import ShapesOracle, ShapesOracleConfig, shapes_arrays

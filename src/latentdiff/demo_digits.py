@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from .config import load_config
-    from .recipes import find_recipe
     from .pipeline import load
+    from .recipes import find_recipe
     from .train.logging import save_grid
     from .train.run import train_from_config
 
