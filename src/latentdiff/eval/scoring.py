@@ -1,6 +1,6 @@
 """Scoring a model: sample it, run the feature network, compute the metrics and their floor; bits/dim.
 
-    result = evaluate_model(pipe, net, ref, metrics=["fid", "kid"], num=500)     # a JSON-able dict
+    result = evaluate_samples(pipe, net, ref, metrics=["fid", "kid"], num=500)   # a JSON-able dict
 
 Every figure comes with its floor: the same metric between two disjoint parts of the real reference
 (``split_stats``), the second part as large as the sample set (or half the reference when that is
@@ -12,8 +12,8 @@ each real image of its second part x replaced by the autoencoder's reconstructio
 of the latents would score (``dataset_ceiling``). Precision and recall are computed with the real set cut to
 the sample count (``equal_size_precision_recall``): the k-NN radii then do not depend on the reference's size.
 
-A text model of the shapes world is scored on held-out prompts instead (eval/prompted.py): prompt adherence,
-and the feature metrics against the real images of those prompts.
+A text model of the shapes world is scored on held-out prompts instead (eval/prompted.py; eval/model_eval.py
+chooses): prompt adherence, and the feature metrics against the real images of those prompts.
 """
 
 from __future__ import annotations
@@ -270,24 +270,16 @@ def bpd_dataset(pipe, split: str | None = None):
 
 # ---------------------------------------------------------------------------------------------- orchestration
 
-def evaluate_model(pipe, net, ref: Reference | None, *, metrics, num: int, sampler=None, steps=None,
-                   guidance=None, seed=None, batch_size=None, device=None, progress: bool = False,
-                   bpd_split: str | None = None, net_info: dict | None = None, oracle=None, ceiling: bool = True,
-                   **options) -> dict:
-    """Sample ``num`` images from ``pipe``, score them against ``ref`` with ``net`` (feature metrics, their floor
-    and, for a latent model with oracle features unless ``ceiling`` is False, the first stage's ceiling), and/or
-    compute bits per dimension on real images; returns the result as a JSON-able dict.
-
-    A text model of the shapes world is scored on ``num`` held-out prompts (eval/prompted.py): adherence read by
-    ``oracle`` (a shapes oracle), and the feature metrics against the real images of those prompts (or ``ref``
-    when given)."""
+def evaluate_samples(pipe, net, ref: Reference | None, *, metrics, num: int, sampler=None, steps=None,
+                     guidance=None, seed=None, batch_size=None, device=None, progress: bool = False,
+                     bpd_split: str | None = None, net_info: dict | None = None, ceiling: bool = True,
+                     **options) -> dict:
+    """Sample ``num`` images from ``pipe`` (class i mod K for a class model; a text model takes its config's
+    prompts), score them against ``ref`` with ``net`` (feature metrics, their floor and, for a latent model with
+    oracle features unless ``ceiling`` is False, the first stage's ceiling), and/or compute bits per dimension
+    on real images; returns the result as a JSON-able dict. ``evaluate_model`` (eval/model_eval.py) calls this,
+    or scores a text model of the shapes world on held-out prompts."""
     check_metrics(pipe, metrics)
-    if scores_prompts(pipe):
-        from .prompted import evaluate_prompts
-
-        return evaluate_prompts(pipe, net, oracle, ref=ref, metrics=metrics, num=num, sampler=sampler, steps=steps,
-                                guidance=guidance, seed=seed, batch_size=batch_size, device=device,
-                                progress=progress, net_info=net_info, ceiling=ceiling, **options)
     s = pipe.sample_options(sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size)
     setting = {"sampler": s.sampler, "steps": s.steps, "guidance": s.guidance, "seed": s.seed,
                "batch_size": s.batch_size}
