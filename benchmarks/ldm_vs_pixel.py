@@ -16,13 +16,15 @@ loop (setup, such as building the latent cache, is timed apart):
   training sections, a U-Net with the latent one's levels plus two at 32x32 and 16x16).
 
 Each arm's ``train.steps`` is set so that the time budget, not the step count, ends its run: a short probe run
-measures its seconds per step, and ``train.steps`` becomes 1.15x the steps that fit in M minutes, so the cosine
-learning-rate decay of the recipes nearly completes in every arm (``--no-calibrate``: train.steps = 10^6, and the
-learning rate barely decays). Then, from each run's EMA weights: steps reached, seconds per training step,
-seconds per sample (``--sample-steps`` steps of dpmpp_2m at the recipe's guidance, a batch of 64, the first stage's
-decoder included), prompt adherence per tag and overall on held-out prompts (compositions never seen in training,
-the same prompts for every arm), and FID / precision / recall on the shapes oracle's features beside the same
-metrics between two sets of real images (the floor).
+measures its seconds per step, and ``train.steps`` becomes 1.15x (``--step-margin``) the steps that fit in M
+minutes, so the cosine learning-rate decay of the recipes nearly completes in every arm (``--no-calibrate``:
+train.steps = 10^6, and the learning rate barely decays).
+
+Then, from each run's EMA weights: steps reached, seconds per training step, seconds per sample
+(``--sample-steps`` steps of dpmpp_2m at the recipe's guidance, a batch of 64, the first stage's decoder
+included), prompt adherence per tag and overall on held-out prompts (compositions never seen in training, the
+same prompts for every arm), and FID / precision / recall on the shapes oracle's features beside the same metrics
+between two sets of real images (the floor).
 
 The first stage is trained once (recipe ``--first-stage-recipe``) unless ``--first-stage`` names one; its time
 is reported apart: the latent model pays it once, and reuses it for every later model.
@@ -48,8 +50,6 @@ ARMS = {  # name -> (label, which recipe, overrides)
     "latent_nocache": ("latent f=4, cache off", "latent", ["latent.cache=false"]),
     "pixel": ("pixel f=1", "pixel", []),
 }
-STEP_MARGIN = 1.15  # calibrated train.steps = this x the steps that fit: the time budget ends the run, with the
-                    # cosine lr at ~4% of its peak
 SAMPLE_BATCH = 64
 UNCAPPED_STEPS = 1_000_000
 
@@ -77,6 +77,9 @@ def parse_args(argv=None):
     p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                    help=f"train.steps={UNCAPPED_STEPS} instead of a probe-calibrated step count")
     p.add_argument("--probe-steps", type=int, default=12, help="steps of each calibration probe")
+    p.add_argument("--step-margin", type=float, default=1.15, help="calibrated train.steps = this x the steps that "
+                   "fit in the budget at the probe's speed (1.15: the cosine lr is at ~4%% of its peak when the time "
+                   "is up; larger is safer on a machine whose load changes)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--out", default="outputs/bench", help="output folder")
     args = p.parse_args(argv)
@@ -89,6 +92,8 @@ def parse_args(argv=None):
     for name in ("per_tag", "sample_steps", "sample_repeats", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.step_margin < 1:
+        p.error(f"--step-margin must be >= 1, got {args.step_margin}")
     if args.probe_steps < 4:
         p.error(f"--probe-steps must be >= 4 (the first steps are warm-up), got {args.probe_steps}")
     args.arms = arms
@@ -131,15 +136,16 @@ def train_run(path, overrides: list[str], out: Path) -> tuple[StepClock, object,
     return clock, result, time.perf_counter() - clock.t0
 
 
-def calibrated_steps(path, overrides: list[str], out: Path, minutes: float, probe_steps: int) -> tuple[int, dict]:
-    """(train.steps, probe facts): STEP_MARGIN x the steps that fit in ``minutes`` at the seconds per step that a
+def calibrated_steps(path, overrides: list[str], out: Path, minutes: float, probe_steps: int, margin: float
+                     ) -> tuple[int, dict]:
+    """(train.steps, probe facts): ``margin`` x the steps that fit in ``minutes`` at the seconds per step that a
     probe run of ``probe_steps`` steps measures (its first two steps are warm-up and not counted)."""
     probe = ["train.max_minutes=0", f"train.steps={probe_steps}", "train.checkpoint_every=0", "train.sample_every=0",
              f"train.log_every={probe_steps}"]
     clock, _, _ = train_run(path, overrides + probe, out)
     shutil.rmtree(out, ignore_errors=True)
     s_step = clock.seconds_per_step(skip=2)
-    steps = max(probe_steps, math.ceil(STEP_MARGIN * 60.0 * minutes / s_step))
+    steps = max(probe_steps, math.ceil(margin * 60.0 * minutes / s_step))
     return steps, {"seconds_per_step": s_step, "setup_seconds": clock.setup_seconds(), "steps": probe_steps}
 
 
@@ -231,6 +237,7 @@ def table(results: dict, first_stage: dict, minutes: float, sample_steps: int, t
         row("latents / pixels the U-Net denoises", lambda r: r["space"], "s"),
         row("parameters (U-Net + text encoder), M", lambda r: r["params"] / 1e6, ".2f"),
         row("training steps reached", lambda r: r["steps"], "d"),
+        row("train.steps (the cap; calibrated to end after the time budget)", lambda r: r["step_cap"], "d"),
         row("training loop, s", lambda r: r["train_seconds"], ".0f"),
         row("s / training step (batch 64)", lambda r: r["seconds_per_step"], ".3f"),
         row("setup before the first step, s (a)", lambda r: r["setup_seconds"], ".1f"),
@@ -325,11 +332,14 @@ def main(argv=None) -> int:
         steps = UNCAPPED_STEPS
         if args.calibrate:
             print(f"[bench] {label}: probe of {args.probe_steps} steps ...", flush=True)
-            steps, probe = calibrated_steps(recipes[kind], overrides, runs / f"{arm}_probe", minutes, args.probe_steps)
+            steps, probe = calibrated_steps(recipes[kind], overrides, runs / f"{arm}_probe", minutes, args.probe_steps,
+                                            args.step_margin)
         print(f"[bench] {label}: training for {minutes:g} min (train.steps={steps}) ...", flush=True)
         clock, result, wall = train_run(recipes[kind], [*overrides, f"train.steps={steps}"], runs / arm)
         if result.step >= steps:
-            print(f"[bench] warning: {label} reached train.steps={steps} before the time budget", flush=True)
+            print(f"[bench] warning: {label} reached train.steps={steps} before the time budget was spent (the probe "
+                  "ran slower than the run: the machine's load changed); rerun with a larger --step-margin",
+                  flush=True)
         print(f"[bench] {label}: evaluating ...", flush=True)
         s_step = clock.seconds_per_step()
         results[arm] = {

@@ -70,7 +70,8 @@ def test_a_two_step_pixel_run_samples_prompts(tmp_path, monkeypatch):
 def _arm(space, params, steps, seconds, s_step, s_sample, rates, fid):
     tags = ["one object", "two objects", "overall"]
     real = {t: {"rate": 1.0, "passed": 4, "count": 4} for t in tags}
-    return {"space": space, "params": params, "steps": steps, "train_seconds": seconds, "seconds_per_step": s_step,
+    return {"space": space, "params": params, "steps": steps, "step_cap": 2 * steps, "train_seconds": seconds,
+            "seconds_per_step": s_step,
             "setup_seconds": 1.0, "seconds_per_sample": s_sample, "guidance": 3.0,
             "model": {t: {"rate": r, "passed": int(4 * r), "count": 4} for t, r in zip(tags, rates)}, "real": real,
             "fid": {"model": fid, "floor": 0.5}, "precision": {"model": 0.5, "floor": 0.9},
@@ -89,6 +90,7 @@ def test_the_report_gives_each_arm_and_the_latent_over_pixel_ratios():
     assert head == ["latent f=4, cache on", "latent f=4, cache off", "pixel f=1", "latent f=4, cache on / pixel",
                     "latent f=4, cache off / pixel", "real data"]
     assert rows["training steps reached"] == ["400", "200", "100", "4.00", "2.00", ""]
+    assert rows["train.steps (the cap; calibrated to end after the time budget)"][:3] == ["800", "400", "200"]
     assert rows["s / training step (batch 64)"][3:5] == ["0.25", "0.50"]
     assert rows["adherence, two objects"] == ["50.0%", "25.0%", "25.0%", "2.00", "1.00", "100.0% (oracle ceiling)"]
     assert rows["FID (oracle features)"][3:] == ["0.25", "0.50", "0.5 (real vs real)"]
