@@ -8,8 +8,6 @@ import torch
 from torch import nn
 
 from latentdiff.data.shapes import (
-    COLOURS,
-    GRID,
     Scene,
     ShapesConfig,
     ShapesDataset,
@@ -33,42 +31,10 @@ from latentdiff.eval.adherence import (
 from latentdiff.eval.ceiling import equal_size_precision_recall, format_ceiling, reconstruction_ceiling
 from latentdiff.eval.shapes_oracle import ShapesOracle, ShapesOracleConfig, shapes_arrays
 
+from helpers.oracles import RuleOracle
+
 # Rendered at 60 px (20 px cells) with 2x supersampling, the rule reader below reads every held-out scene right.
 WORLD = {"size": 60, "antialias": 2}
-
-
-class RuleOracle(nn.Module):
-    """A stand-in oracle that reads each cell by rule, knowing nothing of the targets: the nearest palette
-    colour of the pixels close to one, and the shape from the share of its bounding box the object fills
-    (square ~1, circle ~pi/4, triangle ~1/2)."""
-
-    def __init__(self, config: ShapesConfig):
-        super().__init__()
-        self.cfg = config
-        self.register_buffer("palette", torch.tensor([COLOURS[c] for c in config.colours], dtype=torch.float32))
-        self.num_classes = config.num_classes
-
-    def cell_logits(self, x):
-        B, _, H, W = x.shape
-        rgb = ((x + 1) * 127.5).permute(0, 2, 3, 1).reshape(B, H * W, 3)
-        dist, colour = torch.cdist(rgb, self.palette[None].expand(B, -1, -1)).min(-1)
-        on, colour = (dist < 40).reshape(B, H, W), colour.reshape(B, H, W)
-        out = torch.zeros(B, GRID * GRID, 1 + self.num_classes)
-        out[..., 0] = 1.0
-        for b in range(B):
-            for cell in range(GRID * GRID):
-                r, c = divmod(cell, GRID)
-                window = (slice(r * H // GRID, (r + 1) * H // GRID), slice(c * W // GRID, (c + 1) * W // GRID))
-                m = on[b][window]
-                if m.sum() < 4:
-                    continue
-                rows, cols = m.any(1).nonzero(), m.any(0).nonzero()
-                fill = float(m.sum()) / float((rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1))
-                shape = "square" if fill > 0.9 else "circle" if fill > 0.66 else "triangle"
-                name = self.cfg.colours[int(colour[b][window][m].mode().values)]
-                out[b, cell, 0] = 0.0
-                out[b, cell, 1 + self.cfg.class_id(shape, name)] = 1.0
-        return out
 
 
 class LogitStub(nn.Module):

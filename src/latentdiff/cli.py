@@ -110,20 +110,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_parser(sub) -> None:
-    v = sub.add_parser("eval", help="score a model's samples (FID, KID, IS, precision/recall) and bits/dim, or compare two image folders",
+    v = sub.add_parser("eval", help="score a model's samples (prompt adherence, FID, KID, IS, precision/recall) and bits/dim, or compare two image folders",
                        formatter_class=_fmt(),
                        description="Sample a model and score the samples against real images with a feature network (the FID Inception "
                        "or an oracle classifier), each figure beside its floor: the same metric between two disjoint parts of the "
-                       "real data. Bits per dimension are the variational bound on real test images. Prints a table and writes it "
+                       "real data; for a latent model with oracle features also beside its first stage's ceiling (the floor with "
+                       "the real images replaced by the autoencoder's reconstructions). A text model of the shapes world draws one "
+                       "image per held-out prompt (test-split scenes of its own world) and is scored on prompt adherence (the "
+                       "shapes oracle reads every object back) and on FID / precision / recall against the real images of those "
+                       "prompts. Bits per dimension are the variational bound on real test images. Prints a table and writes it "
                        "as JSON into the model folder. With --real A --fake B, compares two image folders instead.")
     v.add_argument("model", nargs="?", default=None, help="run or model folder (default: none; then give --real and --fake)")
-    v.add_argument("--metrics", default=None, help="comma-separated metrics: fid, kid, is (Inception Score), pr (precision/recall), "
-                   "bpd (bits per dimension of real test images; pixel-space models; T network calls per image); for an autoencoder: "
-                   "psnr, ssim, rfid (default: fid,kid,is,pr; for an autoencoder psnr,ssim,rfid)")
-    v.add_argument("--num", type=int, default=1000, help="images to generate (and real test images for bpd; held-out images to reconstruct "
-                   "for an autoencoder); FID falls with more, compare at equal N")
+    v.add_argument("--metrics", default=None, help="comma-separated metrics: adherence (text models of the shapes world: held-out "
+                   "prompts read back by the shapes oracle, per number of objects), fid, kid, is (Inception Score), pr (precision/recall, "
+                   "the real set cut to the sample count), bpd (bits per dimension of real test images; pixel-space models; T network "
+                   "calls per image); for an autoencoder: psnr, ssim, rfid (default: adherence,fid,kid,pr for a text model of the "
+                   "shapes world, else fid,kid,is,pr; for an autoencoder psnr,ssim,rfid)")
+    v.add_argument("--num", type=int, default=1000, help="images to generate (for a text model of the shapes world: held-out prompts, "
+                   "one image each; real test images for bpd; held-out images to reconstruct for an autoencoder); FID falls with "
+                   "more, compare at equal N")
     v.add_argument("--reference", default=None, help="real images: a dataset name (digits, cifar10, ...), an image folder, or a .npz statistics "
-                   "file written by an earlier eval; default: the model's training data (its config.data)")
+                   "file written by an earlier eval; default: the model's training data (its config.data), and for a text model of "
+                   "the shapes world the real images of its held-out prompts")
     v.add_argument("--split", choices=["train", "test", "all"], default=None, help="split of a dataset reference (default: the model config's data.split)")
     v.add_argument("--max-reference", type=int, default=None, help="use at most this many reference images (default: all)")
     v.add_argument("--features", choices=["auto", "inception", "oracle"], default="auto",
@@ -131,8 +139,8 @@ def _add_eval_parser(sub) -> None:
                    "on the real data; built in for digits), or auto: the network a .npz reference was made with, else the oracle for digits models or with --oracle, else inception")
     v.add_argument("--fid-weights", default=None, metavar="PATH", help="the FID Inception weights pt_inception-2015-12-05-6726825d.pth "
                    "(default: $LATENTDIFF_FID_WEIGHTS; never downloaded)")
-    v.add_argument("--oracle", default=None, metavar="PATH", help="oracle folder written by `latentdiff oracle` (default: the digits oracle "
-                   "in the cache, trained on first use)")
+    v.add_argument("--oracle", default=None, metavar="PATH", help="oracle folder written by `latentdiff oracle` (default: the oracle of the "
+                   "model's dataset, digits or shapes, in the cache, trained on first use)")
     v.add_argument("--cache", default=None, metavar="DIR", help="folder of cached reference statistics and oracles (default: $LATENTDIFF_CACHE, "
                    "else ~/.cache/latentdiff)")
     v.add_argument("--real", default=None, metavar="A", help="with --fake: the real images (folder, .npz statistics or dataset name; default: none)")
@@ -141,7 +149,8 @@ def _add_eval_parser(sub) -> None:
     v.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
     v.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale, 1 = none (default: the config's)")
     v.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the config's)")
-    v.add_argument("--seed", type=int, default=None, help="image i uses seed + i and, for class-conditional models, class i mod K (default: the config's)")
+    v.add_argument("--seed", type=int, default=None, help="image i uses seed + i and, for class-conditional models, class i mod K; text models of the "
+                   "shapes world: the held-out prompts are test scenes of world seed S, the floor's of S + 1 (default: the config's)")
     v.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the config's sample.batch_size; 64 for folders)")
     v.add_argument("--no-ema", action="store_true", help="use the trained weights instead of the EMA weights (run folders; default: EMA)")
     v.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else mps, else cpu)")
@@ -354,10 +363,11 @@ def _eval_autoencoder(args, metrics, device, common) -> tuple[dict, Path]:
     return result, out
 
 
-def _check_sampling(pipe, args) -> None:
-    """The sampling options checked (by the pipeline) before any reference statistics are computed."""
+def _check_sampling(pipe, args, prompted: bool = False) -> None:
+    """The sampling options checked (by the pipeline) before any reference statistics are computed. A text model
+    of the shapes world is given its held-out prompts later; the empty prompt stands in for them here."""
     pipe.sample_options(sampler=args.sampler, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                        batch_size=args.batch_size, eta=args.eta)
+                        batch_size=args.batch_size, eta=args.eta, **({"prompts": [""]} if prompted else {}))
 
 
 def _eval_folders(args, metrics, device, common) -> tuple[dict, Path | None]:
@@ -369,8 +379,9 @@ def _eval_folders(args, metrics, device, common) -> tuple[dict, Path | None]:
         raise CLIError("give a model folder or --real and --fake, not both")
     if args.real is None or args.fake is None:
         raise CLIError("--real and --fake go together: the real images and the folder of generated ones")
-    if "bpd" in metrics:
-        raise CLIError("bpd needs a model: it is not a metric between two image sets")
+    for name in ("bpd", "adherence"):
+        if name in metrics:
+            raise CLIError(f"{name} needs a model: it is not a metric between two image sets")
     fake_dir = Path(args.fake)
     if not fake_dir.is_dir():
         raise CLIError(f"--fake {fake_dir} is not a folder of images"
@@ -389,7 +400,9 @@ def _eval_folders(args, metrics, device, common) -> tuple[dict, Path | None]:
 
 
 def _eval_model(args, metrics, device, common) -> tuple[dict, Path]:
-    """``latentdiff eval MODEL`` of a diffusion model: its samples scored against real images, and bits/dim."""
+    """``latentdiff eval MODEL`` of a diffusion model: its samples scored against real images, and bits/dim. A text
+    model of the shapes world is scored on held-out prompts: adherence, and the feature metrics against the real
+    images of those prompts (eval/prompted.py)."""
     from .data import DATASETS
     from .eval import run as ev
     from .pipeline import load
@@ -398,22 +411,34 @@ def _eval_model(args, metrics, device, common) -> tuple[dict, Path]:
         raise CLIError("give a run or model folder to evaluate, or --real A --fake B to compare two image folders")
     progress = not args.quiet
     pipe = load(args.model, ema=not args.no_ema, device=device)
-    _check_sampling(pipe, args)
-    net = ref = info = None
-    if any(m != "bpd" for m in metrics):
+    metrics = ev.parse_metrics(metrics) if metrics is not None else ev.default_metrics(pipe)
+    ev.check_metrics(pipe, metrics)
+    prompted = ev.scores_prompts(pipe)
+    _check_sampling(pipe, args, prompted)
+    net = ref = info = oracle = None
+    if any(m in ev.FEATURE_METRICS for m in metrics):
         data_name = args.reference if args.reference in DATASETS else pipe.config.data.name
         features = ev.choose_features(args.features, data_name=data_name, reference=args.reference,
                                       oracle_path=args.oracle)
         net, info = ev.feature_network(features, dataset_name=data_name, **common)
-        ref = ev.load_reference(args.reference, net, pipe=pipe, split=args.split, cache=args.cache,
-                                max_items=args.max_reference,
-                                batch_size=args.batch_size or pipe.config.sample.batch_size, device=device,
-                                progress=progress)
-        if ref.info.get("stats_file") and ref.info["kind"] != "stats":
-            print(f"reference statistics: {ref.info['stats_file']} (reuse with --reference)")
+        # A text model of the shapes world is scored against the real images of its held-out prompts, unless
+        # --reference names other real images.
+        if not prompted or args.reference is not None:
+            ref = ev.load_reference(args.reference, net, pipe=pipe, split=args.split, cache=args.cache,
+                                    max_items=args.max_reference,
+                                    batch_size=args.batch_size or pipe.config.sample.batch_size, device=device,
+                                    progress=progress)
+            if ref.info.get("stats_file") and ref.info["kind"] != "stats":
+                print(f"reference statistics: {ref.info['stats_file']} (reuse with --reference)")
+    if "adherence" in metrics:
+        oracle = ev.adherence_oracle(net, oracle_path=args.oracle, cache=args.cache, device=device)
+        if info is None:
+            acc = (oracle.info.get("test") or {}).get("image_accuracy")
+            info = {"name": "oracle:shapes", "fingerprint": oracle.fingerprint(), "oracle_accuracy": acc}
     result = ev.evaluate_model(pipe, net, ref, metrics=metrics, num=args.num, sampler=args.sampler, steps=args.steps,
                                guidance=args.guidance, seed=args.seed, batch_size=args.batch_size, device=device,
-                               progress=progress, net_info=info, **({} if args.eta is None else {"eta": args.eta}))
+                               progress=progress, net_info=info, oracle=oracle,
+                               **({} if args.eta is None else {"eta": args.eta}))
     result["model_path"], result["ema"] = str(args.model), not args.no_ema
     return result, Path(args.out) if args.out else ev.default_json_path(args.model, result)
 
@@ -427,8 +452,10 @@ def cmd_eval(args) -> int:
     autoencoder = args.model is not None and is_autoencoder(args.model)
     if autoencoder:
         metrics = [m.strip() for m in (args.metrics or "psnr,ssim,rfid").split(",") if m.strip()]
-    else:
-        metrics = ev.parse_metrics(args.metrics or "fid,kid,is,pr")
+    elif args.model is None:
+        metrics = ev.parse_metrics(args.metrics or ",".join(ev.DEFAULT_METRICS))
+    else:  # checked here; the defaults depend on the model (adherence for a text model of the shapes world)
+        metrics = None if args.metrics is None else ev.parse_metrics(args.metrics)
     for name in ("num", "max_reference", "batch_size", "steps"):
         value = getattr(args, name)
         if value is not None and value < 1:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metrics import FeatureStats, class_accuracy, fid_from_stats, inception_score, kid, precision_recall
+from .ceiling import equal_size_precision_recall
+from .metrics import FeatureStats, class_accuracy, fid_from_stats, inception_score, kid
 
 
 def compare(real: FeatureStats, fake: FeatureStats, *, kid_subsets: int = 100, kid_subset_size: int = 1000,
@@ -17,7 +18,8 @@ def compare(real: FeatureStats, fake: FeatureStats, *, kid_subsets: int = 100, k
     """Metrics of ``fake`` against ``real``: what the kept features and logits allow.
 
     Returns a dict with fid, n_real, n_fake always; kid_mean / kid_std and precision / recall when both
-    sides kept features; is_mean / is_std when ``fake`` kept logits (at most ``is_splits`` splits, at
+    sides kept features (precision / recall with the real rows cut at random to as many as ``fake`` has: see
+    ceiling.equal_size_precision_recall); is_mean / is_std when ``fake`` kept logits (at most ``is_splits`` splits, at
     least 1); accuracy when ``fake_labels`` (the classes asked for) are given with logits.
     """
     out = {"n_real": real.n, "n_fake": fake.n, "fid": fid_from_stats(real, fake)}
@@ -26,7 +28,7 @@ def compare(real: FeatureStats, fake: FeatureStats, *, kid_subsets: int = 100, k
         out["kid_mean"], out["kid_std"] = kid(fr, ff, num_subsets=kid_subsets, subset_size=kid_subset_size,
                                               seed=seed)
     if len(fr) > pr_k and len(ff) > pr_k:
-        out["precision"], out["recall"] = precision_recall(fr, ff, k=pr_k)
+        out["precision"], out["recall"] = equal_size_precision_recall(fr, ff, k=pr_k, seed=seed)
     if fake.logits is not None and len(fake.logits):
         out["is_mean"], out["is_std"] = inception_score(logits=fake.logits,
                                                         splits=max(1, min(is_splits, len(fake.logits))))

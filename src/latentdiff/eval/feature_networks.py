@@ -56,6 +56,20 @@ def load_any_oracle(path, device=None):
     return load_shapes_oracle(folder, device=device) if kind == "shapes-oracle" else load_oracle(folder, device=device)
 
 
+def adherence_oracle(net=None, *, oracle_path=None, cache=None, device=None, verbose: bool = True):
+    """The shapes oracle that reads prompts back (it has ``cell_logits``): ``net`` when it is one (the feature
+    network), else the oracle folder ``oracle_path`` (which must then be a shapes oracle), else the cached one."""
+    if net is not None and hasattr(net, "cell_logits"):
+        return net
+    if oracle_path is not None:
+        oracle = load_any_oracle(oracle_path, device=device)
+        if not hasattr(oracle, "cell_logits"):
+            raise RequestError(f"adherence needs a shapes oracle (it reads every cell of a scene); {oracle_path} is a "
+                               f"classifier of another kind ({getattr(oracle.config, 'name', '?')!r})")
+        return oracle
+    return shapes_oracle_cached(cache, device=device, verbose=verbose)
+
+
 def feature_network(features: str, *, fid_weights=None, oracle_path=None, dataset_name: str | None = None,
                     cache=None, device=None, verbose: bool = True):
     """(network, info) for ``features`` "inception" (needs the FID weights file: ``fid_weights`` or

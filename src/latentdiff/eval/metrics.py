@@ -141,8 +141,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})  (Heusel et al. 2017, eq. 6).
 
     As the standard implementation: when sqrtm(S1 S2) is not finite (near-singular product), retry with
-    eps * I added to both covariances; a complex result whose diagonal imaginary part exceeds 1e-3 is an
-    error, smaller imaginary parts (numerical noise) are dropped.
+    eps * I added to both covariances; a complex result whose diagonal imaginary part exceeds 1e-3 (relative
+    to the largest real diagonal entry when that is above 1: features of large magnitude, or fewer samples than
+    dimensions, leave proportionally larger numerical noise) is an error, smaller imaginary parts are dropped.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -159,7 +160,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
             covmean = scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         imag = np.abs(np.diagonal(covmean).imag).max()
-        if imag > 1e-3:
+        if imag > 1e-3 * max(1.0, np.abs(np.diagonal(covmean).real).max()):
             raise ValueError(f"FID: matrix square root has an imaginary component {imag:.3g}")
         covmean = covmean.real
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))

@@ -26,6 +26,8 @@ from .stats_cache import cache_path, cache_root, dataset_identity, files_fingerp
 class Reference:
     stats: FeatureStats   # features (all kept) of the real images
     info: dict = field(default_factory=dict)  # kind (dataset | folder | stats), name, split, n, stats_file
+    dataset: object = field(default=None, repr=False)  # the images, row i of the features = item i (None: a
+                                                       # statistics file); the first stage's ceiling needs them
 
 
 def dataset_for(data_section, split: str | None):
@@ -45,7 +47,7 @@ def _cached_reference(net, source, ident, *, kind, cache, max_items, batch_size,
     # The file reference_stats wrote or read (the same key it uses), to be reused as --reference FILE.
     path = cache_path(cache_dir, dict(ident, indices=None, max_items=max_items, max_kept=None), net.fingerprint())
     return Reference(stats, {"kind": kind, "name": ident["name"], "split": ident.get("split"), "n": stats.n,
-                             "stats_file": str(path) if path.is_file() else None})
+                             "stats_file": str(path) if path.is_file() else None}, dataset=source)
 
 
 def load_reference(spec, net, *, pipe=None, split: str | None = None, size: int | None = None,
