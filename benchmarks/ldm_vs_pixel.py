@@ -22,9 +22,10 @@ train.steps = 10^6, and the learning rate barely decays).
 
 Then, from each run's EMA weights: steps reached, seconds per training step, seconds per sample
 (``--sample-steps`` steps of dpmpp_2m at the recipe's guidance, a batch of 64, the first stage's decoder
-included), prompt adherence per tag and overall on held-out prompts (compositions never seen in training, the
-same prompts for every arm), and FID / precision / recall on the shapes oracle's features beside the same metrics
-between two sets of real images (the floor).
+included), and the scores of ``latentdiff eval`` for text models of shapes (eval/prompted.py) on the same
+held-out prompts for every arm (compositions never seen in training): prompt adherence per tag and overall, and
+FID / precision / recall on the shapes oracle's features; beside them the real images' scores (the floor) and
+the first stage's reconstructions of the real images (the ceiling of a latent model).
 
 The first stage is trained once (recipe ``--first-stage-recipe``) unless ``--first-stage`` names one; its time
 is reported apart: the latent model pays it once, and reuses it for every later model.
@@ -189,20 +190,39 @@ def world_of(config) -> dict:
     return {"size": config.data.size, **world}
 
 
-def evaluate_arm(run_dir: Path, oracle, cases, others, sample_steps: int, repeats: int) -> dict:
-    """Seconds per sample, adherence and FID / precision / recall of the EMA weights of ``run_dir``."""
-    from latentdiff.eval.adherence import adherence_and_fid
+def evaluate_arm(run_dir: Path, oracle, oracle_info: dict, per_tag: int, sample_steps: int, repeats: int) -> dict:
+    """Seconds per sample, and from ``latentdiff eval``'s scoring of text models (eval/prompted.py): adherence and
+    FID / precision / recall of the EMA weights of ``run_dir`` on ``per_tag`` held-out prompts per object count,
+    beside the real images (the floor) and, for a latent model, its first stage's reconstructions (the ceiling)."""
+    import warnings
+
+    from latentdiff.eval.prompted import evaluate_prompts, heldout_cases
     from latentdiff.pipeline import load
 
     pipe = load(run_dir)
     guidance = pipe.config.sample.guidance
     params = sum(p.numel() for p in pipe.unet.parameters())
     params += sum(p.numel() for p in pipe.conditioner.parameters()) if pipe.conditioner is not None else 0
+    cases, _ = heldout_cases(pipe, 3 * per_tag)
     s_sample = seconds_per_sample(pipe, [c.prompt for c in cases], guidance, sample_steps, repeats)
-    scores = adherence_and_fid(pipe, oracle, cases, others, guidance, sample_steps, sampler="dpmpp_2m")
+    kw = dict(num=3 * per_tag, sampler="dpmpp_2m", steps=sample_steps, guidance=guidance, seed=0,
+              batch_size=SAMPLE_BATCH, net_info=oracle_info)
+    metrics = ["adherence", "fid", "pr"]
+    try:
+        scores = evaluate_prompts(pipe, oracle, oracle, metrics=metrics, **kw)
+    except ValueError as e:  # FID's matrix square root fails with far fewer images than the oracle has features
+        if not str(e).startswith("FID"):
+            raise
+        warnings.warn(f"{run_dir}: {e} (only {3 * per_tag} images); scoring again without FID", RuntimeWarning,
+                      stacklevel=2)
+        metrics.remove("fid")
+        scores = evaluate_prompts(pipe, oracle, oracle, metrics=metrics, **kw)
+    adherence, ceiling = scores["adherence"], scores.get("ceiling") or {}
     return {"guidance": guidance, "params": params, "seconds_per_sample": s_sample,
             "space": "x".join(map(str, pipe.sample_shape)),
-            **{k: scores[k] for k in ("model", "real", "fid", "precision", "recall")}}
+            "model": adherence["model"], "real": adherence["real"], "ceiling": adherence["ceiling"],
+            **{m: {"model": scores["model"].get(m), "floor": scores["floor"].get(m), "ceiling": ceiling.get(m)}
+               for m in ("fid", "precision", "recall")}}
 
 
 # ---------------------------------------------------------------------------------------------- report
@@ -225,14 +245,16 @@ def table(results: dict, first_stage: dict, minutes: float, sample_steps: int, t
     latent = [a for a in arms if a.startswith("latent")]
     ratio_of = latent if "pixel" in arms else []
     tags = list(next(iter(results.values()))["model"])
-    head = ["", *(ARMS[a][0] for a in arms), *(f"{ARMS[a][0]} / pixel" for a in ratio_of), "real data"]
+    head = ["", *(ARMS[a][0] for a in arms), *(f"{ARMS[a][0]} / pixel" for a in ratio_of), "real data",
+            "f=4 first stage (b)"]
 
-    def row(name, key, fmt, floor=None):
+    def row(name, key, fmt, floor="", ceiling=""):
         values = [key(results[a]) for a in arms]
         ratios = [_ratio(key(results[a]), key(results["pixel"])) for a in ratio_of]
-        return [name, *(_num(v, fmt) for v in values), *ratios, floor or ""]
+        return [name, *(_num(v, fmt) for v in values), *ratios, floor, ceiling]
 
     one = next(iter(results.values()))
+    lat = results[latent[0]] if latent else None  # the latent arms share their first stage, hence its ceiling
     rows = [
         row("latents / pixels the U-Net denoises", lambda r: r["space"], "s"),
         row("parameters (U-Net + text encoder), M", lambda r: r["params"] / 1e6, ".2f"),
@@ -245,12 +267,12 @@ def table(results: dict, first_stage: dict, minutes: float, sample_steps: int, t
             ".4f"),
     ]
     for t in tags:
-        real = one["real"][t]
+        ceiling = lat["ceiling"][t]["rate"] if lat and lat.get("ceiling") else None
         rows.append(row(f"adherence, {t}", lambda r, t=t: r["model"][t]["rate"], ".1%",
-                        f"{real['rate']:.1%} (oracle ceiling)"))
+                        f"{one['real'][t]['rate']:.1%}", _num(ceiling, ".1%")))
     for m, fmt in (("fid", ".4g"), ("precision", ".3f"), ("recall", ".3f")):
         rows.append(row(f"{'FID' if m == 'fid' else m} (oracle features)", lambda r, m=m: r[m]["model"], fmt,
-                        f"{_num(one[m]['floor'], fmt)} (real vs real)"))
+                        _num(one[m]["floor"], fmt), _num(lat[m]["ceiling"] if lat else None, fmt)))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "| " + " | ".join(f"{str(c):<{w}}" for c, w in zip(r, widths)) + " |"  # noqa: E731
     lines = [fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, rows)]
@@ -258,8 +280,11 @@ def table(results: dict, first_stage: dict, minutes: float, sample_steps: int, t
     lines += ["", f"Each arm trained for {minutes:g} min of training loop on {threads} thread(s); guidance "
               f"{one['guidance']:g}; {n} held-out prompts (compositions never seen in training), the same for every "
               "arm. Ratios are latent / pixel (below 1: the latent arm is faster, or has the lower FID).",
+              "Real data: adherence of the real images of the same prompts (the oracle's own ceiling); feature "
+              "metrics between a second set of real images and the first (the floor).",
               "(a) Data, tokenizer and networks, and for the cache-on arm building the latent cache (or loading it, "
               "when an earlier run with the same data and first stage built it); not part of the training time.",
+              "(b) The same real images through the first stage, D(E(x)): what a perfect latent model could reach.",
               f"First stage (paid once by every latent model): {first_stage['note']}."]
     return "\n".join(lines)
 
@@ -280,8 +305,7 @@ def write_json(out: Path, args, minutes: float, first_stage: dict, recipes: dict
 def main(argv=None) -> int:
     args = parse_args(argv)
     from latentdiff.config import load_config
-    from latentdiff.eval.adherence import heldout_prompts
-    from latentdiff.eval.feature_networks import shapes_oracle_cached
+    from latentdiff.eval.feature_networks import feature_network
     from latentdiff.recipes import find_recipe
 
     torch.set_num_threads(args.threads)
@@ -319,10 +343,8 @@ def main(argv=None) -> int:
         first_stage = {"note": "not used (no latent arm)"}
 
     print("[bench] loading the shapes oracle (trained on first use) ...", flush=True)
-    oracle = shapes_oracle_cached(verbose=True).eval()
-    world = worlds["latent"]
-    cases = heldout_prompts(3 * args.per_tag, seed=0, unique=False, **world)
-    others = heldout_prompts(3 * args.per_tag, seed=1, unique=False, **world)
+    oracle, oracle_info = feature_network("oracle", dataset_name="shapes")
+    oracle.eval()
 
     results = {}
     for arm in args.arms:
@@ -348,7 +370,7 @@ def main(argv=None) -> int:
             # the first run of the arm (the probe, when calibrating) is the one that builds the latent cache
             "setup_seconds": clock.setup_seconds() if probe is None else probe["setup_seconds"],
             "wall_seconds": wall, "probe": probe,
-            **evaluate_arm(runs / arm, oracle, cases, others, args.sample_steps, args.sample_repeats),
+            **evaluate_arm(runs / arm, oracle, oracle_info, args.per_tag, args.sample_steps, args.sample_repeats),
         }
         write_json(out, args, minutes, first_stage, recipes, sets, results)  # after each arm: nothing is lost
 

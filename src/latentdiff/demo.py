@@ -96,6 +96,31 @@ def draw_grid(pipe, prompts: list[str], seeds: int, path: Path, guidance: float,
     save_png(Image.fromarray(make_grid(images, nrow=seeds)), path, params)
 
 
+def adherence_and_fid(pipe, oracle, cases, others, guidance: float, steps: int) -> dict:
+    """Adherence per tag (model and real images of the same prompts) and FID / precision / recall on the oracle's
+    features: samples vs the real images of their prompts, beside two real sets (the floor)."""
+    from .eval.adherence import evaluate_adherence, real_images
+    from .eval.features import quantize_8bit
+    from .eval.metrics import fid, precision_recall
+
+    samples = []
+
+    def generate(prompts, seeds):  # seeds are consecutive: image i of a call uses seed + i
+        samples.append(pipe.sample(len(prompts), prompts=prompts, seed=seeds[0], guidance=guidance, steps=steps,
+                                   output="tensor"))
+        return samples[-1]
+
+    result = evaluate_adherence(generate, oracle, cases, batch_size=64, seed=0)
+    fake, real, other = torch.cat(samples), real_images(cases), real_images(others)
+    with torch.no_grad():
+        f_fake, f_real, f_other = (oracle.features(quantize_8bit(x)).double() for x in (fake, real, other))
+    p, r = precision_recall(f_real, f_fake)
+    p0, r0 = precision_recall(f_real, f_other)
+    result["fid"] = {"model": fid(f_fake, f_real), "floor": fid(f_other, f_real)}
+    result["precision"], result["recall"] = {"model": p, "floor": p0}, {"model": r, "floor": r0}
+    return result
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="outputs/demo", help="output folder")
@@ -110,7 +135,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the text-to-image recipe")
     args = p.parse_args(argv)
 
-    from .eval.adherence import OVERALL, adherence_and_fid, format_adherence, heldout_prompts
+    from .eval.adherence import OVERALL, format_adherence, heldout_prompts
     from .pipeline import load
 
     out = Path(args.out)

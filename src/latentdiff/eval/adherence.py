@@ -14,9 +14,7 @@ only if all nine cells equal the prompt's: each object's shape, colour and cell,
   other sizes can be a training layout, so a test prompt's *text* may have been seen in training.)
 - ``score`` -> passes (N,), ``adherence_report`` -> rate and count per tag and overall,
   ``format_adherence`` -> a table beside the real images' ceiling, ``evaluate_adherence`` does all of it
-  for a ``generate(prompts, seeds)`` callable;
-- ``adherence_and_fid``: a text-to-image pipeline's adherence, and FID / precision / recall on the oracle's
-  features beside their real-vs-real floors (what ``make demo`` and benchmarks/ldm_vs_pixel.py report).
+  for a ``generate(prompts, seeds)`` callable.
 
 The background phrase, the objects' sizes and their sub-cell positions are not scored: the oracle reads
 neither, and the prompt grammar names no size.
@@ -309,52 +307,6 @@ def evaluate_adherence(generate, oracle, cases, batch_size: int = 64, *, seed: i
     return {"model": adherence_report(passes, cases), "real": adherence_report(real_passes, cases), "cases": per_case}
 
 
-def adherence_and_fid(pipe, oracle, cases, others, guidance: float, steps: int, *, sampler: str | None = None,
-                      batch_size: int = 64) -> dict:
-    """Prompt adherence of ``pipe`` (a text-to-image Pipeline) on ``cases``, and FID / precision / recall on the
-    oracle's features (after 8-bit quantisation): its samples vs the real images of the same prompts, beside the
-    real images of ``others`` vs the same real images (the floor).
-
-    Case i is sampled with seed i, ``steps`` steps of ``sampler`` (None: the pipeline's) at ``guidance``,
-    ``batch_size`` prompts at a time. Returns :func:`evaluate_adherence`'s dict with "fid", "precision" and
-    "recall", each {"model", "floor"}. An FID whose matrix square root fails (few images for the oracle's
-    feature dimension: singular covariances) is NaN, with a warning, so that the adherence is not lost.
-    """
-    from .metrics import precision_recall
-
-    samples = []
-
-    def generate(prompts, seeds):  # seeds are consecutive: image i of a call uses seed + i
-        samples.append(pipe.sample(len(prompts), prompts=prompts, seed=seeds[0], guidance=guidance, steps=steps,
-                                   sampler=sampler, batch_size=batch_size, output="tensor"))
-        return samples[-1]
-
-    result = evaluate_adherence(generate, oracle, cases, batch_size=batch_size, seed=0)
-    fake, real, other = torch.cat(samples), real_images(cases), real_images(others)
-    with torch.no_grad():
-        f_fake, f_real, f_other = (oracle.features(quantize_8bit(x)).double() for x in (fake, real, other))
-    p, r = precision_recall(f_real, f_fake)
-    p0, r0 = precision_recall(f_real, f_other)
-    result["fid"] = {"model": _fid_or_nan(f_fake, f_real), "floor": _fid_or_nan(f_other, f_real)}
-    result["precision"], result["recall"] = {"model": p, "floor": p0}, {"model": r, "floor": r0}
-    return result
-
-
-def _fid_or_nan(a: torch.Tensor, b: torch.Tensor) -> float:
-    """FID between the feature sets ``a`` and ``b``, or NaN with a RuntimeWarning naming their sizes when its
-    matrix square root fails."""
-    import warnings
-
-    from .metrics import fid
-
-    try:
-        return fid(a, b)
-    except ValueError as e:
-        warnings.warn(f"{e}: {len(a)} and {len(b)} images of {a.shape[1]} features (the covariances are singular "
-                      "below that many images); FID reported as NaN", RuntimeWarning, stacklevel=2)
-        return float("nan")
-
-
-__all__ = ["COUNT_WORDS", "OVERALL", "PromptCase", "adherence_and_fid", "adherence_report", "cells_caption",
-           "count_tag", "evaluate_adherence", "format_adherence", "heldout_prompts", "parse_caption", "parse_objects",
+__all__ = ["COUNT_WORDS", "OVERALL", "PromptCase", "adherence_report", "cells_caption", "count_tag",
+           "evaluate_adherence", "format_adherence", "heldout_prompts", "parse_caption", "parse_objects",
            "read_cells", "real_images", "score"]
