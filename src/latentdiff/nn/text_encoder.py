@@ -36,6 +36,8 @@ class TextEncoderConfig(FromDict):
     heads: int = 4  # attention heads; must divide width
     mlp_ratio: int = 4  # feed-forward hidden width = mlp_ratio * width (the transformer's usual 4)
     dropout: float = 0.0  # dropout after attention and feed-forward; 0 = none (LDM's small models use none)
+    alibi: bool = False  # add ALiBi's distance penalty −m_h·|i − j| to the attention scores (Press et al. 2022):
+    #                     heads start local, so words bind to their neighbours ("red circle" to "at the top left")
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "width", "depth", "heads", "mlp_ratio"):
@@ -63,7 +65,8 @@ class TransformerLayer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """x: (B, L, D); keep: (B, 1, 1, L) bool, True for the keys every query may attend to."""
+        """x: (B, L, D); keep: (B, 1, 1, L) bool, True for the keys every query may attend to, or an additive float
+        bias (B, heads, L, L) with −inf at the keys no query may attend to."""
         b, n, d = x.shape
         qkv = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, L, d_head)
@@ -107,6 +110,17 @@ class TextEncoder(nn.Module):
         keep = tokens != PAD_ID
         keep[:, 0] = True  # a row of pads alone (never made by the tokenizer) would leave softmax nothing to weigh
         keep = keep[:, None, None, :]  # (B, 1, 1, L): the same key mask for every head and query
+        if cfg.alibi:
+            keep = alibi_bias(cfg.heads, n, h.device, h.dtype).masked_fill(~keep, float("-inf"))  # (B, heads, L, L)
         for layer in self.layers:
             h = layer(h, keep)
         return self.final_norm(h)
+
+
+def alibi_bias(heads: int, length: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(1, heads, L, L) additive attention bias −m_h·|i − j| of ALiBi (Press et al. 2022), symmetric for an
+    encoder; the slopes m_h = 2^(−8h/H), h = 1..H, form ALiBi's geometric sequence."""
+    slopes = 2.0 ** (-8.0 * torch.arange(1, heads + 1, device=device, dtype=torch.float64) / heads)
+    pos = torch.arange(length, device=device)
+    distance = (pos[None, :] - pos[:, None]).abs().to(torch.float64)  # (L, L)
+    return (-slopes[:, None, None] * distance)[None].to(dtype)
