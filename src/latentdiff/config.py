@@ -62,10 +62,11 @@ MIXED_PRECISION = ("auto", "no", "bf16", "fp16")     # auto = bf16 on CUDA when 
 class DiffusionSection:
     schedule: Literal[SCHEDULES] = "linear"                     # β schedule (schedules.make_betas)
     num_steps: int = bounded(1000, lo=1)                        # T, the number of training timesteps
-    schedule_options: dict[str, Any] = field(default_factory=dict)  # make_betas options: beta_start, beta_end, rescale, s, max_beta
+    schedule_options: dict[str, Any] = field(default_factory=dict)  # make_betas options: beta_start, beta_end, rescale,
+                                                                    # s, max_beta
     zero_terminal_snr: bool = False                             # rescale β so ᾱ_T = 0 (needs prediction v or x0)
     prediction: Literal[PREDICTIONS] = "eps"                    # network target: ε, x_0 or v
-    variance: Literal[VARIANCES] = "fixed_small"                # Σ of the reverse step; learned* doubles output channels
+    variance: Literal[VARIANCES] = "fixed_small"                # Σ of the reverse step; learned*: 2x output channels
     loss: Literal[LOSSES] = "simple"                            # L_simple, hybrid (L_simple + λ L_vlb) or L_vlb
     vlb_weight: float = bounded(1e-3, lo=0.0)                   # λ of the hybrid loss
     min_snr_gamma: float | None = bounded(None, lo=0.0, lo_open=True)  # min-SNR-γ loss weighting; None = off
@@ -74,16 +75,16 @@ class DiffusionSection:
 
 @dataclass
 class DataSection:
-    name: str = "digits"                                        # dataset: folder, cifar10, digits, shapes (data.DATASETS)
-    root: str | None = None                                     # folder of the files (folder, cifar10); None for embedded data
-    size: int | None = bounded(None, lo=1)                      # image side; None = the dataset's own (digits 8, cifar10 32)
+    name: str = "digits"                                        # one of data.DATASETS: folder, cifar10, digits, shapes
+    root: str | None = None                                     # folder of the files (folder, cifar10); None: embedded
+    size: int | None = bounded(None, lo=1)                      # image side; None: the dataset's (digits 8, cifar10 32)
     channels: Literal[1, 3, 4] | None = None                    # 1, 3 or 4; None = the dataset's own (folder: 3)
     crop: Literal["center", "random"] = "center"                # folder: crop after resizing the shorter side
     flip: bool = False                                          # random horizontal flips (folder, cifar10)
     split: Literal["train", "test", "all"] = "train"            # which part of the dataset
     captions: Literal["auto", "metadata", "txt", "none"] = "auto"  # folder: where captions come from
     labels: Literal["auto", "metadata", "folder", "none"] = "auto"  # folder: where class labels come from
-    seed: int = 0                                               # seed of the random crops/flips (and of procedural data)
+    seed: int = 0                                               # seed of random crops/flips (and of procedural data)
     options: dict[str, Any] = field(default_factory=dict)       # extra keyword arguments of the dataset (e.g. shapes')
 
 
@@ -150,39 +151,43 @@ class SampleSection:
     batch_size: int = bounded(16, lo=1)                         # images per forward pass
     seed: int = 0                                               # sample i uses seed + i
     labels: list[int] | None = None                             # class ids to draw, cycled; None = all classes in turn
-    prompt: str | None = None                                   # caption for text-conditioned models (when none is given)
+    prompt: str | None = None                                   # caption for text models (when none is given)
     prompts: list[str] | None = None                            # text models: captions drawn, cycled; null = [prompt]
-    negative_prompt: str | None = None                          # text models: the unconditional branch's prompt; null = ""
-    size: tuple[int, int] | None = None                         # (H, W) of the images in pixels; null = the training
-                                                                # size; larger is sampled convolutionally (LDM sec. 4.3.2)
+    negative_prompt: str | None = None                          # text models: the unconditional branch's prompt;
+                                                                # null = ""
+    size: tuple[int, int] | None = None                         # (H, W) of the images in pixels; null = the
+                                                                # training size; larger is sampled convolutionally
+                                                                # (LDM sec. 4.3.2)
 
 
 @dataclass
 class LatentSection:
-    first_stage: str | None = None                              # autoencoder model or run folder; null = pixel-space diffusion.
-                                                                # Relative: to the working directory, or (in a saved run or
-                                                                # model folder) to that folder
-    scale: float | None = bounded(None, lo=0.0, lo_open=True)   # latent scale factor; null = the one saved with the autoencoder
-    sample_posterior: bool = True                               # KL first stages: train on posterior samples (LDM) or means
-    cache: bool = True                                          # encode the data once with the frozen first stage and train
-                                                                # on the stored latents (data/latent_cache.py)
-    cache_pool: int | None = bounded(20_000, lo=1)              # items cached of an endless procedural dataset (shapes);
-                                                                # null = the whole dataset
+    first_stage: str | None = None                              # autoencoder model or run folder; null = pixel-space
+                                                                # diffusion. Relative: to the working directory, or (in
+                                                                # a saved run or model folder) to that folder
+    scale: float | None = bounded(None, lo=0.0, lo_open=True)   # latent scale factor; null = saved with the autoencoder
+    sample_posterior: bool = True                               # KL: train on posterior samples (LDM) or their means
+    cache: bool = True                                          # encode the data once with the frozen first stage and
+                                                                # train on the stored latents (data/latent_cache.py)
+    cache_pool: int | None = bounded(20_000, lo=1)              # items cached of an endless procedural dataset
+                                                                # (shapes); null = the whole dataset
 
 
 @dataclass
 class ConditioningSection:
     """The conditioner τ_θ of LDM (section 3.3): what the U-Net is conditioned on and how it enters."""
-    kind: Literal["text", "class"] = "text"                     # a caption (text encoder) or a class id (class embedder)
-    mode: Literal["crossattn", "adm"] = "crossattn"             # crossattn: context for the spatial transformers (text,
-                                                                # class); adm: a class embedding added to the time embedding
+    kind: Literal["text", "class"] = "text"                     # a caption (text encoder) or class id (class embedder)
+    mode: Literal["crossattn", "adm"] = "crossattn"             # crossattn: context for the spatial transformers
+                                                                # (text, class); adm: a class embedding added to the
+                                                                # time embedding
     key: str | None = None                                      # data field of the condition; null = caption / label
     context_length: int | None = bounded(None, lo=2)            # text: tokens incl. the end token; null = the longest
                                                                 # caption of the vocabulary pool
     min_count: int = bounded(1, lo=1)                           # text: words seen fewer times map to the unknown token
     vocab_pool: int = bounded(20_000, lo=1)                     # text: captions read to build the vocabulary
-    text: dict[str, Any] = field(default_factory=dict)          # TextEncoderConfig fields: width, depth, heads, mlp_ratio,
-                                                                # dropout (vocab_size, context_length from the tokenizer)
+    text: dict[str, Any] = field(default_factory=dict)          # TextEncoderConfig fields: width, depth, heads,
+                                                                # mlp_ratio, dropout (vocab_size, context_length from
+                                                                # the tokenizer)
     num_classes: int | None = bounded(None, lo=1)               # class: classes (+ 1 null class for guidance)
     class_dim: int | None = bounded(None, lo=1)                 # class + crossattn: width of the class token
 
@@ -206,14 +211,15 @@ class Config:
 class AutoencoderRunConfig:
     """A run that trains a first stage (``latentdiff train configs/shapes_vae_kl_f4.yaml``). The open sections are
     checked against their classes by :func:`check_autoencoder_sections` (``load_config`` does it)."""
-    autoencoder: dict[str, Any] = field(default_factory=dict)   # nn.autoencoder.AutoencoderConfig fields; in/out channels and
-                                                                # resolution come from the data
+    autoencoder: dict[str, Any] = field(default_factory=dict)   # nn.autoencoder.AutoencoderConfig fields; in/out
+                                                                # channels and resolution come from the data
     loss: dict[str, Any] = field(default_factory=dict)          # AutoencoderLossConfig fields
-    discriminator: dict[str, Any] | None = None                 # nn.discriminator.DiscriminatorConfig fields; null = no GAN term
-    lpips: str | None = None                                    # LPIPS weights file (nn/lpips.py); null = perceptual term off
+    discriminator: dict[str, Any] | None = None                 # nn.discriminator.DiscriminatorConfig fields;
+                                                                # null = no GAN term
+    lpips: str | None = None                                    # LPIPS weights (nn/lpips.py); null = no perceptual term
     data: DataSection = field(default_factory=lambda: DataSection(name="shapes"))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(ema_decay=0.0))
-    eval_num: int = bounded(512, lo=1)                          # held-out images scored (PSNR, SSIM) at the end of training
+    eval_num: int = bounded(512, lo=1)                          # held-out images scored (PSNR, SSIM) after training
 
 
 # The loss weights of the first stage (train/autoencoder_objective.py has the loss itself).
@@ -318,7 +324,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             k = self.construct_object(key_node, deep=deep)
             if k in seen:
                 line = key_node.start_mark.line + 1
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {k!r} (line {line})", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {k!r} (line {line})",
+                                                        key_node.start_mark)
             seen.add(k)
         return super().construct_mapping(node, deep=deep)
 

@@ -38,7 +38,8 @@ def start_oracle(epochs: int | None) -> subprocess.Popen | None:
 
     if (cache_root() / "oracles" / "shapes" / "model.safetensors").is_file():
         return None
-    cmd = [sys.executable, "-m", "latentdiff.cli", "oracle", "shapes"] + ([] if epochs is None else ["--epochs", str(epochs)])
+    cmd = [sys.executable, "-m", "latentdiff.cli", "oracle", "shapes"]
+    cmd += [] if epochs is None else ["--epochs", str(epochs)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     print("[demo] training the shapes oracle in a second process (cached after this run) ...", flush=True)
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -137,8 +138,9 @@ def adherence_and_fid(pipe, oracle, cases, others, guidance: float, steps: int) 
     return result
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", default="outputs/demo", help="output folder")
     p.add_argument("--threads", type=int, default=2, help="torch threads once the oracle is trained")
     p.add_argument("--processes", type=int, default=2,
@@ -151,14 +153,12 @@ def main(argv=None) -> int:
     p.add_argument("--first-stage", action="append", default=[], metavar="key=value",
                    help="override of the first-stage recipe (repeatable)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides of the text-to-image recipe")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    from .eval.adherence import OVERALL, format_adherence, heldout_prompts
-    from .pipeline import load
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    t_start = time.perf_counter()
+def train_models(args, out: Path) -> tuple[float, float, torch.nn.Module]:
+    """Both stages (the first stage, then the text-to-image model) while the oracle trains beside them;
+    returns their seconds and the oracle, with torch at ``args.threads`` threads."""
     oracle_proc = start_oracle(args.oracle_epochs)
     torch.set_num_threads(1 if oracle_proc is not None else args.threads)
     t_ae = train_stage(FIRST_STAGE_RECIPE, out / "first_stage", args.first_stage)
@@ -174,6 +174,43 @@ def main(argv=None) -> int:
         t_ldm = train_stage(LDM_RECIPE, out / "run", overrides, callback=more_threads)
     oracle = finish_oracle(oracle_proc)
     torch.set_num_threads(args.threads)
+    return t_ae, t_ldm, oracle
+
+
+def report(out: Path, seconds: dict, sample, guidance: float, result: dict) -> None:
+    """Write ``out``/summary.json (``seconds`` rounded to 0.1 s) and print the timings, the adherence table and
+    the metrics on the oracle's features. ``sample`` is the model config's sample section."""
+    from .eval.adherence import OVERALL, format_adherence
+
+    summary = {
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "sampler": sample.sampler, "steps": sample.steps, "guidance": guidance,
+        "adherence": {"model": result["model"], "real_images": result["real"]},
+        "fid": result["fid"], "precision": result["precision"], "recall": result["recall"],
+        "grid": str(out / "txt2img_grid.png"),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"[demo] training {seconds['training_total']:.0f} s (first stage {seconds['first_stage']:.0f} s, "
+          f"text-to-image {seconds['txt2img']:.0f} s); total {seconds['total'] / 60:.1f} min")
+    print(f"[demo] grid: {out / 'txt2img_grid.png'} (rows: held-out prompts, columns: seeds)")
+    print(f"[demo] {sample.sampler}, {sample.steps} steps, guidance {guidance:g}; "
+          "prompts of compositions never seen in training:")
+    print(format_adherence(result["model"], result["real"]))
+    for name in ("fid", "precision", "recall"):
+        print(f"{name} (oracle features): {result[name]['model']:.3f}   real vs real: {result[name]['floor']:.3f}")
+    print(f"[demo] overall adherence {result['model'][OVERALL]['rate']:.1%}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+
+    from .eval.adherence import heldout_prompts
+    from .pipeline import load
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    t_ae, t_ldm, oracle = train_models(args, out)
     t_train = time.perf_counter() - t_start
 
     pipe = load(out / "run")
@@ -191,23 +228,9 @@ def main(argv=None) -> int:
     t_eval = time.perf_counter() - t0
     total = time.perf_counter() - t_start
 
-    summary = {
-        "seconds": {"first_stage": round(t_ae, 1), "txt2img": round(t_ldm, 1), "training_total": round(t_train, 1),
-                    "grid": round(t_grid, 1), "eval": round(t_eval, 1), "total": round(total, 1)},
-        "sampler": s.sampler, "steps": s.steps, "guidance": guidance,
-        "adherence": {"model": result["model"], "real_images": result["real"]},
-        "fid": result["fid"], "precision": result["precision"], "recall": result["recall"],
-        "grid": str(out / "txt2img_grid.png"),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[demo] training {t_train:.0f} s (first stage {t_ae:.0f} s, text-to-image {t_ldm:.0f} s); "
-          f"total {total / 60:.1f} min")
-    print(f"[demo] grid: {out / 'txt2img_grid.png'} (rows: held-out prompts, columns: seeds)")
-    print(f"[demo] {s.sampler}, {s.steps} steps, guidance {guidance:g}; prompts of compositions never seen in training:")
-    print(format_adherence(result["model"], result["real"]))
-    for name in ("fid", "precision", "recall"):
-        print(f"{name} (oracle features): {result[name]['model']:.3f}   real vs real: {result[name]['floor']:.3f}")
-    print(f"[demo] overall adherence {result['model'][OVERALL]['rate']:.1%}")
+    seconds = {"first_stage": t_ae, "txt2img": t_ldm, "training_total": t_train, "grid": t_grid, "eval": t_eval,
+               "total": total}
+    report(out, seconds, s, guidance, result)
     return 0
 
 

@@ -47,7 +47,8 @@ def to_8x8(images: torch.Tensor) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default="digits_ddpm", help="training config: a recipe name or a YAML file")
     p.add_argument("--out", default="outputs/demo_digits", help="output folder")
     p.add_argument("--per-class", type=int, default=10, help="samples per digit in the grid")
@@ -65,7 +66,8 @@ def main(argv=None) -> int:
     if run.exists():
         shutil.rmtree(run)  # a fresh run each time: the timing below is the whole training
     config = load_config(find_recipe(args.config), args.overrides)
-    print(f"[demo] training {args.config} for {config.train.steps} steps on {torch.get_num_threads()} CPU threads ...", flush=True)
+    print(f"[demo] training {args.config} for {config.train.steps} steps on {torch.get_num_threads()} CPU threads ...",
+          flush=True)
     t0 = time.perf_counter()
     train_from_config(config, run, progress=True)
     t_train = time.perf_counter() - t0
@@ -78,7 +80,8 @@ def main(argv=None) -> int:
     t_sample = time.perf_counter() - t1
     grid = out / "digits_grid.png"
     # Upscale (nearest) to 64 px per digit so the grid is visible.
-    save_grid(F.interpolate(images, scale_factor=max(1, 64 // images.shape[-1]), mode="nearest"), grid, nrow=args.per_class)
+    save_grid(F.interpolate(images, scale_factor=max(1, 64 // images.shape[-1]), mode="nearest"), grid,
+              nrow=args.per_class)
 
     clf, real_acc = digit_classifier()
     pred = clf.predict(to_8x8(images))
@@ -92,9 +95,11 @@ def main(argv=None) -> int:
         "grid": str(grid),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"[demo] training {t_train:.0f} s, sampling {len(labels)} images ({s.sampler}, {s.steps} steps, guidance {s.guidance}) {t_sample:.1f} s")
+    print(f"[demo] training {t_train:.0f} s, sampling {len(labels)} images "
+          f"({s.sampler}, {s.steps} steps, guidance {s.guidance}) {t_sample:.1f} s")
     print(f"[demo] grid: {grid}")
-    print(f"[demo] {acc:.1%} of samples are classified as the digit asked for (classifier accuracy on real held-out digits: {real_acc:.1%})")
+    print(f"[demo] {acc:.1%} of samples are classified as the digit asked for "
+          f"(classifier accuracy on real held-out digits: {real_acc:.1%})")
     return 0
 
 

@@ -1,6 +1,6 @@
 """A trained model as one object: first stage + conditioner + denoising network + Gaussian diffusion.
 
-    pipe = latentdiff.load("runs/digits")          # a run folder (EMA weights of its newest checkpoint) or a model folder
+    pipe = latentdiff.load("runs/digits")          # a run folder (EMA weights of its newest checkpoint) or model folder
     images = pipe.sample(num=10, labels=range(10), guidance=2.0, seed=0)   # list of PIL images
     images = latentdiff.load("runs/txt2img").sample(prompts=["a red circle at the top left"], guidance=3, seed=0)
 
@@ -78,7 +78,8 @@ def conditioner_config(section, tokenizer: WordTokenizer | None) -> dict:
     """The conditioner config (nn.conditioners.ConditionerConfig fields) of a ``conditioning`` section."""
     if section.kind == "text":
         if section.mode != "crossattn":
-            raise ConfigError("conditioning: a text condition enters by cross-attention; set conditioning.mode=crossattn")
+            raise ConfigError("conditioning: a text condition enters by cross-attention; "
+                              "set conditioning.mode=crossattn")
         if tokenizer is None:
             raise ConfigError(f"conditioning.kind is text but there is no tokenizer ({TOKENIZER_FILE}): it is built "
                               "from the training captions when a run starts")
@@ -282,8 +283,8 @@ class Pipeline:
             return
         factor = _ill_conditioned_start(self.diffusion, opts)
         if factor is not None:
-            warnings.warn(f"sampling starts at t = T-1, where 1/sqrt(alpha_bar) = {factor:.3g}: the network's eps error "
-                          "reaches x0_hat multiplied by that and latents (which have no clip_x0) blow up; use "
+            warnings.warn(f"sampling starts at t = T-1, where 1/sqrt(alpha_bar) = {factor:.3g}: the network's eps "
+                          "error reaches x0_hat multiplied by that and latents (which have no clip_x0) blow up; use "
                           "spacing='leading', a schedule with a larger alpha_bar_T (scaled_linear), or v-prediction",
                           stacklevel=3)
 
@@ -304,7 +305,7 @@ class Pipeline:
         *,
         prompts=None,               # text models: caption(s), cycled over the samples; None = the config's
         negative_prompt: str | None = None,  # text models: the unconditional branch's prompt (None: the config's, "")
-        labels=None,                # class id(s), cycled over the samples; None = the config's, else every class in turn
+        labels=None,                # class id(s), cycled over the samples; None = the config's, else each class in turn
         sampler: str | None = None,  # a name of latentdiff.samplers.SAMPLERS; None = the config's
         steps: int | None = None,   # network evaluations grid; None = the config's
         guidance: float | None = None,  # classifier-free guidance scale s (1 = none); None = the config's
@@ -340,7 +341,7 @@ class Pipeline:
             n = min(s.batch_size, s.num - start)
             noise = torch.empty(n, *shape, device=self.device)
             cond, uncond = self._conditions(s, y, start, n)
-            cb = (lambda i, t, x, x0: bar.update(n)) if bar is not None else None
+            cb = (lambda i, t, x, x0, n=n: bar.update(n)) if bar is not None else None  # n bound per batch
             x = run_sampler(
                 model_fn, noise, diffusion=self.diffusion, sampler=s.sampler, steps=s.steps,
                 seed=[s.seed + start + i for i in range(n)], guidance_scale=s.guidance, uncond=uncond, callback=cb,
@@ -395,7 +396,8 @@ class Pipeline:
             what = "text-conditioned (give prompts)" if kind == "text" else "unconditional"
             raise ConfigError(f"this model is {what}: it takes no class labels")
         if kind is None and s.guidance != 1.0:
-            raise ConfigError("guidance needs a class-conditional model or a text-conditioned one (this one is unconditional)")
+            raise ConfigError("guidance needs a class-conditional model or a text-conditioned one "
+                              "(this one is unconditional)")
         if kind == "class" and s.labels is not None:
             if not s.labels:
                 raise ConfigError("labels is empty")
@@ -457,11 +459,13 @@ def load_latent_first_stage(config: Config, base_dir=None):
         raise ConfigError(f"latent.first_stage: {e}") from None
     cfg, data = autoencoder.config, config.data
     if data.channels != cfg.in_channels:
-        raise ConfigError(f"latent.first_stage {folder} takes {cfg.in_channels}-channel images; the data has {data.channels}")
+        raise ConfigError(f"latent.first_stage {folder} takes {cfg.in_channels}-channel images; "
+                          f"the data has {data.channels}")
     if data.size % cfg.f:
         raise ConfigError(f"latent.first_stage {folder} has f={cfg.f}, which does not divide data.size={data.size}")
     if config.sample.clip_x0:
-        raise ConfigError("sample.clip_x0 clamps x̂_0 to [-1, 1], which is for pixels, not latents; set sample.clip_x0=false")
+        raise ConfigError("sample.clip_x0 clamps x̂_0 to [-1, 1], which is for pixels, not latents; "
+                          "set sample.clip_x0=false")
     return autoencoder
 
 

@@ -142,22 +142,32 @@ def evaluate_prompts(pipe, net, oracle, *, metrics, num: int, ref: Reference | N
                 generate([c.prompt for c in cases[start:start + n]], list(range(s.seed + start, s.seed + start + n)))
     finally:
         generate.close()
-    images = generate.images
     if feats:
-        kw = {"batch_size": s.batch_size, "device": device}
-        fake = extract_stats(net, images, **kw)
-        if ref is None:
-            real, other_x = extract_stats(net, real_x, **kw), real_images(others)
-            result["model"] = feature_metrics(real, fake, feats, seed=s.seed)
-            result["floor"] = feature_metrics(real, extract_stats(net, other_x, **kw), feats, seed=s.seed)
-            if latent and has_ceiling(pipe, net_info):
-                rec = reconstructions(pipe, other_x, batch_size=s.batch_size, seed=s.seed + 1)
-                result["ceiling"] = feature_metrics(real, extract_stats(net, rec, **kw), feats, seed=s.seed)
-        else:
-            result["model"] = feature_metrics(ref.stats, fake, feats, seed=s.seed)
-            result["floor"] = floor_metrics(ref.stats, feats, num, seed=s.seed)
-            if latent and has_ceiling(pipe, net_info):
-                result["ceiling"] = dataset_ceiling(pipe, net, ref, feats, num, seed=s.seed,
-                                                    batch_size=s.batch_size, device=device)
+        result.update(_feature_scores(pipe, net, ref, feats, generate.images, real_x, others, num=num,
+                                      latent=latent, net_info=net_info, seed=s.seed, batch_size=s.batch_size,
+                                      device=device))
     result["sample_seconds"], result["nfe"] = generate.seconds, generate.nfe
+    return result
+
+
+def _feature_scores(pipe, net, ref: Reference | None, feats, images, real_x, others, *, num: int, latent: bool,
+                    net_info: dict | None, seed: int, batch_size: int, device) -> dict:
+    """model, floor and (latent models, where the features allow) ceiling of the feature metrics ``feats``:
+    against the real images of the held-out prompts ``real_x`` (floor: those of ``others``), or against ``ref``."""
+    kw = {"batch_size": batch_size, "device": device}
+    fake = extract_stats(net, images, **kw)
+    result = {}
+    if ref is None:
+        real, other_x = extract_stats(net, real_x, **kw), real_images(others)
+        result["model"] = feature_metrics(real, fake, feats, seed=seed)
+        result["floor"] = feature_metrics(real, extract_stats(net, other_x, **kw), feats, seed=seed)
+        if latent and has_ceiling(pipe, net_info):
+            rec = reconstructions(pipe, other_x, batch_size=batch_size, seed=seed + 1)
+            result["ceiling"] = feature_metrics(real, extract_stats(net, rec, **kw), feats, seed=seed)
+    else:
+        result["model"] = feature_metrics(ref.stats, fake, feats, seed=seed)
+        result["floor"] = floor_metrics(ref.stats, feats, num, seed=seed)
+        if latent and has_ceiling(pipe, net_info):
+            result["ceiling"] = dataset_ceiling(pipe, net, ref, feats, num, seed=seed,
+                                                batch_size=batch_size, device=device)
     return result

@@ -250,6 +250,29 @@ class UNet(nn.Module):
             raise ValueError(f"t must have shape ({b},) (one timestep per sample), got {tuple(t.shape)}")
         if t.is_complex() or t.dtype == torch.bool:
             raise TypeError(f"t must be an integer or float tensor, got {t.dtype}")
+        self._check_y(y, b)
+        if cfg.context_dim is None:
+            if context is not None:
+                raise ValueError("context was given but this UNet has no cross-attention (context_dim=None)")
+        else:
+            if context is None:
+                raise ValueError(f"context is required: this UNet cross-attends to (B, L, {cfg.context_dim}) tokens")
+            if context.dim() != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
+                raise ValueError(f"context must be ({b}, L, {cfg.context_dim}), got {tuple(context.shape)}")
+        if cfg.concat_channels == 0:
+            if concat is not None:
+                raise ValueError("concat was given but this UNet takes no concatenated channels (concat_channels=0)")
+        else:
+            want = (b, cfg.concat_channels, hgt, wid)
+            if concat is None:
+                raise ValueError(f"concat is required: this UNet expects a {want} tensor of extra input channels")
+            if tuple(concat.shape) != want:
+                raise ValueError(f"concat must have shape {want}, got {tuple(concat.shape)}")
+        return t
+
+    def _check_y(self, y, b: int) -> None:
+        """Clear errors for a missing, unexpected or misshapen y (an ADM vector or class ids) for a batch of b."""
+        cfg = self.config
         if cfg.adm_in_channels is not None:
             want = (b, cfg.adm_in_channels)
             if y is None:
@@ -272,24 +295,6 @@ class UNet(nn.Module):
             if y.device.type == "cpu" and y.numel() and (int(y.min()) < 0 or int(y.max()) > cfg.num_classes):
                 got = f"[{int(y.min())}, {int(y.max())}]"
                 raise ValueError(f"y must hold class ids in [0, {cfg.num_classes}], got range {got}")
-        if cfg.context_dim is None:
-            if context is not None:
-                raise ValueError("context was given but this UNet has no cross-attention (context_dim=None)")
-        else:
-            if context is None:
-                raise ValueError(f"context is required: this UNet cross-attends to (B, L, {cfg.context_dim}) tokens")
-            if context.dim() != 3 or context.shape[0] != b or context.shape[2] != cfg.context_dim:
-                raise ValueError(f"context must be ({b}, L, {cfg.context_dim}), got {tuple(context.shape)}")
-        if cfg.concat_channels == 0:
-            if concat is not None:
-                raise ValueError("concat was given but this UNet takes no concatenated channels (concat_channels=0)")
-        else:
-            want = (b, cfg.concat_channels, hgt, wid)
-            if concat is None:
-                raise ValueError(f"concat is required: this UNet expects a {want} tensor of extra input channels")
-            if tuple(concat.shape) != want:
-                raise ValueError(f"concat must have shape {want}, got {tuple(concat.shape)}")
-        return t
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ class DiffusionObjective:
         if cond_drop_prob > 0 and cond_key is None:
             raise ValueError("cond_drop_prob > 0 needs a cond_key: there is no condition to drop")
         if cond_drop_prob > 0 and num_classes is None and null_context is None and conditioner is None:
-            raise ValueError("cond_drop_prob > 0 needs num_classes (labels, null class = num_classes) or null_context (contexts)")
+            raise ValueError("cond_drop_prob > 0 needs num_classes (labels, null class = num_classes) "
+                             "or null_context (contexts)")
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.models = {"unet": model}
@@ -151,10 +152,12 @@ class DiffusionObjective:
             if self.conditioner is not None:
                 return self._conditioner_kwargs(c, B, device)
             if not torch.is_tensor(c):
-                raise TypeError(f"batch[{self.cond_key!r}] must be a tensor (labels or contexts), got {type(c).__name__}")
+                raise TypeError(f"batch[{self.cond_key!r}] must be a tensor (labels or contexts), "
+                                f"got {type(c).__name__}")
             if c.is_floating_point():
                 if c.ndim != 3 or c.shape[0] != B:
-                    raise ValueError(f"context batch[{self.cond_key!r}] must be (B, L, D) with B={B}, got {tuple(c.shape)}")
+                    raise ValueError(f"context batch[{self.cond_key!r}] must be (B, L, D) with B={B}, "
+                                     f"got {tuple(c.shape)}")
                 cond["context"] = c
             else:
                 if c.shape != (B,):
@@ -178,7 +181,8 @@ class DiffusionObjective:
                     raise ValueError("dropping contexts needs null_context")
                 null = self.null_context.to(device=device, dtype=cond["context"].dtype)
                 if null.shape[1:] != cond["context"].shape[1:]:
-                    raise ValueError(f"null_context has shape {tuple(null.shape[1:])}, contexts {tuple(cond['context'].shape[1:])}")
+                    raise ValueError(f"null_context has shape {tuple(null.shape[1:])}, "
+                                     f"contexts {tuple(cond['context'].shape[1:])}")
                 cond["context"] = torch.where(drop[:, None, None], null, cond["context"])
         return cond, clean
 

@@ -156,7 +156,8 @@ def _check_out_dir(config, out_dir: Path, resume, same: tuple[str, ...]) -> None
                               "config or use a new --out")
 
 
-def train_from_config(config, out_dir=None, *, resume: bool | str = False, progress: bool = True, callback=None) -> TrainResult:
+def train_from_config(config, out_dir=None, *, resume: bool | str = False, progress: bool = True,
+                      callback=None) -> TrainResult:
     """Train the config's model in ``out_dir`` (default: ``config.train.out_dir``).
 
     ``resume`` (or ``train.resume: latest``) continues from the newest complete checkpoint there; the model
