@@ -20,7 +20,7 @@ from latentdiff.config import load_config
 from latentdiff.data.shapes import ShapesConfig, caption, scene_at, scene_split
 from latentdiff.eval import feature_networks, split_stats
 from latentdiff.eval import run as ev
-from latentdiff.eval.adherence import adherence_report, heldout_prompts, real_images, score
+from latentdiff.eval.adherence import adherence_report, heldout_prompts, real_images, rerendered, score
 from latentdiff.eval.features import extract_stats
 from latentdiff.eval.metrics import FeatureStats, fid_from_stats, precision_recall
 from latentdiff.eval.shapes_oracle import save_shapes_oracle
@@ -138,10 +138,10 @@ def test_text_model_adherence_fid_pr_beside_floor_and_ceiling(env, cache, rule_o
     for tag in ("one object", "two objects", "three objects", "overall"):
         assert rows[f"adherence: {tag}"] == [rate(want[k][tag]) for k in ("model", "real", "ceiling")]
 
-    # FID / precision / recall: samples vs the real images of their prompts; the floor: other real test images of
-    # the same object counts (seed 4); the ceiling: those other images reconstructed by the first stage.
-    others = heldout_prompts(9, seed=4, size=32, unique=False, **WORLD)
-    assert [c.num_objects for c in others] == [c.num_objects for c in cases]
+    # FID / precision / recall: samples vs the real images of their prompts; the floor: the same prompts drawn
+    # again with other sizes and positions (seed 4); the ceiling: those images reconstructed by the first stage.
+    others = rerendered(cases, seed=4)
+    assert [c.prompt for c in others] == [c.prompt for c in cases]
     assert not torch.equal(real_images(others), real_x)
     real = extract_stats(rule_oracle, real_x)
     other = real_images(others)

@@ -90,10 +90,10 @@ def train_parallel(recipe: str, out: Path, overrides: list[str], processes: int)
 
 
 def grid_prompts(cases, per_tag: int) -> list[str]:
-    """The first ``per_tag`` held-out prompts of each object count."""
+    """The first ``per_tag`` distinct held-out prompts of each object count."""
     out, seen = [], {}
     for c in cases:
-        if seen.get(c.tag, 0) < per_tag:
+        if seen.get(c.tag, 0) < per_tag and c.prompt not in out:
             out.append(c.prompt)
             seen[c.tag] = seen.get(c.tag, 0) + 1
     return out
@@ -204,7 +204,7 @@ def report(out: Path, seconds: dict, sample, guidance: float, result: dict) -> N
 def main(argv=None) -> int:
     args = parse_args(argv)
 
-    from .eval.adherence import heldout_prompts
+    from .eval.adherence import heldout_prompts, rerendered
     from .pipeline import load
 
     out = Path(args.out)
@@ -219,7 +219,7 @@ def main(argv=None) -> int:
     world = dict(pipe.config.data.options)
     world.pop("length", None)
     cases = heldout_prompts(3 * args.per_tag, seed=0, size=pipe.config.data.size, unique=False, **world)
-    others = heldout_prompts(3 * args.per_tag, seed=1, size=pipe.config.data.size, unique=False, **world)
+    others = rerendered(cases, seed=1)  # the floor: the same prompts, other sizes and positions
     t0 = time.perf_counter()
     draw_grid(pipe, grid_prompts(cases, args.grid_per_tag), args.seeds, out / "txt2img_grid.png", guidance, s.steps)
     t_grid = time.perf_counter() - t0

@@ -22,13 +22,25 @@ neither, and the prompt grammar names no size.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
-from ..data.shapes import GRID, POSITIONS, Scene, ShapesConfig, caption, render_scene, scene_at, scene_targets
+from ..data.shapes import (
+    GRID,
+    JITTER_LEVELS,
+    POSITIONS,
+    SIZE_LEVELS,
+    Scene,
+    ShapesConfig,
+    caption,
+    render_scene,
+    scene_at,
+    scene_targets,
+)
 from .features import quantize_8bit
 
 COUNT_WORDS = ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -167,6 +179,19 @@ def heldout_prompts(num: int, *, seed: int = 0, min_objects: int = 1, max_object
             taken.add(text)
             cases.append(PromptCase(text, scene_targets(scene, cfg)["cells"], n, count_tag(n), scene, cfg))
     return cases
+
+
+def rerendered(cases, seed: int = 1) -> list[PromptCase]:
+    """The same prompts drawn again: each case's objects keep their shape, colour and cell and get a new size and
+    position in their cell (drawn with ``seed``). Their real images are the floor of metrics that compare samples
+    with the real images of their prompts: two real images of one prompt differ just this much."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in cases:
+        objects = tuple(dataclasses.replace(o, size=int(rng.integers(SIZE_LEVELS)), jx=int(rng.integers(JITTER_LEVELS)),
+                                            jy=int(rng.integers(JITTER_LEVELS))) for o in c.scene.objects)
+        out.append(dataclasses.replace(c, scene=Scene(objects, c.scene.background)))
+    return out
 
 
 def real_images(cases, size: int | None = None) -> torch.Tensor:

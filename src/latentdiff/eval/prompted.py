@@ -10,8 +10,8 @@ by object count. Image i is drawn from prompt i with seed + i.
   the prompt is there (shape, colour, cell) and no other. Per tag ("one object", ...) and overall, beside the
   oracle's score on the real images of the same prompts.
 - FID / KID / precision / recall on the feature network (the oracle's features by default): the samples
-  against the real images of their prompts, beside the floor: a second, disjoint set of real test images of the
-  same object counts (drawn with seed + 1) against the same real images. Sets of equal size, so precision and
+  against the real images of their prompts, beside the floor: the same prompts drawn again with other sizes and
+  positions in their cells (``rerendered``, seed + 1) against the same real images. Sets of equal size, so precision and
   recall compare like with like (Kynkaanniemi et al. 2019). With ``ref`` (``--reference``) the samples are
   scored against it instead, and the floor splits it (as for other models).
 - for a latent model, the first stage's ceiling: each real set that plays the samples in a floor, replaced by
@@ -26,7 +26,7 @@ import time
 import torch
 
 from ..errors import RequestError
-from .adherence import adherence_report, evaluate_adherence, heldout_prompts, real_images, score
+from .adherence import adherence_report, evaluate_adherence, heldout_prompts, real_images, rerendered, score
 from .features import extract_stats
 from .references import Reference
 from .scoring import (
@@ -48,10 +48,12 @@ def world_options(pipe) -> dict:
 
 def heldout_cases(pipe, num: int, seed: int = 0) -> tuple[list, list]:
     """(cases, others): ``num`` held-out prompts of the model's world (test-split scenes of world seed ``seed``)
-    and as many other test scenes with the same object counts (seed + 1), whose real images are the floor."""
+    and the same prompts drawn again with other sizes and positions in their cells (``rerendered``, seed + 1),
+    whose real images are the floor: two real images of one prompt."""
     opts = {"size": pipe.config.data.size, "unique": False, **world_options(pipe)}
     try:
-        return heldout_prompts(num, seed=seed, **opts), heldout_prompts(num, seed=seed + 1, **opts)
+        cases = heldout_prompts(num, seed=seed, **opts)
+        return cases, rerendered(cases, seed=seed + 1)
     except (TypeError, ValueError) as e:  # an option the shapes world does not know, a bad count
         raise RequestError(f"held-out prompts of the model's world (data.options {world_options(pipe)}): {e}") from None
 
