@@ -107,7 +107,8 @@ def _notes(result: dict) -> list[str]:
                      "real images of the same prompts")
     if result.get("prompts") and f and (result.get("reference") or {}).get("kind") == "heldout-prompts":
         notes.append(f"FID / KID / precision / recall: the samples against the real images of their prompts; the "
-                     f"floor: {f['n_fake']} other real test images of the same object counts against them")
+                     f"floor: {f['n_fake']} real images of the same prompts drawn again (other sizes and positions "
+                     "in their cells) against them")
     if f and "accuracy" in f:
         notes.append("the accuracy floor is the oracle's accuracy on held-out real images")
     if (result.get("model") or {}).get("precision") is not None:
