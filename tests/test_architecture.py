@@ -32,7 +32,7 @@ LAYERS = [
     ("pipeline",),                                        # a trained model as one object
     ("eval",),                                            # metrics, oracles, reference statistics
     ("train",),                                           # the training loop and checkpoints
-    ("demo", "demo_digits", "cli", ""),                   # the command and the demos
+    ("demo", "demo_digits", "cli", "cli_parser", ""),     # the command and the demos
 ]
 # Inference never needs the training package, whatever the layer order says.
 INFERENCE = ("pipeline", "first_stage", "samplers", "nn", "eval", "folders")

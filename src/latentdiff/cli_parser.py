@@ -1,0 +1,225 @@
+"""The argument parsers of the `latentdiff` command (one function per subcommand); ``cli.py`` runs them.
+
+Every option states its default in its help (``_HelpFormatter`` appends it where the help does not say it).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help unless the help already states its default; flags
+    (store_true, default off) and options whose default is None say it in their own words."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _fmt():
+    return _HelpFormatter
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latentdiff", description="Denoising and latent diffusion models: train, sample, "
+                                "export, evaluate. Run `latentdiff COMMAND --help` for the options of each command.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_parser(sub)
+    sub.add_parser("recipes", help="list the shipped recipes, one line each (train one: latentdiff train NAME)")
+    _add_sample_parser(sub)
+    _add_export_parser(sub)
+    _add_reconstruct_parser(sub)
+    _add_eval_parser(sub)
+    _add_oracle_parser(sub)
+    i = sub.add_parser("info", help="print the generation parameters stored in a PNG that `sample` wrote",
+                       formatter_class=_fmt())
+    i.add_argument("image", help="a PNG written by `latentdiff sample`")
+    return p
+
+
+def _add_train_parser(sub) -> None:
+    t = sub.add_parser("train", help="train a model from a YAML config", formatter_class=_fmt(),
+                       description="Train a model from a YAML config. Any key can be overridden as key=value "
+                       "(e.g. train.steps=500).")
+    t.add_argument("config", help="YAML config file, or the name of a shipped recipe (see `latentdiff recipes`)")
+    t.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides on dotted keys, e.g. train.lr=1e-3 model.channel_mult=[1,2]")
+    t.add_argument("--out", default=None, help="run folder (checkpoints, samples, metrics, resolved config); "
+                   "default: the config's train.out_dir")
+    t.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in the run "
+                   "folder (default: start a new run; a folder that already holds checkpoints is then an error)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
+
+
+def _add_sample_parser(sub) -> None:
+    s = sub.add_parser("sample", help="draw images from a run or model folder", formatter_class=_fmt(),
+                       description="Draw images from a trained model (EMA weights by default) and write a grid PNG "
+                       "or one PNG per image.")
+    s.add_argument("model", help="run folder (newest checkpoint) or model folder (from `latentdiff export`)")
+    s.add_argument("--num", type=int, default=None, help="number of images (default: the config's sample.num)")
+    s.add_argument("--prompt", dest="prompts", action="append", default=None, metavar="TEXT",
+                   help="text models: the caption to draw; repeat for several (cycled; with a grid, one row each); "
+                   "default: the config's sample.prompts")
+    s.add_argument("--negative-prompt", default=None, metavar="TEXT",
+                   help="text models: the caption the guidance steers away from (the unconditional branch; "
+                   "default: \"\")")
+    s.add_argument("--class", dest="labels", type=int, action="append", default=None, metavar="K",
+                   help="class id to draw; repeat for several (cycled); default: the config's sample.labels, "
+                   "else every class in turn")
+    s.add_argument("--size", type=_size, default=None, metavar="HxW",
+                   help="image size in pixels (default: the training size); larger is sampled convolutionally")
+    s.add_argument("--sampler", default=None, help="sampler name: ddpm, ddim, plms, langevin, dpmpp_2m, dpmpp_3m, "
+                   "dpmpp_2m_sde, unipc, euler, euler_ancestral, heun (default: the config's)")
+    s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
+    s.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale s, 1 = none (default: the config's)")
+    s.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the config's)")
+    s.add_argument("--seed", type=int, default=None, help="image i uses seed + i (default: the config's)")
+    s.add_argument("--batch-size", type=int, default=None, help="images per forward pass (default: the config's)")
+    s.add_argument("--no-ema", action="store_true",
+                   help="use the trained weights instead of the EMA weights (run folders; default: EMA)")
+    s.add_argument("--nrow", type=int, default=None,
+                   help="images per grid row (default: number of classes drawn, or sqrt(num))")
+    s.add_argument("--out", default="samples.png",
+                   help="a .png file for one grid, or a folder for one PNG per image (named NNNNN_seedS.png)")
+    s.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
+
+
+def _add_export_parser(sub) -> None:
+    e = sub.add_parser("export", help="write a model folder (config + safetensors weights) from a run",
+                       formatter_class=_fmt(),
+                       description="Write a model folder that `sample` and latentdiff.load read without the training "
+                       "state. For an autoencoder run: its newest checkpoint with the latent scale computed on the "
+                       "first training batch.")
+    e.add_argument("run", help="run folder")
+    e.add_argument("model_dir", help="model folder to write")
+    e.add_argument("--no-ema", action="store_true",
+                   help="export the trained weights instead of the EMA weights (default: EMA)")
+
+
+def _add_reconstruct_parser(sub) -> None:
+    r = sub.add_parser("reconstruct", help="an autoencoder's reconstructions beside the originals, as a PNG grid",
+                       formatter_class=_fmt(),
+                       description="Encode and decode held-out images with an autoencoder (run or model folder) and "
+                       "write one grid with each original followed by its reconstruction; prints their PSNR and SSIM.")
+    r.add_argument("model",
+                   help="autoencoder run folder (its autoencoder/ export, else newest checkpoint) or model folder")
+    r.add_argument("--data", default=None, help="a dataset name (shapes, digits, cifar10, ...) or an image folder "
+                   "(default: the training data of the run, or the one a model folder records)")
+    r.add_argument("--split", choices=["train", "test", "all"], default="test", help="split of a dataset")
+    r.add_argument("--num", type=int, default=16, help="images to reconstruct")
+    r.add_argument("--start", type=int, default=0, help="index of the first image")
+    r.add_argument("--nrow", type=int, default=4, help="original/reconstruction pairs per grid row")
+    r.add_argument("--sample", action="store_true",
+                   help="KL models: decode a posterior sample (default: the posterior mean)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the posterior sample (with --sample)")
+    r.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    r.add_argument("--out", default="reconstructions.png", help="the PNG file to write")
+
+
+def _add_eval_parser(sub) -> None:
+    v = sub.add_parser("eval", help="score a model's samples (prompt adherence, FID, KID, IS, precision/recall) and "
+                       "bits/dim, or compare two image folders",
+                       formatter_class=_fmt(),
+                       description="Sample a model and score the samples against real images with a feature network "
+                       "(the FID Inception or an oracle classifier), each figure beside its floor: the same metric "
+                       "between two disjoint parts of the real data; for a latent model with oracle features also "
+                       "beside its first stage's ceiling (the floor with the real images replaced by the autoencoder's "
+                       "reconstructions). A text model of the shapes world draws one image per held-out prompt "
+                       "(test-split scenes of its own world) and is scored on prompt adherence (the shapes oracle "
+                       "reads every object back) and on FID / precision / recall against the real images of those "
+                       "prompts. Bits per dimension are the variational bound on real test images. Prints a table and "
+                       "writes it as JSON into the model folder. With --real A --fake B, compares two image folders "
+                       "instead.")
+    v.add_argument("model", nargs="?", default=None,
+                   help="run or model folder (default: none; then give --real and --fake)")
+    v.add_argument("--metrics", default=None, help="comma-separated metrics: adherence (text models of the shapes "
+                   "world: held-out prompts read back by the shapes oracle, per number of objects), fid, kid, is "
+                   "(Inception Score), pr (precision/recall, the real set cut to the sample count), bpd (bits per "
+                   "dimension of real test images; pixel-space models; T network calls per image); for an "
+                   "autoencoder: psnr, ssim, rfid (default: adherence,fid,kid,pr for a text model of the shapes "
+                   "world, else fid,kid,is,pr; for an autoencoder psnr,ssim,rfid)")
+    v.add_argument("--num", type=int, default=1000, help="images to generate (for a text model of the shapes world: "
+                   "held-out prompts, one image each; real test images for bpd; held-out images to reconstruct for "
+                   "an autoencoder); FID falls with more, compare at equal N")
+    v.add_argument("--reference", default=None, help="real images: a dataset name (digits, cifar10, ...), an image "
+                   "folder, or a .npz statistics file written by an earlier eval; default: the model's training data "
+                   "(its config.data), and for a text model of the shapes world the real images of its held-out "
+                   "prompts")
+    v.add_argument("--split", choices=["train", "test", "all"], default=None,
+                   help="split of a dataset reference (default: the model config's data.split)")
+    v.add_argument("--max-reference", type=int, default=None,
+                   help="use at most this many reference images (default: all)")
+    v.add_argument("--features", choices=["auto", "inception", "oracle"], default="auto",
+                   help="feature network: inception (the standard FID network; needs its weights file), oracle (a "
+                   "small classifier trained on the real data; built in for digits), or auto: the network a .npz "
+                   "reference was made with, else the oracle for digits models or with --oracle, else inception")
+    v.add_argument("--fid-weights", default=None, metavar="PATH", help="the FID Inception weights "
+                   "pt_inception-2015-12-05-6726825d.pth (default: $LATENTDIFF_FID_WEIGHTS; never downloaded)")
+    v.add_argument("--oracle", default=None, metavar="PATH", help="oracle folder written by `latentdiff oracle` "
+                   "(default: the oracle of the model's dataset, digits or shapes, in the cache, trained on first "
+                   "use)")
+    v.add_argument("--cache", default=None, metavar="DIR", help="folder of cached reference statistics and oracles "
+                   "(default: $LATENTDIFF_CACHE, else ~/.cache/latentdiff)")
+    v.add_argument("--real", default=None, metavar="A",
+                   help="with --fake: the real images (folder, .npz statistics or dataset name; default: none)")
+    v.add_argument("--fake", default=None, metavar="B",
+                   help="with --real: the folder of generated images to score (default: none)")
+    _add_eval_sampling_args(v)
+
+
+def _add_eval_sampling_args(v) -> None:
+    """The options of `latentdiff eval` on how the scored images are drawn and where the table goes."""
+    v.add_argument("--sampler", default=None,
+                   help="sampler name: ddpm, ddim, plms, dpmpp_2m, unipc, heun, ... (default: the config's)")
+    v.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
+    v.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale, 1 = none (default: the config's)")
+    v.add_argument("--eta", type=float, default=None, help="DDIM eta (default: the config's)")
+    v.add_argument("--seed", type=int, default=None, help="image i uses seed + i and, for class-conditional models, "
+                   "class i mod K; text models of the shapes world: the held-out prompts are test scenes of world "
+                   "seed S, the floor's of S + 1 (default: the config's)")
+    v.add_argument("--batch-size", type=int, default=None,
+                   help="images per forward pass (default: the config's sample.batch_size; 64 for folders)")
+    v.add_argument("--no-ema", action="store_true",
+                   help="use the trained weights instead of the EMA weights (run folders; default: EMA)")
+    v.add_argument("--device", default=None,
+                   help="cpu, cuda, cuda:1, mps ... (default: cuda if available, else mps, else cpu)")
+    v.add_argument("--out", default=None, help="JSON file to write (default: "
+                   "MODEL/eval/eval_<sampler>_<steps>_g<guidance>_<features>.json; with --real/--fake none)")
+    v.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
+
+
+def _add_oracle_parser(sub) -> None:
+    o = sub.add_parser("oracle", help="train an oracle classifier on an embedded dataset (its features score "
+                       "samples)", formatter_class=_fmt(),
+                       description="Train the small classifier whose features and logits `latentdiff eval --features "
+                       "oracle` uses, save it as a folder (config.json + model.safetensors) and print its accuracy on "
+                       "held-out real images.")
+    o.add_argument("dataset", choices=["digits", "shapes"], help="the dataset to learn: digits (scikit-learn's 8x8 "
+                   "digits) or shapes (the procedural shapes world: reads back shape, colour and 3x3 position of "
+                   "every object)")
+    o.add_argument("--out", default=None,
+                   help="folder to write (default: CACHE/oracles/digits, where eval looks for it)")
+    o.add_argument("--cache", default=None, metavar="DIR",
+                   help="cache folder (default: $LATENTDIFF_CACHE, else ~/.cache/latentdiff)")
+    o.add_argument("--epochs", type=int, default=None, help="training epochs (default: 30 for digits, over its 80%% "
+                   "training part; 5 for shapes, over 20,000 images)")
+    o.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the batches (default: 0)")
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``HxW`` (or one number for a square) -> (H, W)."""
+    parts = text.lower().split("x")
+    try:
+        size = tuple(int(v) for v in parts)
+    except ValueError:
+        size = ()
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected HxW in pixels (e.g. 64x96), got {text!r}")
+    return size
