@@ -180,11 +180,12 @@ class LatentDataset(Dataset):
         if self.std is not None:
             eps = torch.randn(z.shape, generator=generator or self._generator(), dtype=z.dtype)
             z = z + self.std[index] * eps  # z = μ + σ·ε
-        item = {"latent": z}
-        for name, t in self.tensor_fields.items():
-            item[name] = t[index]
-        for name, values in self.json_fields.items():
-            item[name] = values[index]
+        return {"latent": z, **self.fields_of(index)}
+
+    def fields_of(self, index: int) -> dict:
+        """The stored condition fields (captions, labels, ...) of item ``index``."""
+        item = {name: t[index] for name, t in self.tensor_fields.items()}
+        item.update((name, values[index]) for name, values in self.json_fields.items())
         return item
 
 
@@ -206,11 +207,7 @@ class LatentMoments(Dataset):
         item = {"latent_mean": c.mean[index]}
         if c.std is not None:
             item["latent_std"] = c.std[index]
-        for name, t in c.tensor_fields.items():
-            item[name] = t[index]
-        for name, values in c.json_fields.items():
-            item[name] = values[index]
-        return item
+        return {**item, **c.fields_of(index)}
 
 
 # ---------------------------------------------------------------------------------------------------------
