@@ -3,11 +3,11 @@ summary.json. The shapes oracle is not trained: a tiny untrained one sits in the
 
 import json
 
-from helpers.oracles import RuleShapesOracle
-
 from latentdiff import demo
 from latentdiff.eval.shapes_oracle import save_shapes_oracle
 from latentdiff.pngmeta import read_png_params
+
+from helpers.oracles import RuleShapesOracle
 
 
 def test_demo_trains_draws_and_scores_at_toy_size(tmp_path, monkeypatch, capsys):
