@@ -15,8 +15,9 @@ def test_demo_trains_draws_and_scores_at_toy_size(tmp_path, monkeypatch, capsys)
     monkeypatch.setenv("LATENTDIFF_CACHE", str(cache))
     save_shapes_oracle(RuleShapesOracle(seed=1), cache / "oracles" / "shapes")
     out = tmp_path / "demo"
+    first_stage = ["train.steps=2", "train.batch_size=4", "eval_num=4"]
     rc = demo.main(["--out", str(out), "--processes", "1", "--threads", "1", "--per-tag", "2", "--grid-per-tag", "1",
-                    "--seeds", "2", "--first-stage", "train.steps=2", "--first-stage", "train.batch_size=4", "--first-stage", "eval_num=4",
+                    "--seeds", "2", *[a for o in first_stage for a in ("--first-stage", o)],
                     "train.steps=2", "train.batch_size=8", "latent.cache_pool=32", "sample.steps=2"])
     printed = capsys.readouterr().out
     assert rc == 0
