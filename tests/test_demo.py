@@ -25,7 +25,7 @@ def test_demo_trains_draws_and_scores_at_toy_size(tmp_path, monkeypatch, capsys)
     tags = ("one object", "two objects", "three objects", "overall")
     assert all(t in summary["adherence"]["model"] and t in summary["adherence"]["real_images"] for t in tags)
     assert summary["adherence"]["model"]["overall"]["count"] == 6
-    assert set(summary["fid"]) == {"model", "floor"} and summary["guidance"] == 2.0
+    assert set(summary["fid"]) == {"model", "floor", "ceiling"} and summary["guidance"] == 2.0
     params = read_png_params(out / "txt2img_grid.png")  # rows: three distinct held-out prompts
     assert len(params["prompt"]) == 3 and len(set(params["prompt"])) == 3 and params["seeds"] == [0, 1]
     assert "prompts of compositions never seen in training" in printed and "overall" in printed

@@ -34,9 +34,10 @@ LDM_RECIPE = "shapes_ldm_txt2img"
 
 def start_oracle(epochs: int | None) -> subprocess.Popen | None:
     """Train the shapes oracle in a second process on one thread, unless it is cached; None when cached."""
+    from .eval.shapes_oracle import CONFIG_FILE
     from .eval.stats_cache import cache_root
 
-    if (cache_root() / "oracles" / "shapes" / "model.safetensors").is_file():
+    if (cache_root() / "oracles" / "shapes" / CONFIG_FILE).is_file():  # what shapes_oracle_cached looks for
         return None
     cmd = [sys.executable, "-m", "latentdiff.cli", "oracle", "shapes"]
     cmd += [] if epochs is None else ["--epochs", str(epochs)]
@@ -113,29 +114,14 @@ def draw_grid(pipe, prompts: list[str], seeds: int, path: Path, guidance: float,
     save_png(Image.fromarray(make_grid(images, nrow=seeds)), path, params)
 
 
-def adherence_and_fid(pipe, oracle, cases, others, guidance: float, steps: int) -> dict:
-    """Adherence per tag (model and real images of the same prompts) and FID / precision / recall on the oracle's
-    features: samples vs the real images of their prompts, beside two real sets (the floor)."""
-    from .eval.adherence import evaluate_adherence, real_images
-    from .eval.features import quantize_8bit
-    from .eval.metrics import fid, precision_recall
+def score(pipe, oracle, num: int, guidance: float) -> dict:
+    """``latentdiff eval``'s scoring of a text model (``eval.prompted.evaluate_prompts``): adherence on ``num``
+    held-out prompts beside the real images of the same prompts, and FID / precision / recall on the oracle's
+    features beside the floor (the same prompts drawn again) and the first stage's ceiling."""
+    from .eval.prompted import evaluate_prompts
 
-    samples = []
-
-    def generate(prompts, seeds):  # seeds are consecutive: image i of a call uses seed + i
-        samples.append(pipe.sample(len(prompts), prompts=prompts, seed=seeds[0], guidance=guidance, steps=steps,
-                                   output="tensor"))
-        return samples[-1]
-
-    result = evaluate_adherence(generate, oracle, cases, batch_size=64, seed=0)
-    fake, real, other = torch.cat(samples), real_images(cases), real_images(others)
-    with torch.no_grad():
-        f_fake, f_real, f_other = (oracle.features(quantize_8bit(x)).double() for x in (fake, real, other))
-    p, r = precision_recall(f_real, f_fake)
-    p0, r0 = precision_recall(f_real, f_other)
-    result["fid"] = {"model": fid(f_fake, f_real), "floor": fid(f_other, f_real)}
-    result["precision"], result["recall"] = {"model": p, "floor": p0}, {"model": r, "floor": r0}
-    return result
+    return evaluate_prompts(pipe, oracle, oracle, metrics=["adherence", "fid", "pr"], num=num, guidance=guidance,
+                            seed=0, batch_size=64, net_info={"name": "oracle:shapes"})
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -180,13 +166,17 @@ def train_models(args, out: Path) -> tuple[float, float, torch.nn.Module]:
 def report(out: Path, seconds: dict, sample, guidance: float, result: dict) -> None:
     """Write ``out``/summary.json (``seconds`` rounded to 0.1 s) and print the timings, the adherence table and
     the metrics on the oracle's features. ``sample`` is the model config's sample section."""
-    from .eval.adherence import OVERALL, format_adherence
+    from .eval.adherence import OVERALL
+    from .eval.report import format_table
 
+    adherence = result["adherence"]
     summary = {
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "sampler": sample.sampler, "steps": sample.steps, "guidance": guidance,
-        "adherence": {"model": result["model"], "real_images": result["real"]},
-        "fid": result["fid"], "precision": result["precision"], "recall": result["recall"],
+        "adherence": {"model": adherence["model"], "real_images": adherence["real"],
+                      "first_stage_ceiling": adherence["ceiling"]},
+        **{name: {column: result[column][name] for column in ("model", "floor", "ceiling") if column in result}
+           for name in ("fid", "precision", "recall")},
         "grid": str(out / "txt2img_grid.png"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -195,16 +185,14 @@ def report(out: Path, seconds: dict, sample, guidance: float, result: dict) -> N
     print(f"[demo] grid: {out / 'txt2img_grid.png'} (rows: held-out prompts, columns: seeds)")
     print(f"[demo] {sample.sampler}, {sample.steps} steps, guidance {guidance:g}; "
           "prompts of compositions never seen in training:")
-    print(format_adherence(result["model"], result["real"]))
-    for name in ("fid", "precision", "recall"):
-        print(f"{name} (oracle features): {result[name]['model']:.3f}   real vs real: {result[name]['floor']:.3f}")
-    print(f"[demo] overall adherence {result['model'][OVERALL]['rate']:.1%}")
+    print(format_table(result))
+    print(f"[demo] overall adherence {adherence['model'][OVERALL]['rate']:.1%}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
 
-    from .eval.adherence import heldout_prompts, rerendered
+    from .eval.prompted import heldout_cases
     from .pipeline import load
 
     out = Path(args.out)
@@ -216,15 +204,12 @@ def main(argv=None) -> int:
     pipe = load(out / "run")
     s = pipe.config.sample
     guidance = s.guidance if args.guidance is None else args.guidance
-    world = dict(pipe.config.data.options)
-    world.pop("length", None)
-    cases = heldout_prompts(3 * args.per_tag, seed=0, size=pipe.config.data.size, unique=False, **world)
-    others = rerendered(cases, seed=1)  # the floor: the same prompts, other sizes and positions
+    cases, _ = heldout_cases(pipe, 3 * args.per_tag, seed=0)  # the prompts `score` draws too
     t0 = time.perf_counter()
     draw_grid(pipe, grid_prompts(cases, args.grid_per_tag), args.seeds, out / "txt2img_grid.png", guidance, s.steps)
     t_grid = time.perf_counter() - t0
     t0 = time.perf_counter()
-    result = adherence_and_fid(pipe, oracle, cases, others, guidance, s.steps)
+    result = score(pipe, oracle, 3 * args.per_tag, guidance)
     t_eval = time.perf_counter() - t0
     total = time.perf_counter() - t_start
 

@@ -53,6 +53,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, get_worker_info
 
+from ..folders import sha256
+
 FORMAT, VERSION = "latentdiff-latent-cache", 1
 LATENTS_FILE, META_FILE = "latents.safetensors", "meta.json"
 MODES = ("mean", "sample")
@@ -348,14 +350,6 @@ def encode_dataset(dataset, autoencoder, *, count: int, mode: str = "sample", im
     return (mean, std, *collected.stacked())
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write(folder: Path, key: dict, ds: LatentDataset) -> None:
     """Write the cache into a temporary folder beside ``folder`` and rename it into place (atomic)."""
     from safetensors.torch import save_file
@@ -370,7 +364,7 @@ def _write(folder: Path, key: dict, ds: LatentDataset) -> None:
     try:
         save_file(tensors, str(tmp / LATENTS_FILE), metadata={"format": FORMAT})
         meta = {"format": FORMAT, "version": VERSION, "key": key, "count": len(ds),
-                "latent_shape": list(ds.latent_shape), "mode": ds.mode, "sha256": _sha256_file(tmp / LATENTS_FILE),
+                "latent_shape": list(ds.latent_shape), "mode": ds.mode, "sha256": sha256(tmp / LATENTS_FILE),
                 "tensor_fields": sorted(ds.tensor_fields), "json_fields": ds.json_fields, "latent_scale_applied": False}
         (tmp / META_FILE).write_text(json.dumps(meta, ensure_ascii=False), encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700

@@ -150,7 +150,10 @@ class DiffusionObjective:
                 raise ValueError(f"batch has no {self.cond_key!r} (cond_key); keys: {', '.join(batch)}")
             c = batch[self.cond_key]
             if self.conditioner is not None:
-                return self._conditioner_kwargs(c, B, device)
+                cond, clean = self._conditioner_kwargs(c, B, device)
+                if self.concat_key is not None:  # concatenated inputs are never dropped
+                    cond["concat"] = clean["concat"] = self._concat(batch)
+                return cond, clean
             if not torch.is_tensor(c):
                 raise TypeError(f"batch[{self.cond_key!r}] must be a tensor (labels or contexts), "
                                 f"got {type(c).__name__}")
@@ -166,9 +169,7 @@ class DiffusionObjective:
                     raise ValueError(f"labels must be in 0..{self.num_classes - 1}, got {int(c.min())}..{int(c.max())}")
                 cond["y"] = c.long()
         if self.concat_key is not None:
-            if self.concat_key not in batch:
-                raise ValueError(f"batch has no {self.concat_key!r} (concat_key)")
-            cond["concat"] = batch[self.concat_key]
+            cond["concat"] = self._concat(batch)
         clean = dict(cond)
         if self.cond_drop_prob > 0:
             drop = torch.rand(B, device=device) < self.cond_drop_prob  # (B,) bool
@@ -185,6 +186,11 @@ class DiffusionObjective:
                                      f"contexts {tuple(cond['context'].shape[1:])}")
                 cond["context"] = torch.where(drop[:, None, None], null, cond["context"])
         return cond, clean
+
+    def _concat(self, batch: dict) -> torch.Tensor:
+        if self.concat_key not in batch:
+            raise ValueError(f"batch has no {self.concat_key!r} (concat_key)")
+        return batch[self.concat_key]
 
     def _conditioner_kwargs(self, c, B: int, device) -> tuple[dict, dict]:
         """U-Net kwargs from the conditioner, with conditioning dropout; the clean conditions are kept (not their
@@ -243,8 +249,7 @@ class DiffusionObjective:
             elif k == "y" and self.num_classes is not None:
                 cond["y"] = torch.arange(num, device=device) % self.num_classes
             else:
-                idx = torch.arange(num, device=v.device) % v.shape[0]
-                cond[k] = v[idx].to(device)
+                cond[k] = _cycled(v, num).to(device)
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         x0 = run_sampler(lambda x, t, **c: model(x, t, **c), noise, diffusion=self.diffusion,
                          sampler=self.sample_sampler, steps=self.sample_steps, seed=seed, **cond)
