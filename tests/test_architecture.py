@@ -26,6 +26,7 @@ LAYERS = [
     ("likelihood", "resample", "diffusion"),              # the Gaussian diffusion process
     ("nn",),                                              # the networks
     ("data",),                                            # datasets and transforms
+    ("spatial",),                                         # spatial conditions: fields -> the concat input
     ("guidance", "samplers"),                             # stateless sampling
     ("config",),                                          # typed run configs
     ("first_stage",),                                     # the autoencoder as a product

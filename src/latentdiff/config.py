@@ -176,10 +176,20 @@ class LatentSection:
 @dataclass
 class ConditioningSection:
     """The conditioner τ_θ of LDM (section 3.3): what the U-Net is conditioned on and how it enters."""
-    kind: Literal["text", "class"] = "text"                     # a caption (text encoder) or class id (class embedder)
-    mode: Literal["crossattn", "adm"] = "crossattn"             # crossattn: context for the spatial transformers
-                                                                # (text, class); adm: a class embedding added to the
-                                                                # time embedding
+    kind: Literal["text", "class"] | None = "text"              # a caption (text encoder) or class id (class embedder);
+                                                                # null: only a spatial condition (mode concat)
+    mode: Literal["crossattn", "adm", "concat", "hybrid"] = "crossattn"  # crossattn: context for the spatial
+                                                                # transformers (text, class); adm: a class embedding
+                                                                # added to the time embedding; concat: the spatial
+                                                                # condition alone, concatenated to z_t; hybrid:
+                                                                # crossattn + concat
+    concat: str | None = None                                   # concat, hybrid: the spatial condition's name
+                                                                # (latentdiff.spatial: segmentation, ...)
+    concat_options: dict[str, Any] = field(default_factory=dict)  # its options (segmentation: classes)
+    rescaler: dict[str, Any] | None = None                      # concat, hybrid: SpatialRescalerConfig fields
+                                                                # (resize to the latent grid, 1x1 conv); null = as is
+    drop_concat: bool = False                                   # guidance's null condition zeroes the spatial input
+                                                                # too (default: kept, as LDM's SR / inpainting)
     key: str | None = None                                      # data field of the condition; null = caption / label
     context_length: int | None = bounded(None, lo=2)            # text: tokens incl. the end token; null = the longest
                                                                 # caption of the vocabulary pool
@@ -192,7 +202,10 @@ class ConditioningSection:
     class_dim: int | None = bounded(None, lo=1)                 # class + crossattn: width of the class token
 
     @property
-    def data_key(self) -> str:
+    def data_key(self) -> str | None:
+        """The data field of the text or class condition; None for a spatial condition alone."""
+        if self.kind is None:
+            return None
         return self.key or ("caption" if self.kind == "text" else "label")
 
 

@@ -42,6 +42,7 @@ from .nn.conditioners import Conditioner, build_conditioner
 from .nn.tokenizer import WordTokenizer
 from .nn.unet import PRESETS, UNet, UNetConfig
 from .schedules import make_betas, rescale_zero_terminal_snr
+from .spatial import SpatialCondition, build_spatial
 
 
 def build_diffusion(section) -> GaussianDiffusion:
@@ -76,23 +77,41 @@ def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int, con
 
 def conditioner_config(section, tokenizer: WordTokenizer | None) -> dict:
     """The conditioner config (nn.conditioners.ConditionerConfig fields) of a ``conditioning`` section."""
+    spatial = section.mode in ("concat", "hybrid")
+    if spatial != (section.concat is not None):
+        raise ConfigError("conditioning.concat names the spatial condition of modes concat and hybrid: "
+                          + (f"set it for mode {section.mode}" if spatial else f"remove it for mode {section.mode}"))
+    if section.mode == "concat" and section.kind is not None:
+        raise ConfigError(f"conditioning.mode is concat (the spatial condition alone) but kind is {section.kind!r}: "
+                          "set kind null, or mode hybrid for both")
+    if not spatial and (section.rescaler is not None or section.drop_concat or section.concat_options):
+        raise ConfigError("conditioning.rescaler, drop_concat and concat_options are for modes concat and hybrid")
+    cfg = {"mode": section.mode}
     if section.kind == "text":
-        if section.mode != "crossattn":
+        if section.mode not in ("crossattn", "hybrid"):
             raise ConfigError("conditioning: a text condition enters by cross-attention; "
-                              "set conditioning.mode=crossattn")
+                              "set conditioning.mode=crossattn (or hybrid, with a spatial condition)")
         if tokenizer is None:
             raise ConfigError(f"conditioning.kind is text but there is no tokenizer ({TOKENIZER_FILE}): it is built "
                               "from the training captions when a run starts")
-        return {"mode": "crossattn", "kind": "text", "text": dict(section.text)}
-    if section.num_classes is None:
-        raise ConfigError("conditioning.kind is class: set conditioning.num_classes")
-    if section.text:
-        raise ConfigError("conditioning.text is for text conditions; remove it for kind class")
-    cfg = {"mode": section.mode, "kind": "class", "num_classes": section.num_classes}
-    if section.mode == "crossattn":
-        cfg["class_dim"] = section.class_dim or 64
-    elif section.class_dim is not None:
-        raise ConfigError("conditioning.class_dim is for mode crossattn (mode adm uses the U-Net's label embedding)")
+        cfg.update(kind="text", text=dict(section.text))
+    elif section.kind == "class":
+        if section.num_classes is None:
+            raise ConfigError("conditioning.kind is class: set conditioning.num_classes")
+        if section.text:
+            raise ConfigError("conditioning.text is for text conditions; remove it for kind class")
+        cfg.update(kind="class", num_classes=section.num_classes)
+        if section.mode in ("crossattn", "hybrid"):
+            cfg["class_dim"] = section.class_dim or 64
+        elif section.class_dim is not None:
+            raise ConfigError("conditioning.class_dim is for mode crossattn (mode adm uses the U-Net's label "
+                              "embedding)")
+    elif section.mode != "concat":
+        raise ConfigError(f"conditioning.kind is null (no text or class condition) but mode is {section.mode!r}; "
+                          "set mode concat")
+    if spatial:
+        condition = build_spatial(section.concat, section.concat_options)
+        cfg.update(concat_channels=condition.channels, rescaler=section.rescaler, drop_concat=section.drop_concat)
     return cfg
 
 
@@ -108,6 +127,11 @@ class Pipeline:
         if config.data.channels is None or config.data.size is None:
             raise ConfigError("pipeline config needs data.channels and data.size (a resolved config)")
         self.autoencoder = None if autoencoder is None else autoencoder.eval().requires_grad_(False)
+        c = config.conditioning
+        # The spatial condition (segmentation map, low-resolution image, mask, ...) of a concat / hybrid model.
+        self.spatial: SpatialCondition | None = None
+        if c is not None and c.concat is not None:
+            self.spatial = _built("conditioning", build_spatial, c.concat, c.concat_options)
         self.latent_scale = None
         if autoencoder is not None:
             self.latent_scale = config.latent.scale or autoencoder.latent_scale
@@ -148,8 +172,14 @@ class Pipeline:
 
     @property
     def conditioning(self) -> str | None:
-        """"text", "class" or None (unconditional): what ``sample`` takes."""
+        """"text", "class" or None (neither): the prompt or label that ``sample`` takes; a spatial condition
+        (``condition_fields``) comes on top."""
         return "text" if self.takes_prompts else ("class" if self.num_classes is not None else None)
+
+    @property
+    def condition_fields(self) -> tuple[str, ...]:
+        """The fields ``sample(conditions=...)`` needs: those of the spatial condition (e.g. "segmentation")."""
+        return self.spatial.fields if self.spatial is not None else ()
 
     @property
     def downsampling_factor(self) -> int:
@@ -262,21 +292,34 @@ class Pipeline:
         labels = labels or list(range(self.num_classes))
         return torch.tensor([labels[i % len(labels)] for i in range(num)], dtype=torch.long)
 
-    def _conditions(self, s: SampleSection, y: torch.Tensor | None, start: int, n: int) -> tuple[dict, dict | None]:
+    def _conditions(self, s: SampleSection, y: torch.Tensor | None, conditions: dict | None, start: int, n: int
+                    ) -> tuple[dict, dict | None]:
         """U-Net keyword arguments of samples start .. start+n-1, conditional and unconditional (for guidance):
-        τ_θ of their prompts and of the negative prompt (text), their class and the null class (class)."""
+        τ_θ of their prompts and of the negative prompt (text), their class and the null class (class), and the
+        spatial condition made from their rows of ``conditions`` (kept in the unconditional branch unless the
+        conditioner's ``drop_concat``)."""
+        guided = s.guidance != 1.0
+        if self.conditioner is None:  # the U-Net's own class labels, or nothing
+            if y is None:
+                return {}, None
+            label = y[start : start + n].to(self.device)
+            null = torch.full((n,), self.num_classes, dtype=torch.long, device=self.device)
+            return {"y": label}, ({"y": null} if guided else None)
+        batch = {}
         if self.takes_prompts:
-            prompts = [s.prompts[(start + i) % len(s.prompts)] for i in range(n)]
-            cond = self.conditioner({"prompt": prompts})
-            uncond = self.conditioner({"prompt": [s.negative_prompt or ""] * n}) if s.guidance != 1.0 else None
-            return cond, uncond
-        if y is None:
-            return {}, None
-        label = y[start : start + n].to(self.device)
-        if self.conditioner is not None:
-            batch = {"label": label}
-            return self.conditioner(batch), self.conditioner(self.conditioner.null_like(batch))
-        return {"y": label}, {"y": torch.full((n,), self.num_classes, dtype=torch.long, device=self.device)}
+            batch["prompt"] = [s.prompts[(start + i) % len(s.prompts)] for i in range(n)]
+        elif y is not None:
+            batch["label"] = y[start : start + n].to(self.device)
+        if self.spatial is not None:
+            rows = {k: _rows(v, start, n) for k, v in conditions.items()}
+            batch["concat"] = self.spatial.make(rows, encode=self.encode).to(self.device)
+        cond = self.conditioner(batch)
+        if not guided:
+            return cond, None
+        null = self.conditioner.null_like(batch)
+        if self.takes_prompts:
+            null["prompt"] = [s.negative_prompt or ""] * n
+        return cond, self.conditioner(null)
 
     def _warn_ill_conditioned_start(self, opts: dict) -> None:
         if self.autoencoder is None:  # pixel models have clip_x0 for this
@@ -287,6 +330,26 @@ class Pipeline:
                           "error reaches x0_hat multiplied by that and latents (which have no clip_x0) blow up; use "
                           "spacing='leading', a schedule with a larger alpha_bar_T (scaled_linear), or v-prediction",
                           stacklevel=3)
+
+    def _spatial_inputs(self, conditions, num: int) -> dict | None:
+        """``conditions`` checked against the spatial condition: its fields, each with ``num`` rows or 1 (shared)."""
+        if self.spatial is None:
+            if conditions:
+                raise RequestError(f"this model takes no spatial condition; got conditions {sorted(conditions)}")
+            return None
+        if not isinstance(conditions, dict):
+            raise RequestError(f"this model is conditioned on {self.spatial.name!r}: give conditions="
+                               f"{{{', '.join(repr(f) + ': ...' for f in self.spatial.fields)}}}")
+        missing = [f for f in self.spatial.fields if f not in conditions]
+        extra = [k for k in conditions if k not in self.spatial.fields]
+        if missing or extra:
+            raise RequestError(f"the {self.spatial.name!r} condition takes the field(s) {list(self.spatial.fields)}; "
+                               + (f"missing {missing}" if missing else f"unknown {extra}"))
+        for key, value in conditions.items():
+            rows = len(value) if torch.is_tensor(value) or isinstance(value, (list, tuple)) else None
+            if rows not in (1, num):
+                raise RequestError(f"conditions[{key!r}] has {rows} rows; expected 1 (shared) or {num} (one per image)")
+        return conditions
 
     def sample_shape_at(self, size: tuple[int, int] | None) -> tuple[int, int, int]:
         """The shape the diffusion runs in for images of ``size`` = (H, W) pixels (None: the training size). A
@@ -315,6 +378,8 @@ class Pipeline:
         output: str = "pil",        # "pil" (list of images) or "tensor" ((N, C, H, W) in [-1, 1])
         progress: bool = False,
         model_fn=None,              # the network call; None = self.model_fn (pass a wrapper of it to count calls)
+        conditions: dict | None = None,  # spatial models: the condition's fields (e.g. {"segmentation": (N|1, H, W)}),
+                                    # N rows or 1 shared; the image size follows them unless ``size`` is given
         **options,                  # further options of latentdiff.samplers.sample (eta, spacing, karras, ...)
     ):
         from .samplers import sample as run_sampler
@@ -325,6 +390,12 @@ class Pipeline:
         s = self.sample_options(num=num, prompts=prompts, negative_prompt=negative_prompt, labels=labels,
                                 sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                                 size=size, **{k: v for k, v in options.items() if k in routed})
+        conditions = self._spatial_inputs(conditions, s.num)
+        if conditions is not None and s.size is None:
+            implied = self.spatial.image_size(conditions)
+            if implied is not None and tuple(implied) != self.image_shape[1:]:
+                self._check_size(implied)
+                s = dataclasses.replace(s, size=list(implied))
         opts = {k: getattr(s, k) for k in routed}
         opts.update({k: v for k, v in options.items() if k not in routed})
         self._warn_ill_conditioned_start(opts)
@@ -340,7 +411,7 @@ class Pipeline:
         for start in range(0, s.num, s.batch_size):
             n = min(s.batch_size, s.num - start)
             noise = torch.empty(n, *shape, device=self.device)
-            cond, uncond = self._conditions(s, y, start, n)
+            cond, uncond = self._conditions(s, y, conditions, start, n)
             cb = (lambda i, t, x, x0, n=n: bar.update(n)) if bar is not None else None  # n bound per batch
             x = run_sampler(
                 model_fn, noise, diffusion=self.diffusion, sampler=s.sampler, steps=s.steps,
@@ -395,9 +466,13 @@ class Pipeline:
         if kind != "class" and s.labels is not None:
             what = "text-conditioned (give prompts)" if kind == "text" else "unconditional"
             raise ConfigError(f"this model is {what}: it takes no class labels")
-        if kind is None and s.guidance != 1.0:
-            raise ConfigError("guidance needs a class-conditional model or a text-conditioned one "
-                              "(this one is unconditional)")
+        dropped = self.conditioner is not None and self.conditioner.config.drop_concat  # a null spatial input
+        if kind is None and s.guidance != 1.0 and not dropped:
+            what = "unconditional" if self.spatial is None else (
+                f"conditioned on its {self.spatial.name} alone, which guidance keeps in both branches "
+                "(conditioning.drop_concat is false)")
+            raise ConfigError(f"guidance needs a class-conditional model or a text-conditioned one "
+                              f"(this one is {what})")
         if kind == "class" and s.labels is not None:
             if not s.labels:
                 raise ConfigError("labels is empty")
@@ -427,6 +502,13 @@ class Pipeline:
             raise RequestError(f"size {size[0]}x{size[1]} is not divisible by {f}, the model's downsampling "
                                f"(first stage f={self.downsampling_factor // self.unet.config.downsampling_factor} "
                                f"x U-Net {self.unet.config.downsampling_factor}); use multiples of {f}")
+
+
+def _rows(value, start: int, n: int):
+    """Rows start .. start+n-1 of a per-image condition, or its one shared row repeated n times."""
+    if len(value) == 1:
+        return value.expand(n, *value.shape[1:]) if torch.is_tensor(value) else list(value) * n
+    return value[start : start + n]
 
 
 def _built(section: str, build, *args):

@@ -57,7 +57,9 @@ class DiffusionObjective:
             (label -> num_classes, context -> ``null_context``), so the model also learns p(x) for guidance.
         null_context: (L, D) or (1, L, D) context that stands for "no condition"; needed to drop contexts.
         image_key: batch key of the images.
-        concat_key: batch key of a (B, C', H, W) tensor concatenated to x_t (never dropped), or None.
+        spatial: a ``latentdiff.spatial.SpatialCondition`` (with a conditioner in mode concat or hybrid): the
+            tensor it makes from the batch's fields (a segmentation map, a low-resolution image, ...) goes through
+            the conditioner (its rescaler) and is concatenated to x_t; dropped only with ``drop_concat``.
         latent_encoder: optional frozen callable image -> latent (LDM); diffusion then runs on its output.
         latent_decoder: optional callable latent -> image, used only for sample grids.
         conditioner: optional τ_θ (``nn.conditioners.Conditioner``) trained jointly with the U-Net (LDM sec. 3.3):
@@ -80,7 +82,7 @@ class DiffusionObjective:
         cond_drop_prob: float = 0.0,
         null_context: torch.Tensor | None = None,
         image_key: str = "image",
-        concat_key: str | None = None,
+        spatial=None,
         latent_encoder: Callable | None = None,
         latent_decoder: Callable | None = None,
         sample_sampler: str = "ddim",
@@ -111,7 +113,9 @@ class DiffusionObjective:
         self.null_context = None if null_context is None else torch.as_tensor(null_context)
         if self.null_context is not None and self.null_context.ndim == 2:
             self.null_context = self.null_context[None]  # (1, L, D)
-        self.image_key, self.concat_key = image_key, concat_key
+        if spatial is not None and conditioner is None:
+            raise ValueError("a spatial condition enters through a conditioner (mode concat or hybrid); give one")
+        self.image_key, self.spatial = image_key, spatial
         self.latent_encoder, self.latent_decoder = latent_encoder, latent_decoder
         self.sample_sampler, self.sample_steps = sample_sampler, int(sample_steps)
         self._sample_shape: tuple | None = None
@@ -145,15 +149,12 @@ class DiffusionObjective:
     def _condition(self, batch: dict, B: int, device) -> tuple[dict, dict]:
         """Model kwargs with conditioning dropout applied, and the same without dropout (kept for sample grids)."""
         cond = {}
+        if self.conditioner is not None:
+            return self._conditioner_kwargs(batch, B, device)
         if self.cond_key is not None:
             if self.cond_key not in batch:
                 raise ValueError(f"batch has no {self.cond_key!r} (cond_key); keys: {', '.join(batch)}")
             c = batch[self.cond_key]
-            if self.conditioner is not None:
-                cond, clean = self._conditioner_kwargs(c, B, device)
-                if self.concat_key is not None:  # concatenated inputs are never dropped
-                    cond["concat"] = clean["concat"] = self._concat(batch)
-                return cond, clean
             if not torch.is_tensor(c):
                 raise TypeError(f"batch[{self.cond_key!r}] must be a tensor (labels or contexts), "
                                 f"got {type(c).__name__}")
@@ -168,8 +169,6 @@ class DiffusionObjective:
                 if self.num_classes is not None and (int(c.min()) < 0 or int(c.max()) >= self.num_classes):
                     raise ValueError(f"labels must be in 0..{self.num_classes - 1}, got {int(c.min())}..{int(c.max())}")
                 cond["y"] = c.long()
-        if self.concat_key is not None:
-            cond["concat"] = self._concat(batch)
         clean = dict(cond)
         if self.cond_drop_prob > 0:
             drop = torch.rand(B, device=device) < self.cond_drop_prob  # (B,) bool
@@ -187,21 +186,22 @@ class DiffusionObjective:
                 cond["context"] = torch.where(drop[:, None, None], null, cond["context"])
         return cond, clean
 
-    def _concat(self, batch: dict) -> torch.Tensor:
-        if self.concat_key not in batch:
-            raise ValueError(f"batch has no {self.concat_key!r} (concat_key)")
-        return batch[self.concat_key]
-
-    def _conditioner_kwargs(self, c, B: int, device) -> tuple[dict, dict]:
+    def _conditioner_kwargs(self, batch: dict, B: int, device) -> tuple[dict, dict]:
         """U-Net kwargs from the conditioner, with conditioning dropout; the clean conditions are kept (not their
         encodings) so that sample grids encode them with the EMA conditioner."""
-        kind = self.conditioner.kind
-        if kind == "text":
-            if isinstance(c, str) or len(c) != B:
-                raise ValueError(f"batch[{self.cond_key!r}] must be a list of {B} captions")
-            conds = {"prompt": list(c)}
-        else:
-            conds = {"label": torch.as_tensor(c, device=device).long()}
+        kind, conds = self.conditioner.kind, {}
+        if kind is not None:
+            if self.cond_key not in batch:
+                raise ValueError(f"batch has no {self.cond_key!r} (cond_key); keys: {', '.join(batch)}")
+            c = batch[self.cond_key]
+            if kind == "text":
+                if isinstance(c, str) or len(c) != B:
+                    raise ValueError(f"batch[{self.cond_key!r}] must be a list of {B} captions")
+                conds["prompt"] = list(c)
+            else:
+                conds["label"] = torch.as_tensor(c, device=device).long()
+        if self.spatial is not None:
+            conds["concat"] = self.spatial.make(batch, encode=self._encode).to(device)
         clean = dict(conds)
         if self.cond_drop_prob > 0:
             drop = torch.rand(B, device=device) < self.cond_drop_prob  # (B,) bool

@@ -108,6 +108,21 @@ def check_conditioning(config: Config, dataset, pipe: Pipeline) -> None:
     names the config key to change."""
     name = config.data.name
     num_classes = pipe.num_classes
+    if pipe.spatial is not None:
+        missing = [f for f in pipe.spatial.fields if f not in dataset[0]]
+        if missing:
+            raise ConfigError(f"conditioning.concat is {pipe.spatial.name!r}, which reads the field(s) {missing} "
+                              f"that dataset {name!r} does not give")
+        if pipe.conditioning is None:
+            dropped = config.conditioning.drop_concat
+            if config.train.cond_drop_prob > 0 and not dropped:
+                raise ConfigError(f"train.cond_drop_prob is {config.train.cond_drop_prob} but the only condition is "
+                                  f"the {pipe.spatial.name}, which is never dropped (conditioning.drop_concat is "
+                                  "false); set train.cond_drop_prob=0 or conditioning.drop_concat=true")
+            if config.sample.guidance != 1.0 and not dropped:
+                raise ConfigError(f"sample.guidance is {config.sample.guidance} but the model has no condition to "
+                                  "guide by (conditioning.drop_concat is false); set sample.guidance=1")
+            return
     if pipe.takes_prompts:
         key = config.conditioning.data_key
         if key not in dataset[0]:
@@ -188,7 +203,8 @@ def train_from_config(config, out_dir=None, *, resume: bool | str = False, progr
         print(f"latent diffusion in the {ae.regularizer.upper()}-f{ae.f} first stage of {config.latent.first_stage}: "
               f"latents {'x'.join(map(str, pipe.sample_shape))}, scale {pipe.latent_scale:.4f}", flush=True)
         if config.latent.cache:
-            dataset = cached_latents(config, dataset, pipe, [cond_key] if cond_key else [], progress)
+            fields = ([cond_key] if cond_key else []) + list(pipe.condition_fields)
+            dataset = cached_latents(config, dataset, pipe, fields, progress)
     if pipe.conditioner is not None:
         pipe.conditioner.train()
     objective = DiffusionObjective(
@@ -197,7 +213,7 @@ def train_from_config(config, out_dir=None, *, resume: bool | str = False, progr
         cond_drop_prob=config.train.cond_drop_prob,
         sample_sampler=config.sample.sampler, sample_steps=config.sample.steps,
         latent_encoder=pipe.encode if latent else None, latent_decoder=pipe.decode if latent else None,
-        conditioner=pipe.conditioner, latent_scale=pipe.latent_scale,
+        conditioner=pipe.conditioner, latent_scale=pipe.latent_scale, spatial=pipe.spatial,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
