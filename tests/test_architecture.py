@@ -26,7 +26,7 @@ LAYERS = [
     ("likelihood", "resample", "diffusion"),              # the Gaussian diffusion process
     ("nn",),                                              # the networks
     ("data",),                                            # datasets and transforms
-    ("spatial",),                                         # spatial conditions: fields -> the concat input
+    ("spatial", "layouts"),                               # spatial conditions, layouts: fields -> the U-Net input
     ("guidance", "samplers"),                             # stateless sampling
     ("config",),                                          # typed run configs
     ("first_stage",),                                     # the autoencoder as a product

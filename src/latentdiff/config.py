@@ -176,8 +176,9 @@ class LatentSection:
 @dataclass
 class ConditioningSection:
     """The conditioner τ_θ of LDM (section 3.3): what the U-Net is conditioned on and how it enters."""
-    kind: Literal["text", "class"] | None = "text"              # a caption (text encoder) or class id (class embedder);
-                                                                # null: only a spatial condition (mode concat)
+    kind: Literal["text", "class", "layout"] | None = "text"    # a caption (text encoder), class id (class embedder)
+                                                                # or layout of boxes (layout encoder); null: only a
+                                                                # spatial condition (mode concat)
     mode: Literal["crossattn", "adm", "concat", "hybrid"] = "crossattn"  # crossattn: context for the spatial
                                                                 # transformers (text, class); adm: a class embedding
                                                                 # added to the time embedding; concat: the spatial
@@ -190,7 +191,8 @@ class ConditioningSection:
                                                                 # (resize to the latent grid, 1x1 conv); null = as is
     drop_concat: bool = False                                   # guidance's null condition zeroes the spatial input
                                                                 # too (default: kept, as LDM's SR / inpainting)
-    key: str | None = None                                      # data field of the condition; null = caption / label
+    key: str | None = None                                      # data field of the condition; null = caption / label /
+                                                                # layout
     context_length: int | None = bounded(None, lo=2)            # text: tokens incl. the end token; null = the longest
                                                                 # caption of the vocabulary pool
     min_count: int = bounded(1, lo=1)                           # text: words seen fewer times map to the unknown token
@@ -200,13 +202,16 @@ class ConditioningSection:
                                                                 # the tokenizer)
     num_classes: int | None = bounded(None, lo=1)               # class: classes (+ 1 null class for guidance)
     class_dim: int | None = bounded(None, lo=1)                 # class + crossattn: width of the class token
+    layout: dict[str, Any] = field(default_factory=dict)        # layout: LayoutEncoderConfig fields: max_objects,
+                                                                # grid (S: corners on an SxS grid), width, depth,
+                                                                # heads (num_classes: conditioning.num_classes)
 
     @property
     def data_key(self) -> str | None:
         """The data field of the text or class condition; None for a spatial condition alone."""
         if self.kind is None:
             return None
-        return self.key or ("caption" if self.kind == "text" else "label")
+        return self.key or {"text": "caption", "layout": "layout"}.get(self.kind, "label")
 
 
 @dataclass

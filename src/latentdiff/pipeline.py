@@ -86,6 +86,8 @@ def conditioner_config(section, tokenizer: WordTokenizer | None) -> dict:
                           "set kind null, or mode hybrid for both")
     if not spatial and (section.rescaler is not None or section.drop_concat or section.concat_options):
         raise ConfigError("conditioning.rescaler, drop_concat and concat_options are for modes concat and hybrid")
+    if section.layout and section.kind != "layout":
+        raise ConfigError(f"conditioning.layout is for kind layout, not {section.kind!r}; remove it")
     cfg = {"mode": section.mode}
     if section.kind == "text":
         if section.mode not in ("crossattn", "hybrid"):
@@ -95,6 +97,14 @@ def conditioner_config(section, tokenizer: WordTokenizer | None) -> dict:
             raise ConfigError(f"conditioning.kind is text but there is no tokenizer ({TOKENIZER_FILE}): it is built "
                               "from the training captions when a run starts")
         cfg.update(kind="text", text=dict(section.text))
+    elif section.kind == "layout":
+        if section.mode not in ("crossattn", "hybrid"):
+            raise ConfigError("conditioning: a layout enters by cross-attention; set conditioning.mode=crossattn")
+        if section.num_classes is None:
+            raise ConfigError("conditioning.kind is layout: set conditioning.num_classes (the object classes)")
+        if section.text or section.class_dim is not None:
+            raise ConfigError("conditioning.text and class_dim are not for kind layout; use conditioning.layout")
+        cfg.update(kind="layout", layout={**section.layout, "num_classes": section.num_classes})
     elif section.kind == "class":
         if section.num_classes is None:
             raise ConfigError("conditioning.kind is class: set conditioning.num_classes")
@@ -171,10 +181,31 @@ class Pipeline:
         return self.conditioner is not None and self.conditioner.kind == "text"
 
     @property
+    def takes_layouts(self) -> bool:
+        """Whether the model is conditioned on layouts of boxes (``layouts=``)."""
+        return self.conditioner is not None and self.conditioner.kind == "layout"
+
+    @property
+    def max_objects(self) -> int | None:
+        """The most objects a layout of this model holds (None: not a layout model)."""
+        return self.conditioner.config.layout.max_objects if self.takes_layouts else None
+
+    @property
     def conditioning(self) -> str | None:
-        """"text", "class" or None (neither): the prompt or label that ``sample`` takes; a spatial condition
-        (``condition_fields``) comes on top."""
+        """"text", "class", "layout" or None (neither): the prompt, label or layout that ``sample`` takes; a spatial
+        condition (``condition_fields``) comes on top."""
+        if self.takes_layouts:
+            return "layout"
         return "text" if self.takes_prompts else ("class" if self.num_classes is not None else None)
+
+    def parse_layouts(self, value) -> torch.Tensor:
+        """Layouts (a JSON-style list of objects, a list of such lists, or a (N, K, 5) tensor) -> (N, K, 5) for
+        ``sample(layouts=...)``; a RequestError names a bad object (latentdiff.layouts)."""
+        from .layouts import parse_layouts, shapes_config
+
+        if not self.takes_layouts:
+            raise RequestError(f"this model is not conditioned on layouts (its conditioning: {self.conditioning})")
+        return parse_layouts(value, shapes_config(self.config.data), self.max_objects)
 
     @property
     def condition_fields(self) -> tuple[str, ...]:
@@ -292,10 +323,11 @@ class Pipeline:
         labels = labels or list(range(self.num_classes))
         return torch.tensor([labels[i % len(labels)] for i in range(num)], dtype=torch.long)
 
-    def _conditions(self, s: SampleSection, y: torch.Tensor | None, conditions: dict | None, start: int, n: int
-                    ) -> tuple[dict, dict | None]:
+    def _conditions(self, s: SampleSection, y: torch.Tensor | None, conditions: dict | None, start: int, n: int,
+                    layouts: torch.Tensor | None = None) -> tuple[dict, dict | None]:
         """U-Net keyword arguments of samples start .. start+n-1, conditional and unconditional (for guidance):
-        τ_θ of their prompts and of the negative prompt (text), their class and the null class (class), and the
+        τ_θ of their prompts and of the negative prompt (text), their class and the null class (class), their
+        layout (cycled) and the empty one (layout), and the
         spatial condition made from their rows of ``conditions`` (kept in the unconditional branch unless the
         conditioner's ``drop_concat``)."""
         guided = s.guidance != 1.0
@@ -308,6 +340,8 @@ class Pipeline:
         batch = {}
         if self.takes_prompts:
             batch["prompt"] = [s.prompts[(start + i) % len(s.prompts)] for i in range(n)]
+        elif layouts is not None:
+            batch["layout"] = layouts[torch.arange(start, start + n) % len(layouts)].to(self.device)
         elif y is not None:
             batch["label"] = y[start : start + n].to(self.device)
         if self.spatial is not None:
@@ -380,6 +414,8 @@ class Pipeline:
         model_fn=None,              # the network call; None = self.model_fn (pass a wrapper of it to count calls)
         conditions: dict | None = None,  # spatial models: the condition's fields (e.g. {"segmentation": (N|1, H, W)}),
                                     # N rows or 1 shared; the image size follows them unless ``size`` is given
+        layouts=None,               # layout models: a list of {"shape", "colour", "box"} objects, a list of such
+                                    # lists (cycled over the samples) or a (N, K, 5) tensor (latentdiff.layouts)
         **options,                  # further options of latentdiff.samplers.sample (eta, spacing, karras, ...)
     ):
         from .samplers import sample as run_sampler
@@ -391,6 +427,11 @@ class Pipeline:
                                 sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                                 size=size, **{k: v for k, v in options.items() if k in routed})
         conditions = self._spatial_inputs(conditions, s.num)
+        if layouts is not None or self.takes_layouts:
+            if layouts is None:
+                raise RequestError("this model is conditioned on layouts: give layouts=[{\"shape\", \"colour\", "
+                                   "\"box\"}, ...] (latentdiff sample --layout FILE)")
+            layouts = self.parse_layouts(layouts)
         if conditions is not None and s.size is None:
             implied = self.spatial.image_size(conditions)
             if implied is not None and tuple(implied) != self.image_shape[1:]:
@@ -399,7 +440,7 @@ class Pipeline:
         opts = {k: getattr(s, k) for k in routed}
         opts.update({k: v for k, v in options.items() if k not in routed})
         self._warn_ill_conditioned_start(opts)
-        y = None if self.takes_prompts else self._labels(s.labels, s.num)
+        y = None if self.takes_prompts or self.takes_layouts else self._labels(s.labels, s.num)
         model_fn = self.model_fn if model_fn is None else model_fn
         shape = self.sample_shape_at(s.size)
         out = []
@@ -411,7 +452,7 @@ class Pipeline:
         for start in range(0, s.num, s.batch_size):
             n = min(s.batch_size, s.num - start)
             noise = torch.empty(n, *shape, device=self.device)
-            cond, uncond = self._conditions(s, y, conditions, start, n)
+            cond, uncond = self._conditions(s, y, conditions, start, n, layouts)
             cb = (lambda i, t, x, x0, n=n: bar.update(n)) if bar is not None else None  # n bound per batch
             x = run_sampler(
                 model_fn, noise, diffusion=self.diffusion, sampler=s.sampler, steps=s.steps,
@@ -460,12 +501,12 @@ class Pipeline:
 
     def _check_conditions(self, s: SampleSection) -> SampleSection:
         kind = self.conditioning
+        kinds = {"class": "class-conditional (give class labels)", "text": "text-conditioned (give prompts)",
+                 "layout": "layout-conditioned (give layouts)", None: "unconditional"}
         if kind != "text" and (s.prompts is not None or s.negative_prompt is not None):
-            what = "class-conditional (give class labels)" if kind == "class" else "unconditional"
-            raise ConfigError(f"this model is {what}: it takes no prompts")
+            raise ConfigError(f"this model is {kinds[kind]}: it takes no prompts")
         if kind != "class" and s.labels is not None:
-            what = "text-conditioned (give prompts)" if kind == "text" else "unconditional"
-            raise ConfigError(f"this model is {what}: it takes no class labels")
+            raise ConfigError(f"this model is {kinds[kind]}: it takes no class labels")
         dropped = self.conditioner is not None and self.conditioner.config.drop_concat  # a null spatial input
         if kind is None and s.guidance != 1.0 and not dropped:
             what = "unconditional" if self.spatial is None else (

@@ -8,6 +8,7 @@ Because the scene is known, every image comes with its ground truth:
   in the centre");
 - ``label``: class id ``shape * num_colours + colour`` for single-object images, -1 otherwise;
 - ``boxes`` (K, 4) normalised ``x0, y0, x1, y1`` in [0, 1] with ``box_shape``, ``box_colour`` (-1 = padding);
+  ``layout`` (K, 5) the same as rows ``[class, x0, y0, x1, y1]`` (class -1 = padding), a layout model's input;
 - ``segmentation`` (H, W): 0 for background, ``1 + class`` where an object covers most of the pixel;
   ``instances`` (H, W): 0 for background, ``k + 1`` for the k-th object;
 - ``cells`` (9,): per grid cell 0 (empty) or ``1 + class`` (the oracle's target, a layout descriptor).
@@ -240,7 +241,10 @@ def scene_targets(scene: Scene, cfg: ShapesConfig) -> dict:
         box_colour[k] = cfg.colours.index(o.colour)
         cells[o.cell] = 1 + cfg.class_id(o.shape, o.colour)
     label = cfg.class_id(scene.objects[0].shape, scene.objects[0].colour) if len(scene.objects) == 1 else -1
+    classes = np.where(box_shape >= 0, box_shape * len(cfg.colours) + box_colour, -1).astype(np.float32)
+    layout = np.concatenate([classes[:, None], boxes], axis=1)  # (K, 5): [class, x0, y0, x1, y1]
     return {"label": label, "cells": torch.from_numpy(cells), "boxes": torch.from_numpy(boxes),
+            "layout": torch.from_numpy(layout),
             "box_shape": torch.from_numpy(box_shape), "box_colour": torch.from_numpy(box_colour),
             "num_objects": len(scene.objects)}
 
@@ -248,7 +252,7 @@ def scene_targets(scene: Scene, cfg: ShapesConfig) -> dict:
 class ShapesDataset(Dataset):
     """Map-style dataset of ``length`` shapes images of one split, generated on the fly.
 
-    Item keys: image (3, H, W) float32 in [-1, 1], caption, label, cells, boxes, box_shape, box_colour,
+    Item keys: image (3, H, W) float32 in [-1, 1], caption, label, cells, boxes, box_shape, box_colour, layout,
     num_objects, segmentation (H, W) long, instances (H, W) long. See the module docstring.
 
     Args:

@@ -16,6 +16,7 @@ A batch of conditions is a dict; a conditioner reads only its own keys and ignor
 carry a caption and a label; a text conditioner reads the caption):
     "prompt": list[str] or "tokens": (B, L) long    text (give one of the two)
     "label": (B,) long in [0, num_classes]           class; num_classes is the null class
+    "layout": (B, K, 5) float                        objects [class, x0, y0, x1, y1]; class -1 = empty slot
     "vector": (B, adm_in_channels) float             a vector condition (adm mode)
     "concat": (B, C, H, W) float                     a spatially aligned condition (mask, low-res image, ...)
 
@@ -23,18 +24,21 @@ carry a caption and a label; a text conditioner reads the caption):
 | --------- | ------ | ------------------ | --------------------------------------------- | ------------------- |
 | crossattn | text   | prompt or tokens   | context = τ_θ(tokens): (B, L, text.width)     | context_dim         |
 | crossattn | class  | label              | context = ClassEmbedder(label): (B, 1, dim)   | context_dim         |
+| crossattn | layout | layout             | context = LayoutEncoder(layout): (B, 3K, dim) | context_dim         |
 | adm       | class  | label              | y = label (B,) long; the U-Net's label_emb    | num_classes         |
 |           |        |                    | embeds it (ADM's class conditioning)          |                     |
 | adm       | vector | vector             | y (B, adm_in_channels) float, added to the    | adm_in_channels     |
 |           |        |                    | time embedding through Linear-SiLU-Linear     |                     |
 | concat    | None   | concat             | concat, as given or through SpatialRescaler   | concat_channels     |
 | hybrid    | text,  | the above, and     | context and concat                            | context_dim,        |
-|           | class  | concat             |                                               | concat_channels     |
+|           | class, | concat             |                                               | concat_channels     |
+|           | layout |                    |                                               |                     |
 
-The null condition (``null_like``; ``drop`` puts it in the masked rows): the empty prompt "" (tokens [<end>, <pad>,
-...]), the null class ``num_classes``, a zero vector. A concat input is NOT dropped by default: it stays as given
-in the null batch, as in LDM's super-resolution and inpainting models, where guidance acts on the text alone and
-the unconditional branch still sees the low-resolution image or the mask. With ``drop_concat=True`` it is zeros.
+The null condition (``null_like``; ``drop`` puts it in the masked rows): the empty prompt "" (tokens [<end>,
+<pad>, ...]), the null class ``num_classes``, the empty layout (every slot's class -1), a zero vector. A concat
+input is NOT dropped by default: it stays as given in the null batch, as in LDM's super-resolution and inpainting
+models, where guidance acts on the text alone and the unconditional branch still sees the low-resolution image or
+the mask. With ``drop_concat=True`` it is zeros.
 
 The text encoder τ_θ is trained jointly with the U-Net (LDM sec. 4.3.1): put ``conditioner.parameters()`` in the
 optimizer with the U-Net's. The class embedder and the rescaler learn the same way.
@@ -50,11 +54,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..dataclass_io import from_dict as build_dataclass
+from .layout_encoder import LayoutEncoder, LayoutEncoderConfig
 from .text_encoder import TextEncoder, TextEncoderConfig
 from .tokenizer import WordTokenizer
 
 MODES = ("crossattn", "concat", "hybrid", "adm")
-KINDS = {"crossattn": ("text", "class"), "hybrid": ("text", "class"), "adm": ("class", "vector"), "concat": (None,)}
+KINDS = {"crossattn": ("text", "class", "layout"), "hybrid": ("text", "class", "layout"), "adm": ("class", "vector"),
+         "concat": (None,)}
 RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "area")
 
 
@@ -123,8 +129,10 @@ class SpatialRescaler(nn.Module):
 @dataclass
 class ConditionerConfig:
     mode: str  # LDM's conditioning_key: crossattn, concat, hybrid (crossattn + concat) or adm (vector y)
-    kind: str | None = None  # what feeds context (crossattn, hybrid) or y (adm): text, class, vector; None for concat
+    kind: str | None = None  # what feeds context (crossattn, hybrid) or y (adm): text, class, layout, vector; None
+    #                          for concat
     text: TextEncoderConfig | None = None  # kind text: τ_θ (vocab_size and context_length match the tokenizer)
+    layout: LayoutEncoderConfig | None = None  # kind layout: the box-token transformer (nn/layout_encoder.py)
     num_classes: int | None = None  # kind class: labels 0..num_classes-1; num_classes itself is the null class
     class_dim: int | None = None  # kind class in crossattn/hybrid: width of the one context token (adm: unused)
     adm_in_channels: int | None = None  # kind vector: width of the vector y
@@ -139,10 +147,13 @@ class ConditionerConfig:
             raise ValueError(f"ConditionerConfig: mode {self.mode!r} takes kind {KINDS[self.mode]}, got {self.kind!r}")
         if isinstance(self.text, dict):
             self.text = TextEncoderConfig.from_dict(self.text)
+        if isinstance(self.layout, dict):
+            self.layout = LayoutEncoderConfig.from_dict(self.layout)
         if isinstance(self.rescaler, dict):
             self.rescaler = build_dataclass(SpatialRescalerConfig, self.rescaler, "SpatialRescalerConfig")
         wanted = {
             "text": self.kind == "text",
+            "layout": self.kind == "layout",
             "num_classes": self.kind == "class",
             "class_dim": self.kind == "class" and self.mode != "adm",
             "adm_in_channels": self.kind == "vector",
@@ -156,7 +167,8 @@ class ConditionerConfig:
                     f"ConditionerConfig.{name} is set ({value!r}) but mode {self.mode!r} with kind {self.kind!r} "
                     "does not use it; remove it"
                 )
-            if needed and name != "text" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            structured = name in ("text", "layout")
+            if needed and not structured and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
                 raise ValueError(f"ConditionerConfig.{name} must be a positive integer, got {value!r}")
         spatial = self.mode in ("concat", "hybrid")
         if not isinstance(self.concat_channels, int) or self.concat_channels < 0:
@@ -192,7 +204,8 @@ class ConditionerConfig:
 class Conditioner(nn.Module):
     """A batch of conditions -> the U-Net's ``context`` / ``y`` / ``concat``; see the module docstring.
 
-    Submodules (state-dict prefixes): ``text_encoder`` (kind text), ``class_embedder`` (kind class in crossattn /
+    Submodules (state-dict prefixes): ``text_encoder`` (kind text), ``layout_encoder`` (kind layout),
+    ``class_embedder`` (kind class in crossattn /
     hybrid), ``rescaler`` (when configured). ``tokenizer`` is a plain attribute (not weights): save it with
     ``conditioner.tokenizer.save(folder / "tokenizer.json")``.
     """
@@ -215,6 +228,7 @@ class Conditioner(nn.Module):
             raise ValueError(f"a tokenizer was given, but this conditioner's kind is {cfg.kind!r}, not 'text'")
         self.tokenizer = tokenizer
         self.text_encoder = TextEncoder(cfg.text) if cfg.kind == "text" else None
+        self.layout_encoder = LayoutEncoder(cfg.layout) if cfg.kind == "layout" else None
         self.class_embedder = ClassEmbedder(cfg.num_classes, cfg.class_dim) if cfg.class_dim is not None else None
         self.rescaler = SpatialRescaler(cfg.concat_channels, cfg.rescaler) if cfg.rescaler is not None else None
 
@@ -229,14 +243,16 @@ class Conditioner(nn.Module):
     @property
     def input_keys(self) -> tuple[str, ...]:
         """Batch keys this conditioner reads ("prompt" stands for "prompt" or "tokens")."""
-        keys = {"text": ("prompt",), "class": ("label",), "vector": ("vector",), None: ()}[self.kind]
+        keys = {"text": ("prompt",), "class": ("label",), "layout": ("layout",), "vector": ("vector",), None: ()}[
+            self.kind]
         return keys + (("concat",) if self.config.concat_channels else ())
 
     def unet_kwargs(self) -> dict:
         """UNetConfig fields that must match this conditioner: context_dim, num_classes, concat_channels,
         adm_in_channels (all four, None / 0 when unused), for ``dataclasses.replace(unet_config, **these)``."""
         cfg = self.config
-        context_dim = cfg.text.width if cfg.kind == "text" else cfg.class_dim
+        context_dim = {"text": cfg.text.width if cfg.text else None,
+                       "layout": cfg.layout.width if cfg.layout else None}.get(cfg.kind, cfg.class_dim)
         concat = self.rescaler.out_channels if self.rescaler is not None else cfg.concat_channels
         return {
             "context_dim": context_dim,
@@ -294,6 +310,8 @@ class Conditioner(nn.Module):
                 out["y"] = label  # embedded by the U-Net's label_emb (num_classes)
             else:
                 out["context"] = self.class_embedder(label)  # (B, 1, class_dim)
+        elif cfg.kind == "layout":
+            out["context"] = self.layout_encoder(batch["layout"])  # (B, 3K, width)
         elif cfg.kind == "vector":
             vector = batch["vector"]
             want = (b, cfg.adm_in_channels)
@@ -332,6 +350,8 @@ class Conditioner(nn.Module):
                 null["tokens"] = empty[:, : batch["tokens"].shape[1]].expand(b, -1).clone()
         if "label" in self.input_keys:
             null["label"] = torch.full_like(batch["label"], self.config.num_classes)
+        if "layout" in self.input_keys:
+            null["layout"] = torch.full_like(batch["layout"], -1.0)  # every slot empty
         if "vector" in self.input_keys:
             null["vector"] = torch.zeros_like(batch["vector"])
         if self.config.drop_concat:
@@ -346,7 +366,7 @@ class Conditioner(nn.Module):
             got = f"{tuple(mask.shape)} {mask.dtype}" if isinstance(mask, torch.Tensor) else type(mask).__name__
             raise ValueError(f"drop mask must be a ({b},) bool tensor, got {got}")
         out = dict(batch)
-        for key in ("prompt", "tokens", "label", "vector", "concat"):
+        for key in ("prompt", "tokens", "label", "layout", "vector", "concat"):
             if key not in batch or null[key] is batch[key]:
                 continue  # not a condition of this conditioner, or one that is never dropped
             if key == "prompt":

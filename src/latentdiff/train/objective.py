@@ -198,6 +198,8 @@ class DiffusionObjective:
                 if isinstance(c, str) or len(c) != B:
                     raise ValueError(f"batch[{self.cond_key!r}] must be a list of {B} captions")
                 conds["prompt"] = list(c)
+            elif kind == "layout":  # (B, K, 5) objects [class, x0, y0, x1, y1]
+                conds["layout"] = torch.as_tensor(c, device=device).float()
             else:
                 conds["label"] = torch.as_tensor(c, device=device).long()
         if self.spatial is not None:

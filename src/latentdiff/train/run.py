@@ -123,6 +123,18 @@ def check_conditioning(config: Config, dataset, pipe: Pipeline) -> None:
                 raise ConfigError(f"sample.guidance is {config.sample.guidance} but the model has no condition to "
                                   "guide by (conditioning.drop_concat is false); set sample.guidance=1")
             return
+    if pipe.takes_layouts:
+        key = config.conditioning.data_key
+        item = dataset[0]
+        if key not in item:
+            raise ConfigError(f"conditioning.kind is layout but dataset {name!r} has no {key!r} field (the shapes "
+                              "world gives one: rows [class, x0, y0, x1, y1])")
+        if item[key].shape[0] > pipe.max_objects:
+            raise ConfigError(f"dataset {name!r} has up to {item[key].shape[0]} objects per image but "
+                              f"conditioning.layout.max_objects is {pipe.max_objects}")
+        if config.sample.labels is not None or config.sample.prompts is not None:
+            raise ConfigError("sample.labels / sample.prompts are set but the model is conditioned on layouts")
+        return
     if pipe.takes_prompts:
         key = config.conditioning.data_key
         if key not in dataset[0]:
