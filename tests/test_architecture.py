@@ -26,7 +26,7 @@ LAYERS = [
     ("likelihood", "resample", "diffusion"),              # the Gaussian diffusion process
     ("nn",),                                              # the networks
     ("data",),                                            # datasets and transforms
-    ("spatial", "layouts"),                               # spatial conditions, layouts: fields -> the U-Net input
+    ("spatial", "layouts", "segmaps"),                    # spatial conditions, layouts, map files -> U-Net inputs
     ("guidance", "samplers"),                             # stateless sampling
     ("config",),                                          # typed run configs
     ("first_stage",),                                     # the autoencoder as a product

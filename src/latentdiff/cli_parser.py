@@ -71,6 +71,12 @@ def _add_sample_parser(sub) -> None:
                    "else every class in turn")
     s.add_argument("--size", type=_size, default=None, metavar="HxW",
                    help="image size in pixels (default: the training size); larger is sampled convolutionally")
+    s.add_argument("--layout", default=None, metavar="FILE",
+                   help="layout models: a JSON list of {\"shape\", \"colour\", \"box\": [x0, y0, x1, y1]} (box in "
+                   "[0, 1], y down), or a list of such lists (cycled; one grid row each); default: none")
+    s.add_argument("--segmentation", default=None, metavar="FILE",
+                   help="semantic synthesis models: a PNG map of class ids (greyscale or palette PNG, or the "
+                   "palette-coloured maps this command writes); the image size follows the map; default: none")
     s.add_argument("--sampler", default=None, help="sampler name: ddpm, ddim, plms, langevin, dpmpp_2m, dpmpp_3m, "
                    "dpmpp_2m_sde, unipc, euler, euler_ancestral, heun (default: the config's)")
     s.add_argument("--steps", type=int, default=None, help="sampling steps (default: the config's)")
@@ -139,9 +145,11 @@ def _add_eval_parser(sub) -> None:
     v.add_argument("--metrics", default=None, help="comma-separated metrics: adherence (text models of the shapes "
                    "world: held-out prompts read back by the shapes oracle, per number of objects), fid, kid, is "
                    "(Inception Score), pr (precision/recall, the real set cut to the sample count), bpd (bits per "
-                   "dimension of real test images; pixel-space models; T network calls per image); for an "
-                   "autoencoder: psnr, ssim, rfid (default: adherence,fid,kid,pr for a text model of the shapes "
-                   "world, else fid,kid,is,pr; for an autoencoder psnr,ssim,rfid)")
+                   "dimension of real test images; pixel-space models; T network calls per image); layout (layout "
+                   "models: held-out layouts read back, adherence and box IoU), miou (segmentation models: per-class "
+                   "IoU and mIoU of held-out maps read back, at each --size); for an autoencoder: psnr, ssim, rfid "
+                   "(default: adherence,fid,kid,pr for a text model of the shapes world, layout or miou for those "
+                   "models, else fid,kid,is,pr; for an autoencoder psnr,ssim,rfid)")
     v.add_argument("--num", type=int, default=1000, help="images to generate (for a text model of the shapes world: "
                    "held-out prompts, one image each; real test images for bpd; held-out images to reconstruct for "
                    "an autoencoder); FID falls with more, compare at equal N")
@@ -164,6 +172,9 @@ def _add_eval_parser(sub) -> None:
                    "use)")
     v.add_argument("--cache", default=None, metavar="DIR", help="folder of cached reference statistics and oracles "
                    "(default: $LATENTDIFF_CACHE, else ~/.cache/latentdiff)")
+    v.add_argument("--size", type=_sizes, default=None, metavar="HxW[,HxW...]",
+                   help="layout, miou: image size(s) to sample at; miou gives one table row per size, from held-out "
+                   "maps tiled to it (default: the training size)")
     v.add_argument("--real", default=None, metavar="A",
                    help="with --fake: the real images (folder, .npz statistics or dataset name; default: none)")
     v.add_argument("--fake", default=None, metavar="B",
@@ -209,6 +220,11 @@ def _add_oracle_parser(sub) -> None:
     o.add_argument("--epochs", type=int, default=None, help="training epochs (default: 30 for digits, over its 80%% "
                    "training part; 5 for shapes, over 20,000 images)")
     o.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the batches (default: 0)")
+
+
+def _sizes(text: str) -> list[tuple[int, int]]:
+    """"32x32,64x128" -> [(32, 32), (64, 128)]."""
+    return [_size(part) for part in text.split(",") if part.strip()]
 
 
 def _size(text: str) -> tuple[int, int]:

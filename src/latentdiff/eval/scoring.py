@@ -31,7 +31,8 @@ from .features import _image_of, extract_stats, quantize_8bit
 from .metrics import FeatureStats, class_accuracy, fid_from_stats, inception_score, kid
 from .references import Reference, dataset_for
 
-METRICS = ("adherence", "fid", "kid", "is", "pr", "bpd")
+METRICS = ("adherence", "fid", "kid", "is", "pr", "bpd", "layout", "miou")
+SPATIAL_METRICS = ("layout", "miou")  # layout-to-image and semantic synthesis (eval/spatial_scores.py), on their own
 DEFAULT_METRICS = ("fid", "kid", "is", "pr")
 PROMPT_METRICS = ("adherence", "fid", "kid", "pr")  # the default of a text model of the shapes world
 FEATURE_METRICS = ("fid", "kid", "is", "pr")
@@ -55,13 +56,28 @@ def scores_prompts(pipe) -> bool:
 
 
 def default_metrics(pipe) -> list[str]:
-    """adherence, fid, kid, pr for a text model of the shapes world; else fid, kid, is, pr."""
+    """adherence, fid, kid, pr for a text model of the shapes world; layout for a layout model, miou for a
+    segmentation-conditioned one; else fid, kid, is, pr."""
+    if pipe.conditioning == "layout":
+        return ["layout"]
+    if "segmentation" in pipe.condition_fields:
+        return ["miou"]
     return list(PROMPT_METRICS if scores_prompts(pipe) else DEFAULT_METRICS)
 
 
 def check_metrics(pipe, metrics) -> None:
     """RequestError (before any work) for a metric this model does not have: adherence needs a text model
     trained on shapes (the shapes oracle reads its prompts back); bits/dim a model that is not text-conditioned."""
+    spatial = [m for m in metrics if m in SPATIAL_METRICS]
+    if spatial and len(spatial) != len(metrics):
+        raise RequestError(f"{', '.join(spatial)} is scored on its own (held-out layouts or maps, read back); "
+                           "give the other metrics in another call")
+    if "layout" in metrics and (pipe.conditioning != "layout" or pipe.config.data.name != "shapes"):
+        raise RequestError("the layout metric scores a layout model of the shapes world; this model is "
+                           f"{pipe.conditioning or 'unconditional'}-conditioned on {pipe.config.data.name!r}")
+    if "miou" in metrics and ("segmentation" not in pipe.condition_fields or pipe.config.data.name != "shapes"):
+        raise RequestError("miou scores a model of the shapes world conditioned on segmentation maps; this model "
+                           "takes no map")
     if "adherence" in metrics:
         kind = pipe.conditioning
         if kind != "text":
