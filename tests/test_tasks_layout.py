@@ -140,3 +140,14 @@ def test_command_evaluates_layout_adherence(run, tmp_path, capsys):
     assert set(result["layout"]["real_images"]) == set(result["layout"]["model"])
     rc, _, err = run_cli(capsys, "eval", run, "--metrics", "miou", "--num", "2")
     assert rc == 2 and "takes no map" in err
+
+
+def test_corner_embeddings_start_as_fourier_features():
+    from latentdiff.nn.layout_encoder import LayoutEncoder
+
+    cfg = LayoutEncoderConfig(num_classes=21, max_objects=3, grid=32, width=16, heads=2)
+    table = LayoutEncoder(cfg).transformer.token_embedding.weight.detach()[1 + 21:]  # (S², width)
+    near = (table[5 * 32 + 5] - table[5 * 32 + 6]).norm()
+    far = (table[5 * 32 + 5] - table[25 * 32 + 28]).norm()
+    assert near < 0.25 * far  # neighbouring corners start alike, distant ones apart
+    assert len({tuple(r.tolist()) for r in table}) == 32 * 32  # and every corner is its own

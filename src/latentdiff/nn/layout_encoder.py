@@ -15,6 +15,11 @@ The encoder is the text encoder's transformer (nn/text_encoder.py: token + learn
 pre-LayerNorm layers): token 0 is its pad id, so no position attends to a "none" token, and the empty layout
 (all "none": the null condition of classifier-free guidance) leaves only its first position attended.
 
+The S² corner embeddings start as Fourier features of their cell, [sin, cos](π·k·(x + ½) / S) and the same of y for
+``width / 4`` frequencies k (Vaswani et al.'s sinusoids, in two dimensions), then learn freely: neighbouring
+corners start alike, so a corner seen rarely in training still lands near its neighbours (a randomly initialised
+table of 1,024 corners learns each on its own and needs far more steps).
+
 A layout tensor is (B, K, 5) float: per object [class, x0, y0, x1, y1] with the box in [0, 1] (x right, y down);
 a class of −1 marks an empty slot. K may be smaller than ``max_objects``.
 """
@@ -85,6 +90,19 @@ def layout_tokens(layout: torch.Tensor, config: LayoutEncoderConfig) -> torch.Te
     return tokens
 
 
+def corner_features(grid: int, width: int, scale: float = 0.5) -> torch.Tensor:
+    """(S², width) initial corner embeddings: row y·S + x holds [sin, cos](π·k·(x + ½)/S) for k = 1..F, then the
+    same of y (F = width // 4), zeros in any remaining columns; times ``scale``."""
+    f = width // 4
+    pos = (torch.arange(grid, dtype=torch.float64) + 0.5) / grid  # cell centres in (0, 1)
+    angles = torch.pi * pos[:, None] * torch.arange(1, f + 1, dtype=torch.float64)  # (S, F)
+    one_axis = torch.cat([angles.sin(), angles.cos()], dim=1)  # (S, 2F)
+    ys, xs = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")  # token y·S + x
+    table = torch.zeros(grid * grid, width, dtype=torch.float64)
+    table[:, : 4 * f] = torch.cat([one_axis[xs.reshape(-1)], one_axis[ys.reshape(-1)]], dim=1)
+    return (scale * table).float()
+
+
 class LayoutEncoder(nn.Module):
     """τ_θ: forward(layout (B, K, 5) float, K <= max_objects) -> (B, 3·max_objects, width)."""
 
@@ -93,6 +111,8 @@ class LayoutEncoder(nn.Module):
         self.config = cfg = config
         self.transformer = TextEncoder(TextEncoderConfig(vocab_size=cfg.vocab_size, context_length=cfg.context_length,
                                                          width=cfg.width, depth=cfg.depth, heads=cfg.heads))
+        with torch.no_grad():
+            self.transformer.token_embedding.weight[1 + cfg.num_classes:] = corner_features(cfg.grid, cfg.width)
 
     def forward(self, layout: torch.Tensor) -> torch.Tensor:
         k = self.config.max_objects
