@@ -219,6 +219,7 @@ def train_autoencoder_from_config(config: AutoencoderRunConfig, out_dir=None, *,
     resume = _resume_target(config, resume)
     _check_out_dir(config, out_dir, resume, ("autoencoder", "loss", "discriminator"))
     dataset, config = _data_for_run(config, out_dir)
+    seed_everything(config.train.seed)  # the initial weights (autoencoder and discriminator) depend on the seed alone
     ae, objective = build_autoencoder_objective(config)
     cfg = ae.config
     n_params = sum(p.numel() for p in ae.parameters())
