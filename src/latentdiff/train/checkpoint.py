@@ -32,6 +32,7 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_model
 
 from ..errors import CheckpointError
@@ -148,10 +149,36 @@ def save_checkpoint(
     barrier: Callable[[], None] = lambda: None,
     keep: int = 0,
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically; every process calls this (each writes its RNG file)."""
+    """Write the checkpoint of ``step`` atomically; every process calls this (each writes its RNG file).
+
+    A failed write (no space, a read-only folder, any OSError of the writers) raises CheckpointWriteError naming
+    the checkpoint; its temporary directory is removed and the checkpoints written before stay as they were."""
     root = checkpoint_root(out_dir)
-    name = step_name(step)
-    tmp, final = root / f".tmp_{name}", root / name
+    tmp, final = root / f".tmp_{step_name(step)}", root / step_name(step)
+    try:
+        _write_checkpoint(root, step, tmp, final, models=models, ema=ema, optimizers=optimizers,
+                          objective_state=objective_state, train_state=train_state, rng_state=rng_state, rank=rank,
+                          is_main=is_main, barrier=barrier, keep=keep, out_dir=out_dir)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap the OSError
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for _, p in list_checkpoints(out_dir) if p != final]
+        reason = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else \
+            " ".join(str(e).split())
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {final} ({reason}); the previous checkpoint "
+            f"{previous[-1] if previous else '(none)'} is intact: free space or fix the folder, then --resume"
+        ) from None
+    return final
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, read-only folder, I/O error); earlier ones are intact."""
+
+
+def _write_checkpoint(root: Path, step: int, tmp: Path, final: Path, *, models, ema, optimizers, objective_state,
+                      train_state, rng_state, rank, is_main, barrier, keep, out_dir) -> None:
+    name = final.name
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -189,7 +216,6 @@ def save_checkpoint(
             for _, old in list_checkpoints(out_dir)[:-keep]:
                 _remove_tree(old)
     barrier()
-    return final
 
 
 def _remove_tree(path: Path) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import time
 import warnings
 from collections import defaultdict
@@ -46,6 +47,7 @@ from .checkpoint import (
 from .config import TrainConfig, lr_factor
 from .data import BatchStream, EpochBatchSampler
 from .ema import EMA
+from .guards import TrainingInterrupted, launch_rank, run_folder_lock, stop_requested, stop_signals
 from .logging import MetricsLogger, save_grid
 
 
@@ -92,7 +94,8 @@ def train(
     restore_flags = _set_determinism(config.deterministic)
     raw_models = dict(objective.models)
     try:
-        return _run(objective, data, config, out_dir, resume, collate_fn, callback, progress, raw_models)
+        with run_folder_lock(out_dir, enabled=launch_rank() == 0), stop_signals():
+            return _run(objective, data, config, out_dir, resume, collate_fn, callback, progress, raw_models)
     finally:
         objective.models.clear()
         objective.models.update(raw_models)  # the caller gets its own (unwrapped) modules back
@@ -186,6 +189,8 @@ def _train_steps(run: _Run, logger, step: int, last_ckpt, callback, progress) ->
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
                 last_ckpt = _save(run.out_dir, step, run.unwrapped, run.ema, run.optimizers, run.objective, run.stream,
                                   config, accelerator, run.mp)
+            if not last and _stop_asked(accelerator):
+                _checkpoint_and_stop(run, step, last_ckpt)
         if time_up and main:
             print(f"stopped at step {step} of {config.steps}: the time budget train.max_minutes={config.max_minutes:g} "
                   f"is spent ({(time.perf_counter() - t_start) / 60:.2f} min)", flush=True)
@@ -511,6 +516,33 @@ def _save(out_dir, step, unwrapped, ema, optimizers, objective, stream, config, 
                            objective_state=obj_state, train_state=train_state, rng_state=rng,
                            rank=accelerator.process_index, is_main=accelerator.is_main_process,
                            barrier=accelerator.wait_for_everyone, keep=config.keep_checkpoints)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Stopping on a signal (guards.py holds the handlers and the lock file)
+
+
+def _stop_asked(accelerator) -> bool:
+    """Whether SIGINT / SIGTERM reached any process since the run started; all processes decide together."""
+    asked = stop_requested() is not None
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(torch.tensor([float(asked)], device=accelerator.device), reduction="sum")
+        asked = bool(flag.item() > 0)
+    return asked
+
+
+def _checkpoint_and_stop(run: _Run, step: int, last_ckpt: Path | None) -> None:
+    """Write the checkpoint of ``step`` (unless the loop has just written it, e.g. while the signal came), then
+    raise TrainingInterrupted."""
+    if last_ckpt is None or last_ckpt.name != step_name(step):
+        last_ckpt = _save(run.out_dir, step, run.unwrapped, run.ema, run.optimizers, run.objective, run.stream,
+                          run.config, run.accelerator, run.mp)
+    signum = stop_requested()
+    name = signal.Signals(signum).name if signum else "a signal on another process"
+    if run.accelerator.is_main_process:
+        print(f"stopped by {name} at step {step}; checkpoint {last_ckpt} (continue with --resume)", flush=True)
+    raise TrainingInterrupted(f"stopped by {name} at step {step}; checkpoint {last_ckpt}", signum or 0, step,
+                              last_ckpt)
 
 
 def _json(d: dict) -> str:

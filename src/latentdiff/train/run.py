@@ -20,6 +20,7 @@ from ..nn.autoencoder import save_autoencoder
 from ..nn.tokenizer import WordTokenizer
 from ..pipeline import Pipeline
 from .autoencoder_objective import AutoencoderObjective
+from .guards import launch_rank, run_folder_lock
 from .loop import TrainResult, seed_everything, train
 from .objective import DiffusionObjective
 
@@ -183,6 +184,11 @@ def train_from_config(config, out_dir=None, *, resume: bool | str = False, progr
     if isinstance(config, AutoencoderRunConfig):
         return train_autoencoder_from_config(config, out_dir, resume=resume, progress=progress, callback=callback)
     out_dir = Path(out_dir or config.train.out_dir)
+    with run_folder_lock(out_dir, enabled=launch_rank() == 0):  # before anything is read from or written there
+        return _train_diffusion(config, out_dir, resume, progress, callback)
+
+
+def _train_diffusion(config: Config, out_dir: Path, resume, progress: bool, callback) -> TrainResult:
     resume = _resume_target(config, resume)
     saved = out_dir / CONFIG_FILE
     _check_out_dir(config, out_dir, resume, ("model", "diffusion"))
@@ -232,9 +238,15 @@ def train_autoencoder_from_config(config: AutoencoderRunConfig, out_dir=None, *,
     folder ``out_dir/autoencoder`` (weights + latent scale from the first training batch) and print PSNR and
     SSIM of held-out images when the dataset has a test split. Checks run before anything is written."""
     out_dir = Path(out_dir or config.train.out_dir)
+    with run_folder_lock(out_dir, enabled=launch_rank() == 0):
+        return _train_autoencoder(config, out_dir, resume, progress, callback)
+
+
+def _train_autoencoder(config: AutoencoderRunConfig, out_dir: Path, resume, progress: bool, callback) -> TrainResult:
     resume = _resume_target(config, resume)
     _check_out_dir(config, out_dir, resume, ("autoencoder", "loss", "discriminator"))
     dataset, config = _data_for_run(config, out_dir)
+    seed_everything(config.train.seed)  # the initial weights (autoencoder and discriminator) depend on the seed alone
     ae, objective = build_autoencoder_objective(config)
     cfg = ae.config
     n_params = sum(p.numel() for p in ae.parameters())
