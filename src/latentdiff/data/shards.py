@@ -183,11 +183,23 @@ def decode_sample(key: str, parts: dict[str, bytes], *, size=None, channels: int
     """One sample as the item dict of latentdiff's datasets: ``image`` (C, H, W) in [-1, 1] or ``latent_mean``
     (+ ``latent_std``), ``caption`` (txt, or json text/caption), ``label`` (cls, or json label) and ``key``."""
     where = f"shard {url!r}, sample {key!r}"
-    item: dict = {"key": key}
+    item: dict = {"key": key, **text_fields(parts)}
     for ext, data in parts.items():
         if ext in IMAGE_EXTS:
             item["image"] = _image(data, size, channels, where)
-        elif ext == "txt":
+        elif ext in ("mean.npy", "std.npy"):
+            item[f"latent_{ext[:-4]}"] = _npy(data, where)
+    if "image" not in item and "latent_mean" not in item:
+        raise DataError(f"{where} has no image ({', '.join(IMAGE_EXTS)}) and no mean.npy; members: "
+                        f"{', '.join(sorted(parts))}")
+    return item
+
+
+def text_fields(parts: dict[str, bytes]) -> dict:
+    """``caption`` (txt, or json text/caption) and ``label`` (cls, or json label) of a sample's members."""
+    item: dict = {}
+    for ext, data in parts.items():
+        if ext == "txt":
             item["caption"] = data.decode("utf-8").strip()
         elif ext == "cls":
             item["label"] = int(data.decode().strip())
@@ -198,11 +210,6 @@ def decode_sample(key: str, parts: dict[str, bytes], *, size=None, channels: int
                     item.setdefault("caption", meta[name])
             if "label" in meta:
                 item.setdefault("label", int(meta["label"]))
-        elif ext in ("mean.npy", "std.npy"):
-            item[f"latent_{ext[:-4]}"] = _npy(data, where)
-    if "image" not in item and "latent_mean" not in item:
-        raise DataError(f"{where} has no image ({', '.join(IMAGE_EXTS)}) and no mean.npy; members: "
-                        f"{', '.join(sorted(parts))}")
     return item
 
 
@@ -263,6 +270,29 @@ class ShardStream(IterableDataset):
     def num_samples(self) -> int | None:
         """Samples in all shards, from the ``index.json`` beside them (written by ``latentdiff shard``), if any."""
         return shard_index_total(self.urls)
+
+    def preview(self, n: int) -> list[dict]:
+        """The first ``n`` samples in the shards' stored order, decoded (for checks and a tokenizer's vocabulary)."""
+        out = []
+        for url in self.urls:
+            for key, parts in iter_samples(url):
+                if len(out) == n:
+                    return out
+                out.append(decode_sample(key, parts, size=self.size, channels=self.channels, url=url))
+        return out
+
+    def captions(self, n: int) -> list[str]:
+        """The captions of the first ``n`` samples in stored order, read without decoding an image."""
+        out = []
+        for url in self.urls:
+            for key, parts in iter_samples(url):
+                if len(out) == n:
+                    return out
+                caption = text_fields(parts).get("caption")
+                if caption is None:
+                    raise DataError(f"shard {url!r}, sample {key!r} has no caption (.txt, or text in .json)")
+                out.append(caption)
+        return out
 
     def worker_ids(self, num_workers: int) -> range:
         """The global worker ids of this process."""

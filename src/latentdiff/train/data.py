@@ -165,7 +165,9 @@ class BatchStream:
             # whose turn it was.
             self.shards.start = dict(self.workers)
             self.shards.rotation = self.index % max(self.num_workers, 1)
-            self.loader = DataLoader(self.shards, batch_size=None, num_workers=self.num_workers, pin_memory=self._pin)
+            # A private generator: creating the iterator must not draw from the global RNG that checkpoints restore.
+            self.loader = DataLoader(self.shards, batch_size=None, num_workers=self.num_workers, pin_memory=self._pin,
+                                     generator=torch.Generator().manual_seed(0))
             self._iter = iter(self.loader)
             return
         if self.sampler is not None:
