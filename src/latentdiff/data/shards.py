@@ -256,6 +256,7 @@ class ShardStream(IterableDataset):
         self.channels = check_channels(channels)
         self.shuffle_buffer, self.shuffle_shards, self.seed = int(shuffle_buffer), bool(shuffle_shards), int(seed)
         self.batch_size, self.world_size, self.rank = 1, 1, 0
+        self.latent_std = True                         # latent shards: keep σ (False: train on the posterior mean)
         self.start: dict[int, tuple[int, int]] = {}    # global worker -> (epoch, samples emitted) to resume from
         self.rotation = 0                              # loader worker w plays logical worker (w + rotation) % W
 
@@ -318,7 +319,10 @@ class ShardStream(IterableDataset):
                 count += 1
                 if count <= skip:
                     continue  # already emitted before the resume: skipped undecoded
-                batch.append(decode_sample(key, parts, size=self.size, channels=self.channels, url=url))
+                item = decode_sample(key, parts, size=self.size, channels=self.channels, url=url)
+                if not self.latent_std:
+                    item.pop("latent_std", None)
+                batch.append(item)
                 if len(batch) == self.batch_size:
                     out = default_collate(batch)
                     out[POSITION_KEY] = [g, epoch, count]

@@ -57,6 +57,7 @@ def _resolve_stream(config: Config, stream: ShardStream) -> Config:
                           "autoencoder that `latentdiff encode` used), and keep latents.json beside the shards")
     data = dataclasses.replace(config.data, channels=int(meta["channels"]), size=int(meta["size"]))
     latent = dataclasses.replace(config.latent, cache=False)  # the shards are the cache
+    stream.latent_std = config.latent.sample_posterior  # False: train on μ, as the uncached path does
     return dataclasses.replace(config, data=data, latent=latent)
 
 
