@@ -354,8 +354,40 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_shard(args) -> int:
+    from .data.shards import shard_folder
+
+    if args.shard_size < 1:
+        raise CLIError(f"--shard-size must be >= 1, got {args.shard_size}")
+    written = shard_folder(args.folder, args.out, shard_size=args.shard_size)
+    print(f"wrote {len(written)} shard(s) to {args.out}")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    import torch
+
+    from .data.latent_shards import dist_env, encode_shards
+    from .data.shards import expand_urls
+    from .first_stage import load_first_stage
+
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    expand_urls(args.data)  # a missing shard is named before the autoencoder loads
+    rank, world, local = dist_env()
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    ae, _, source = load_first_stage(args.first_stage, device=device)
+    size = args.size or ae.config.resolution
+    done = encode_shards(args.data, ae, args.out, size=size, batch_size=args.batch_size, rank=rank, world_size=world,
+                         device=device, progress=not args.quiet)
+    print(f"rank {rank}/{world}: encoded {len(done['encoded'])} shard(s), {len(done['skipped'])} already done"
+          + (f"; all shards complete in {args.out}" if done["complete"] else ""))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "reconstruct": cmd_reconstruct,
-            "eval": cmd_eval, "oracle": cmd_oracle, "info": cmd_info, "recipes": cmd_recipes}
+            "eval": cmd_eval, "oracle": cmd_oracle, "info": cmd_info, "recipes": cmd_recipes, "shard": cmd_shard,
+            "encode": cmd_encode}
 
 
 def main(argv=None) -> int:

@@ -34,10 +34,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruct_parser(sub)
     _add_eval_parser(sub)
     _add_oracle_parser(sub)
+    _add_shard_parsers(sub)
     i = sub.add_parser("info", help="print the generation parameters stored in a PNG that `sample` wrote",
                        formatter_class=_fmt())
     i.add_argument("image", help="a PNG written by `latentdiff sample`")
     return p
+
+
+def _add_shard_parsers(sub) -> None:
+    h = sub.add_parser("shard", help="write an image folder as webdataset tar shards (for streamed training)",
+                       formatter_class=_fmt(), description="Copy the images of FOLDER (with their captions and labels: "
+                       "metadata.jsonl, .txt files or subfolders) into OUT/shard-000000.tar, ... and OUT/index.json.")
+    h.add_argument("folder", help="image folder")
+    h.add_argument("out", help="output folder (must not hold shards yet)")
+    h.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    e = sub.add_parser("encode", help="encode sharded images once into sharded first-stage latents",
+                       formatter_class=_fmt(), description="Encode webdataset shards with a frozen autoencoder into "
+                       "OUT/latents-*.tar (posterior mean and std + the captions). Resumes after a kill; under "
+                       "`accelerate launch` each process encodes its own shards. Train on them with data.name=shards "
+                       "data.root=OUT.")
+    e.add_argument("data", help="shards: a path, folder, glob, brace range {000..009} or pipe:COMMAND")
+    e.add_argument("--first-stage", required=True, help="autoencoder model folder or run folder")
+    e.add_argument("--out", required=True, help="output folder of the latent shards")
+    e.add_argument("--size", type=int, default=None, help="image side in pixels; default: the autoencoder's "
+                   "training resolution")
+    e.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+    e.add_argument("--quiet", action="store_true", help="no line per shard")
 
 
 def _add_train_parser(sub) -> None:

@@ -121,6 +121,10 @@ class TrainConfig(FromDict):
     log_every: int = bounded(10, lo=1)                          # steps averaged per log line (CSV, TensorBoard)
     num_workers: int = bounded(0, lo=0)                         # DataLoader worker processes; 0 = main process
     find_unused_parameters: bool = False                        # DDP: parameters without gradient (GAN phases)
+    compile: bool = False                                       # torch.compile the trained networks (first step
+                                                                # compiles; its time is printed apart)
+    compile_backend: Literal["inductor", "eager", "aot_eager"] = "inductor"  # eager: trace only (a quick check)
+    channels_last: bool = False                                 # NHWC weights/activations (GPU tensor cores, oneDNN)
     max_minutes: float = bounded(0.0, lo=0.0, hi=math.inf, hi_open=True)  # stop (with a checkpoint) before a
                                                                 # step would end past this; 0 = none; a resumed
                                                                 # run gets it anew
@@ -155,6 +159,9 @@ class SampleSection:
     prompts: list[str] | None = None                            # text models: captions drawn, cycled; null = [prompt]
     negative_prompt: str | None = None                          # text models: the unconditional branch's prompt;
                                                                 # null = ""
+    compile: bool = False                                       # torch.compile the U-Net for sampling (the first
+                                                                # batch compiles; again for each new batch shape)
+    channels_last: bool = False                                 # NHWC U-Net weights/activations
     size: tuple[int, int] | None = None                         # (H, W) of the images in pixels; null = the
                                                                 # training size; larger is sampled convolutionally
                                                                 # (LDM sec. 4.3.2)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, SampleSection, dump_config, load_config, update
+from .nn.speed import optimize, unoptimized
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError, MissingFileError, RequestError
 from .fileio import atomic_write
@@ -123,6 +124,7 @@ class Pipeline:
     def __init__(self, unet: UNet, diffusion: GaussianDiffusion, config: Config, autoencoder=None,
                  conditioner: Conditioner | None = None):
         self.unet, self.diffusion, self.config = unet.eval(), diffusion, config
+        self._fast = None  # the U-Net as sample.compile / sample.channels_last want it, made on first use
         self.conditioner = None if conditioner is None else conditioner.eval()
         if config.data.channels is None or config.data.size is None:
             raise ConfigError("pipeline config needs data.channels and data.size (a resolved config)")
@@ -282,7 +284,16 @@ class Pipeline:
     # Sampling
 
     def model_fn(self, x, t, **cond):
-        return self.unet(x, t, **cond)
+        return self._sampling_unet()(x, t, **cond)
+
+    def _sampling_unet(self):
+        """The U-Net as sample.compile / sample.channels_last ask (compiled once, on first use)."""
+        s = self.config.sample
+        if not (s.compile or s.channels_last):
+            return self.unet
+        if self._fast is None or unoptimized(self._fast) is not self.unet:
+            self._fast = optimize(self.unet, compile=s.compile, channels_last=s.channels_last)
+        return self._fast
 
     def _labels(self, labels, num: int) -> torch.Tensor | None:
         """The class of each of ``num`` samples: ``labels`` (checked by :meth:`sample_options`) cycled, or every
