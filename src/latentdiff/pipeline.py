@@ -36,6 +36,7 @@ from .folders import (  # noqa: F401  (CONFIG_FILE, WEIGHTS_FILE, FIRST_STAGE_DI
     load_model_weights,
     model_weights,
     resolve_first_stage,
+    save_sealed_model,
 )
 from .nn.autoencoder import save_autoencoder
 from .nn.conditioners import Conditioner, build_conditioner
@@ -203,19 +204,17 @@ class Pipeline:
     def save(self, path) -> Path:
         """Write a model folder: config.yaml and model.safetensors, each replaced atomically; a latent model
         also gets its first stage in ``first_stage/`` (with the latent scale), which the config then names."""
-        from safetensors.torch import save_model
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = self.config
         if self.autoencoder is not None:
             save_autoencoder(self.autoencoder, str(path / FIRST_STAGE_DIR), latent_scale=self.latent_scale)
             config = dataclasses.replace(config, latent=dataclasses.replace(config.latent, first_stage=FIRST_STAGE_DIR))
-        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_model(self.unet, tmp))
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_sealed_model(self.unet, tmp))  # sealed: see folders.py
         if self.conditioner is not None:
             if self.conditioner.tokenizer is not None:
                 self.conditioner.tokenizer.save(path / TOKENIZER_FILE)
-            atomic_write(path / CONDITIONER_FILE, lambda tmp: save_model(self.conditioner, tmp))
+            atomic_write(path / CONDITIONER_FILE, lambda tmp: save_sealed_model(self.conditioner, tmp))
         dump_config(config, path / CONFIG_FILE)
         return path
 

@@ -35,7 +35,7 @@ from ..errors import CheckpointError, MissingFileError
 from ..fileio import atomic_write, atomic_write_text
 from ..folders import AE_CONFIG_FILE as CONFIG_FILE
 from ..folders import AE_FORMAT as FORMAT
-from ..folders import WEIGHTS_FILE
+from ..folders import WEIGHTS_FILE, check_safetensors, seal_metadata, seal_safetensors
 from .quantize import VectorQuantizer
 
 REGULARIZERS = ("kl", "vq")
@@ -386,7 +386,11 @@ def save_autoencoder(autoencoder: Autoencoder, folder: str, latent_scale: float 
     scale = latent_scale if latent_scale is not None else model.latent_scale
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(os.path.join(folder, WEIGHTS_FILE), lambda p: save_file(state, p, metadata={"format": FORMAT}))
+    def write(p):
+        save_file(state, p, metadata=seal_metadata({"format": FORMAT}))
+        seal_safetensors(p)  # the file carries the sha256 of its tensors: a flipped byte is found on load
+
+    atomic_write(os.path.join(folder, WEIGHTS_FILE), write)
     meta = {"format": FORMAT, "version": 1, "config": model.config.to_dict(),
             "latent_scale": None if scale is None else float(scale)}
     data = data if data is not None else getattr(model, "training_data", None)
@@ -442,5 +446,6 @@ def load_autoencoder(folder: str, map_location: str | torch.device = "cpu") -> A
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{w_path}: non-finite values (NaN/inf) in {bad[:5]}")
+    check_safetensors(w_path)  # a flipped byte that still parses is an error naming the file, not a wrong model
     model.load_state_dict(state)
     return model.to(map_location)

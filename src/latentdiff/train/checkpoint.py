@@ -39,18 +39,20 @@ from ..errors import CheckpointError
 from ..folders import (  # noqa: F401  (finding, verifying and reading checkpoints: re-exported from here)
     LATEST_FILE,
     STATE_FILE,
+    STATE_HASH,
     checkpoint_root,
     find_resume_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_model_weights,
     sha256,
+    state_hash,
     step_name,
     verify_checkpoint,
     weights_in_checkpoint,
 )
 
-FORMAT = 1
+FORMAT = 2  # 2: state.json holds its own checksum (format 1 checkpoints still load)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,6 +203,7 @@ def _write_checkpoint(root: Path, step: int, tmp: Path, final: Path, *, models, 
         manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256(p)} for p in files}
         state = dict(train_state, format=FORMAT, step=int(step), time=time.time(),
                      ema_updates={n: e.num_updates for n, e in ema.items()}, files=manifest)
+        state[STATE_HASH] = state_hash(state)  # a flipped byte in state.json is then found, not trusted
         with open(tmp / STATE_FILE, "w") as f:
             json.dump(state, f, indent=1)
             f.flush()
