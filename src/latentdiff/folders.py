@@ -43,6 +43,7 @@ CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"                   # a checkpoint's state and file manifest, written last
 LATEST_FILE = "latest"                      # names the newest complete checkpoint (a hint; verified on use)
 SEAL_KEY = "latentdiff_data_sha256"         # safetensors metadata: sha256 of the file's tensor data
+CONFIG_SEAL_KEY = "latentdiff_config_sha256"  # and of the config file saved beside it (model folders)
 _UNSEALED = "0" * 64                        # its placeholder until seal_safetensors fills it in
 MODELS_DIR, EMA_DIR = "models", "ema"       # a checkpoint's trained and EMA weights
 
@@ -189,9 +190,28 @@ def check_file(path, rel: str, manifest: dict) -> Path:
 # Sealed weights: a safetensors file that carries the sha256 of its own tensor data
 
 
-def seal_metadata(metadata: dict | None = None) -> dict:
-    """The metadata to write a safetensors file with, before :func:`seal_safetensors` fills in the checksum."""
-    return {**(metadata or {}), SEAL_KEY: _UNSEALED}
+def seal_metadata(metadata: dict | None = None, config=None) -> dict:
+    """The metadata to write a safetensors file with, before :func:`seal_safetensors` fills in the checksum;
+    with the sha256 of the ``config`` file saved beside it, when given."""
+    out = {**(metadata or {}), SEAL_KEY: _UNSEALED}
+    if config is not None:
+        out[CONFIG_SEAL_KEY] = sha256(Path(config))
+    return out
+
+
+def check_config_seal(weights, config) -> None:
+    """Warn, naming ``config``, when it differs from the config file that ``weights`` was saved with (a hand
+    edit, or corruption that still parses: its values are validated as it is read either way)."""
+    try:
+        with open(weights, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError, struct.error, AttributeError):
+        return  # the weights' own check reports this
+    expected = meta.get(CONFIG_SEAL_KEY) if isinstance(meta, dict) else None
+    if expected is not None and Path(config).is_file() and sha256(Path(config)) != expected:
+        warnings.warn(f"{config} differs from the config {Path(weights).name} was saved with (edited by hand, or "
+                      "corrupt); its values are checked as it is read", stacklevel=3)
 
 
 def seal_safetensors(path) -> None:
@@ -210,11 +230,12 @@ def seal_safetensors(path) -> None:
         os.fsync(f.fileno())
 
 
-def save_sealed_model(model, path) -> None:
-    """Write the weights of ``model`` (an nn.Module) to the safetensors file ``path``, sealed."""
+def save_sealed_model(model, path, config=None) -> None:
+    """Write the weights of ``model`` (an nn.Module) to the safetensors file ``path``, sealed (with the sha256
+    of the ``config`` file beside it, when given)."""
     from safetensors.torch import save_model
 
-    save_model(model, str(path), metadata=seal_metadata({"format": "pt"}))
+    save_model(model, str(path), metadata=seal_metadata({"format": "pt"}, config))
     seal_safetensors(path)
 
 

@@ -30,8 +30,10 @@ from .folders import (  # noqa: F401  (CONFIG_FILE, WEIGHTS_FILE, FIRST_STAGE_DI
     CONDITIONER_FILE,
     CONFIG_FILE,
     FIRST_STAGE_DIR,
+    MODEL,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
+    check_config_seal,
     folder_kind,
     load_model_weights,
     model_weights,
@@ -210,12 +212,13 @@ class Pipeline:
         if self.autoencoder is not None:
             save_autoencoder(self.autoencoder, str(path / FIRST_STAGE_DIR), latent_scale=self.latent_scale)
             config = dataclasses.replace(config, latent=dataclasses.replace(config.latent, first_stage=FIRST_STAGE_DIR))
-        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_sealed_model(self.unet, tmp))  # sealed: see folders.py
+        dump_config(config, path / CONFIG_FILE)
+        # Sealed (folders.py): the weights carry the sha256 of their tensors and of config.yaml, checked by load.
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_sealed_model(self.unet, tmp, config=path / CONFIG_FILE))
         if self.conditioner is not None:
             if self.conditioner.tokenizer is not None:
                 self.conditioner.tokenizer.save(path / TOKENIZER_FILE)
             atomic_write(path / CONDITIONER_FILE, lambda tmp: save_sealed_model(self.conditioner, tmp))
-        dump_config(config, path / CONFIG_FILE)
         return path
 
     @classmethod
@@ -232,6 +235,8 @@ class Pipeline:
                                   "latentdiff.first_stage.load_first_stage loads it")
         if kind is None:
             raise MissingFileError(f"{path} is not a latentdiff run or model folder: no {CONFIG_FILE} in it")
+        if kind == MODEL:
+            check_config_seal(path / WEIGHTS_FILE, path / CONFIG_FILE)
         config = load_config(path / CONFIG_FILE)
         pipe = cls.from_config(config, base_dir=path, tokenizer=load_tokenizer(path, config))
         load_model_weights(pipe.unet, model_weights(path, "unet", ema=ema))
