@@ -250,6 +250,8 @@ class AutoencoderLossConfig(FromDict):
                      "max_adaptive_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AutoencoderLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.disc_start < 0:  # found by tests/test_fuzz_configs.py: a negative start silently meant "from step 0"
+            raise ValueError(f"AutoencoderLossConfig.disc_start must be >= 0, got {self.disc_start}")
 
 
 def check_autoencoder_sections(config: AutoencoderRunConfig, where: str = "config") -> AutoencoderRunConfig:

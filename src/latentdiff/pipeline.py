@@ -64,7 +64,7 @@ def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int, con
     diffusion need (out_channels doubles for a learned variance) and the inputs the conditioner feeds."""
     model = dict(config.model)
     preset = model.pop("preset", None)
-    if preset is not None and preset not in PRESETS:
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise ConfigError(f"model.preset: unknown U-Net preset {preset!r}; known: {', '.join(PRESETS)}")
     model.setdefault("in_channels", channels)
     model.setdefault("out_channels", diffusion.output_channels(channels))
