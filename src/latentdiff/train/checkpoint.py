@@ -236,7 +236,17 @@ def _torch_load(path: Path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad pickle opcode, a forbidden global ...
-        raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint file {path}: {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+    """torch.load's error in one line: for a pickle that asks for code, the refused global (nothing was run)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        why = next((ln for ln in lines[1:] if "GLOBAL" in ln or "Unsupported" in ln), lines[-1] if lines else "")
+        return f"it holds more than tensors and plain data, refused without running it ({why})"
+    return " ".join(text.split())
 
 
 def load_models(path, models: dict, *, ema: bool = False) -> None:
