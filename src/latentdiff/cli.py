@@ -29,11 +29,15 @@ class CLIError(RequestError):
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config, read_yaml
     from .recipes import find_recipe
     from .train.run import train_from_config
 
-    config = load_config(find_recipe(args.config), args.overrides)
+    path = find_recipe(args.config)
+    if not read_yaml(path):  # an empty file (or only comments) would train every default: a 10,000-step run
+        raise ConfigError(f"{path}: the config file is empty; give at least its data section "
+                          "(`latentdiff recipes` lists complete ones)")
+    config = load_config(path, args.overrides)
     result = train_from_config(config, args.out, resume=args.resume, progress=not args.quiet)
     print(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
     return 0

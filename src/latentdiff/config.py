@@ -270,6 +270,8 @@ class AutoencoderLossConfig(FromDict):
                      "max_adaptive_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AutoencoderLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.disc_start < 0:  # found by tests/test_fuzz_configs.py: a negative start silently meant "from step 0"
+            raise ValueError(f"AutoencoderLossConfig.disc_start must be >= 0, got {self.disc_start}")
 
 
 def check_autoencoder_sections(config: AutoencoderRunConfig, where: str = "config") -> AutoencoderRunConfig:
@@ -350,6 +352,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _yaml_problem(e) -> str:
+    """A YAML error in one line: what is wrong, and where (PyYAML's own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if problem is None:
+        return " ".join(str(e).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(e, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
+
+
 def read_yaml(path) -> dict:
     """The mapping in a YAML file (empty file -> {}); clear errors for a missing file or bad YAML."""
     path = Path(path)
@@ -359,7 +372,9 @@ def read_yaml(path) -> dict:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -31,12 +31,15 @@ from .folders import (  # noqa: F401  (CONFIG_FILE, WEIGHTS_FILE, FIRST_STAGE_DI
     CONDITIONER_FILE,
     CONFIG_FILE,
     FIRST_STAGE_DIR,
+    MODEL,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
+    check_config_seal,
     folder_kind,
     load_model_weights,
     model_weights,
     resolve_first_stage,
+    save_sealed_model,
 )
 from .nn.autoencoder import save_autoencoder
 from .nn.conditioners import Conditioner, build_conditioner
@@ -63,7 +66,7 @@ def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int, con
     diffusion need (out_channels doubles for a learned variance) and the inputs the conditioner feeds."""
     model = dict(config.model)
     preset = model.pop("preset", None)
-    if preset is not None and preset not in PRESETS:
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise ConfigError(f"model.preset: unknown U-Net preset {preset!r}; known: {', '.join(PRESETS)}")
     model.setdefault("in_channels", channels)
     model.setdefault("out_channels", diffusion.output_channels(channels))
@@ -235,20 +238,19 @@ class Pipeline:
     def save(self, path) -> Path:
         """Write a model folder: config.yaml and model.safetensors, each replaced atomically; a latent model
         also gets its first stage in ``first_stage/`` (with the latent scale), which the config then names."""
-        from safetensors.torch import save_model
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = self.config
         if self.autoencoder is not None:
             save_autoencoder(self.autoencoder, str(path / FIRST_STAGE_DIR), latent_scale=self.latent_scale)
             config = dataclasses.replace(config, latent=dataclasses.replace(config.latent, first_stage=FIRST_STAGE_DIR))
-        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_model(self.unet, tmp))
+        dump_config(config, path / CONFIG_FILE)
+        # Sealed (folders.py): the weights carry the sha256 of their tensors and of config.yaml, checked by load.
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_sealed_model(self.unet, tmp, config=path / CONFIG_FILE))
         if self.conditioner is not None:
             if self.conditioner.tokenizer is not None:
                 self.conditioner.tokenizer.save(path / TOKENIZER_FILE)
-            atomic_write(path / CONDITIONER_FILE, lambda tmp: save_model(self.conditioner, tmp))
-        dump_config(config, path / CONFIG_FILE)
+            atomic_write(path / CONDITIONER_FILE, lambda tmp: save_sealed_model(self.conditioner, tmp))
         return path
 
     @classmethod
@@ -265,6 +267,8 @@ class Pipeline:
                                   "latentdiff.first_stage.load_first_stage loads it")
         if kind is None:
             raise MissingFileError(f"{path} is not a latentdiff run or model folder: no {CONFIG_FILE} in it")
+        if kind == MODEL:
+            check_config_seal(path / WEIGHTS_FILE, path / CONFIG_FILE)
         config = load_config(path / CONFIG_FILE)
         pipe = cls.from_config(config, base_dir=path, tokenizer=load_tokenizer(path, config))
         load_model_weights(pipe.unet, model_weights(path, "unet", ema=ema))

@@ -39,18 +39,20 @@ from ..errors import CheckpointError
 from ..folders import (  # noqa: F401  (finding, verifying and reading checkpoints: re-exported from here)
     LATEST_FILE,
     STATE_FILE,
+    STATE_HASH,
     checkpoint_root,
     find_resume_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_model_weights,
     sha256,
+    state_hash,
     step_name,
     verify_checkpoint,
     weights_in_checkpoint,
 )
 
-FORMAT = 1
+FORMAT = 2  # 2: state.json holds its own checksum (format 1 checkpoints still load)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -201,6 +203,7 @@ def _write_checkpoint(root: Path, step: int, tmp: Path, final: Path, *, models, 
         manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256(p)} for p in files}
         state = dict(train_state, format=FORMAT, step=int(step), time=time.time(),
                      ema_updates={n: e.num_updates for n, e in ema.items()}, files=manifest)
+        state[STATE_HASH] = state_hash(state)  # a flipped byte in state.json is then found, not trusted
         with open(tmp / STATE_FILE, "w") as f:
             json.dump(state, f, indent=1)
             f.flush()
@@ -233,7 +236,17 @@ def _torch_load(path: Path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad pickle opcode, a forbidden global ...
-        raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint file {path}: {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+    """torch.load's error in one line: for a pickle that asks for code, the refused global (nothing was run)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        why = next((ln for ln in lines[1:] if "GLOBAL" in ln or "Unsupported" in ln), lines[-1] if lines else "")
+        return f"it holds more than tensors and plain data, refused without running it ({why})"
+    return " ".join(text.split())
 
 
 def load_models(path, models: dict, *, ema: bool = False) -> None:
