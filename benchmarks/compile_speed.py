@@ -7,8 +7,9 @@ Rows: for each preset (digits 1.8M at batch 32 on 16x16, cifar10 35.7M at batch 
 batch 8 on 4x16x16 latents with an 8x256 context) and mode (train = forward + backward + AdamW; infer = forward
 under no_grad), each variant of latentdiff's U-Net (eager, channels_last, torch.compile inductor) and diffusers'
 UNet2DModel / UNet2DConditionModel configured alike (eager and compiled). Every measurement runs in a fresh process
-with a fresh inductor cache (so the compile time is a cold one), reported apart from the steady step; ratios are to
-diffusers eager and diffusers compiled of the same row. The float32 matmul peak of the same thread count is measured
+with a fresh inductor cache (so the compile time is a cold one), reported apart from the steady step; ``--repeats``
+measurements per row in alternating order; ratios (median and best step) are to diffusers eager and diffusers
+compiled of the same row. The float32 matmul peak of the same thread count is measured
 in the same run, and the training step's FLOPs (FlopCounterMode, ours) give the fraction of that peak reached.
 """
 
@@ -171,6 +172,7 @@ def main():
     p.add_argument("--variants", default="eager,channels_last,compiled")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=2, help="measurements per row, alternating the order")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.worker:
@@ -181,33 +183,38 @@ def main():
           f"{os.getloadavg()[0]:.2f}; float32 matmul peak {peak:.1f} GFLOP/s", flush=True)
     variants = args.variants.split(",")
     theirs_variants = [v for v in ("eager", "compiled") if v in variants] or ["eager"]
+    order = [("diffusers", v) for v in theirs_variants] + [("latentdiff", v) for v in variants]
     rows = []
     for name in args.models.split(","):
         flops = step_flops(name)
         for mode in args.modes.split(","):
-            res = {}
-            for impl, vs in (("diffusers", theirs_variants), ("latentdiff", variants)):
-                for v in vs:
-                    res[(impl, v)] = run_worker(args, impl, name, mode, v)
-                    r = res[(impl, v)]
-                    print(f"  {name} {mode} {impl} {v}: {r['sec']:.3f} s/step, first {r['first']:.1f} s", flush=True)
+            runs = {k: [] for k in order}
+            for r in range(args.repeats):  # the order flips every repeat: a slow spell of the machine hits both
+                for key in order if r % 2 == 0 else order[::-1]:
+                    runs[key].append(run_worker(args, key[0], name, mode, key[1]))
+                    x = runs[key][-1]
+                    print(f"  {name} {mode} {key[0]} {key[1]}: {x['sec']:.3f} s/step (best {x['best']:.3f}), first "
+                          f"{x['first']:.1f} s", flush=True)
+            res = {k: dict(v[0], sec=statistics.median(x["sec"] for x in v), best=min(x["best"] for x in v),
+                           compile_s=statistics.median(x["compile_s"] for x in v)) for k, v in runs.items()}
             rows.append((name, mode, flops, res))
-    print(f"{'model':10} {'mode':5} {'variant':14} | {'img/s':>8} {'vs diffusers eager':>18} "
-          f"{'vs diffusers compiled':>21} | {'compile s':>9} | {'% of matmul peak':>16}")
+    print("img/s from the median step; 'best' ratios from the fastest step of all repeats (load only adds time)")
+    print(f"{'model':10} {'mode':5} {'variant':24} | {'img/s':>8} {'/diff eager':>11} {'best':>5} "
+          f"{'/diff compiled':>14} {'best':>5} | {'compile s':>9} | {'% matmul peak':>13}")
     for name, mode, flops, res in rows:
-        base = res[("diffusers", "eager")]["img_s"]
-        comp = res.get(("diffusers", "compiled"))
+        base, comp = res[("diffusers", "eager")], res.get(("diffusers", "compiled"))
+        batch = MODELS[name][0]
         for (impl, v), r in res.items():
-            vs_comp = f"{r['img_s'] / comp['img_s']:21.2f}" if comp else f"{'':21}"
-            frac = f"{flops / r['sec'] / 1e9 / peak:16.0%}" if mode == "train" else f"{'':16}"
-            print(f"{name:10} {mode:5} {impl[:4] + ' ' + v:14} | {r['img_s']:8.2f} {r['img_s'] / base:18.2f} "
-                  f"{vs_comp} | {r['compile_s']:9.1f} | {frac}")
+            vs_comp = f"{comp['sec'] / r['sec']:14.2f} {comp['best'] / r['best']:5.2f}" if comp else f"{'':20}"
+            frac = f"{flops / r['best'] / 1e9 / peak:13.0%}" if mode == "train" else f"{'':13}"
+            print(f"{name:10} {mode:5} {impl + ' ' + v:24} | {batch / r['sec']:8.2f} {base['sec'] / r['sec']:11.2f} "
+                  f"{base['best'] / r['best']:5.2f} {vs_comp} | {r['compile_s']:9.1f} | {frac}")
         po, pt = res[("latentdiff", variants[0])]["params"], res[("diffusers", "eager")]["params"]
         print(f"{'':10} parameters latentdiff {po / 1e6:.2f}M, diffusers {pt / 1e6:.2f}M")
     if args.json:
-        Path(args.json).write_text(json.dumps([{"model": n, "mode": m, "flops": f,
-                                                "rows": {f"{i} {v}": r for (i, v), r in res.items()}}
-                                               for n, m, f, res in rows], indent=1))
+        Path(args.json).write_text(json.dumps({"matmul_peak_gflops": peak, "rows": [
+            {"model": n, "mode": m, "flops": f, "rows": {f"{i} {v}": r for (i, v), r in res.items()}}
+            for n, m, f, res in rows]}, indent=1))
 
 
 if __name__ == "__main__":
