@@ -1,6 +1,7 @@
-"""DDP with 2 CPU processes (gloo) started by `accelerate launch`: latent text-to-image on streamed latent shards
-and the autoencoder's GAN objective end with the same weights as one process with the whole batch (for the stream:
-one process with 2 loader workers and 2 accumulation steps, which reads the same shards in the same order)."""
+"""DDP with 2 CPU processes (gloo) started by `accelerate launch --config_file docs/accelerate/cpu_two_processes.yaml`:
+latent text-to-image on streamed latent shards and the autoencoder's GAN objective end with the same weights as one
+process with the whole batch (for the stream: one process with 2 loader workers and 2 accumulation steps, which reads
+the same shards in the same order). The accelerate configs of docs/scaling.md parse."""
 
 import os
 import subprocess
@@ -37,8 +38,8 @@ def _final(run: Path, name: str) -> dict:
 def test_two_processes_equal_one(root, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(TESTS.parent / "src"), str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    config = TESTS.parent / "docs" / "accelerate" / "cpu_two_processes.yaml"  # the config docs/scaling.md gives
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
                            str(TESTS / "helpers" / "ddp_launch_script.py"), str(root), str(tmp_path / "ddp")],
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "launched: world=2 backend=gloo" in proc.stdout, proc.stdout + proc.stderr[-3000:]
@@ -48,3 +49,15 @@ def test_two_processes_equal_one(root, tmp_path):
             a, b = _final(tmp_path / "ddp" / run, name), _final(tmp_path / "one" / run, name)
             worst = max(float((a[k] - b[k]).abs().max()) for k in a)
             assert worst < 1e-5, f"{run}/{name}: 2 processes differ from 1 by {worst}"
+
+
+@pytest.mark.parametrize("name,kind,processes,machines", [
+    ("one_gpu", "NO", 1, 1), ("eight_gpus", "MULTI_GPU", 8, 1), ("two_nodes_fsdp", "FSDP", 16, 2),
+    ("cpu_two_processes", "MULTI_GPU", 2, 1)])
+def test_the_accelerate_configs_of_the_docs_parse(name, kind, processes, machines):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    c = load_config_from_file(str(TESTS.parent / "docs" / "accelerate" / f"{name}.yaml"))
+    assert (str(c.distributed_type).split(".")[-1], c.num_processes, c.num_machines) == (kind, processes, machines)
+    if kind == "FSDP":
+        assert c.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"

@@ -14,7 +14,7 @@ from latentdiff.train import train
 from latentdiff.train.loop import _check_distributed_type
 
 from helpers.train_tiny import ToyImages, make_objective
-from test_text_to_image import ROOT
+from test_text_to_image import ROOT, _cache_dir, first_stage, text_run, text_yaml  # noqa: F401
 
 BASE = dict(steps=3, batch_size=8, lr=1e-3, checkpoint_every=0, log_every=1, ema_decay=0.0, seed=0,
             mixed_precision="no")
@@ -78,3 +78,19 @@ def test_fsdp_is_refused_with_a_clear_error():
     with pytest.raises(ConfigError, match="FSDP.*--multi_gpu"):
         _check_distributed_type(SimpleNamespace(distributed_type="DistributedType.FSDP"))
     _check_distributed_type(SimpleNamespace(distributed_type="DistributedType.MULTI_CPU"))
+
+
+def test_repeated_prompts_are_encoded_once(text_run):
+    from latentdiff.pipeline import load
+
+    pipe = load(text_run)
+    calls = []
+    inner = pipe.conditioner.forward
+    pipe.conditioner.forward = lambda batch: calls.append(list(batch["prompt"])) or inner(batch)
+    prompts = ["a red circle at the top left", "a blue square in the centre"]
+    images = pipe.sample(6, prompts=prompts, guidance=2.0, steps=2, batch_size=2, output="tensor")
+    assert sorted(map(tuple, calls)) == sorted([("",), (prompts[0],), (prompts[1],)])  # 3 batches, each once
+    pipe._prompt_cache.clear()
+    pipe.conditioner.forward = inner
+    again = pipe.sample(6, prompts=prompts, guidance=2.0, steps=2, batch_size=3, output="tensor")
+    torch.testing.assert_close(again, images, atol=1e-5, rtol=1e-4)  # the batch size changes nothing

@@ -128,6 +128,7 @@ class Pipeline:
                  conditioner: Conditioner | None = None):
         self.unet, self.diffusion, self.config = unet.eval(), diffusion, config
         self._fast = None  # the U-Net as sample.compile / sample.channels_last want it, made on first use
+        self._prompt_cache: dict[str, dict] = {}  # prompt -> τ_θ(prompt), (1, L, D) per key (text models)
         self.conditioner = None if conditioner is None else conditioner.eval()
         if config.data.channels is None or config.data.size is None:
             raise ConfigError("pipeline config needs data.channels and data.size (a resolved config)")
@@ -212,6 +213,7 @@ class Pipeline:
         for net in (self.unet, self.autoencoder, self.conditioner):
             if net is not None:
                 net.to(device)
+        self._prompt_cache.clear()
         return self
 
     @torch.no_grad()
@@ -328,6 +330,9 @@ class Pipeline:
         if self.spatial is not None:
             rows = {k: _rows(v, start, n) for k, v in conditions.items()}
             batch["concat"] = self.spatial.make(rows, encode=self.encode).to(self.device)
+        elif self.takes_prompts:  # text alone: τ_θ of each distinct prompt once (encode_prompts' cache)
+            negative = [s.negative_prompt or ""] * n
+            return self.encode_prompts(batch["prompt"]), (self.encode_prompts(negative) if guided else None)
         cond = self.conditioner(batch)
         if not guided:
             return cond, None
@@ -335,6 +340,19 @@ class Pipeline:
         if self.takes_prompts:
             null["prompt"] = [s.negative_prompt or ""] * n
         return cond, self.conditioner(null)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], cache_size: int = 4096) -> dict:
+        """τ_θ of each prompt (U-Net keyword arguments, batched), each distinct prompt encoded once and cached: a
+        sampling run repeats its prompts in every batch, and the negative prompt in every one. Prompts not yet
+        cached are encoded one at a time, so a prompt's encoding never depends on the others of its batch. Code that
+        changes the conditioner's weights in place clears ``_prompt_cache`` (``to`` does)."""
+        for p in dict.fromkeys(prompts):
+            if p not in self._prompt_cache:
+                if len(self._prompt_cache) >= cache_size:
+                    self._prompt_cache.clear()
+                self._prompt_cache[p] = self.conditioner({"prompt": [p]})
+        return {k: torch.cat([self._prompt_cache[p][k] for p in prompts]) for k in self._prompt_cache[prompts[0]]}
 
     def _warn_ill_conditioned_start(self, opts: dict) -> None:
         if self.autoencoder is None:  # pixel models have clip_x0 for this
