@@ -372,12 +372,15 @@ class Pipeline:
         sampler: str | None = None,  # a name of latentdiff.samplers.SAMPLERS; None = the config's
         steps: int | None = None,   # network evaluations grid; None = the config's
         guidance: float | None = None,  # classifier-free guidance scale s (1 = none); None = the config's
-        seed: int | None = None,    # sample i uses seed + i whatever the batch; None = the config's
+        seed=None,                  # int: sample i uses seed + i whatever the batch; a list: one seed per sample;
+                                    # None = the config's
         batch_size: int | None = None,
         size=None,                  # (H, W) in pixels; None = the training size; larger is sampled convolutionally
         output: str = "pil",        # "pil" (list of images) or "tensor" ((N, C, H, W) in [-1, 1])
         progress: bool = False,
         model_fn=None,              # the network call; None = self.model_fn (pass a wrapper of it to count calls)
+        callback=None,              # callback(start, i, t, x, x0_hat) after step i of the batch of samples start..;
+                                    # x0_hat is in the diffusion's space (latents for latent models); raise to stop
         conditions: dict | None = None,  # spatial models: the condition's fields (e.g. {"segmentation": (N|1, H, W)}),
                                     # N rows or 1 shared; the image size follows them unless ``size`` is given
         **options,                  # further options of latentdiff.samplers.sample (eta, spacing, karras, ...)
@@ -387,9 +390,15 @@ class Pipeline:
         if output not in ("pil", "tensor"):
             raise RequestError(f"output must be 'pil' or 'tensor', got {output!r}")
         routed = ("eta", "spacing", "offset", "karras", "clip_x0", "guidance_rescale")  # sample-section options
+        seeds = None
+        if isinstance(seed, (list, tuple)):  # one seed per sample (a server batching several requests)
+            seeds, seed = [int(v) for v in seed], (int(seed[0]) if seed else None)
         s = self.sample_options(num=num, prompts=prompts, negative_prompt=negative_prompt, labels=labels,
                                 sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                                 size=size, **{k: v for k, v in options.items() if k in routed})
+        if seeds is not None and len(seeds) != s.num:
+            raise RequestError(f"got {len(seeds)} seeds for {s.num} samples; give one seed per sample or one int")
+        seeds = seeds or [s.seed + i for i in range(s.num)]
         conditions = self._spatial_inputs(conditions, s.num)
         if conditions is not None and s.size is None:
             implied = self.spatial.image_size(conditions)
@@ -412,10 +421,10 @@ class Pipeline:
             n = min(s.batch_size, s.num - start)
             noise = torch.empty(n, *shape, device=self.device)
             cond, uncond = self._conditions(s, y, conditions, start, n)
-            cb = (lambda i, t, x, x0, n=n: bar.update(n)) if bar is not None else None  # n bound per batch
+            cb = _step_callback(bar, callback, start, n)
             x = run_sampler(
                 model_fn, noise, diffusion=self.diffusion, sampler=s.sampler, steps=s.steps,
-                seed=[s.seed + start + i for i in range(n)], guidance_scale=s.guidance, uncond=uncond, callback=cb,
+                seed=seeds[start : start + n], guidance_scale=s.guidance, uncond=uncond, callback=cb,
                 **opts, **cond,
             )
             if self.autoencoder is not None:
@@ -509,6 +518,21 @@ def _rows(value, start: int, n: int):
     if len(value) == 1:
         return value.expand(n, *value.shape[1:]) if torch.is_tensor(value) else list(value) * n
     return value[start : start + n]
+
+
+def _step_callback(bar, callback, start: int, n: int):
+    """The sampler's ``callback(i, t, x, x0)`` for the batch of samples start..start+n-1: advances the progress bar
+    by n and calls the user's ``callback(start, i, t, x, x0)``; None when there is neither."""
+    if bar is None and callback is None:
+        return None
+
+    def step(i, t, x, x0):
+        if bar is not None:
+            bar.update(n)
+        if callback is not None:
+            callback(start, i, t, x, x0)
+
+    return step
 
 
 def _built(section: str, build, *args):
