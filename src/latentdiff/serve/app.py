@@ -265,10 +265,10 @@ def _open_image(key: str, data: bytes, limits: Limits):
 
 
 def _named_field(message: str) -> str:
-    """The request field a model's error message names (its first word before ':', else a known option name)."""
-    head = message.split(":", 1)[0].strip()
-    if head in GenerateRequest.model_fields or head in ("init_image", "mask"):
-        return head
+    """The request field a model's error message names (its first word, else the first option name in it)."""
+    first = re.match(r"\w+", message)
+    if first and (first[0] in GenerateRequest.model_fields or first[0] in ("init_image", "mask", "segmentation")):
+        return first[0]
     for name in ("prompt", "label", "guidance", "sampler", "steps", "size", "seed", "eta", "layout", "class"):
         if name in message:
             return "label" if name == "class" else name
