@@ -211,7 +211,8 @@ def test_a_failed_job_reports_its_error_and_frees_its_slot(serve):
     job = wait_job(client, client.post("/api/generate", json={"prompt": "a red circle"}).json()["id"])
     assert job["state"] == "failed" and "the network broke" in job["error"]
     del models["text"].pipe.model_fn
-    assert wait_job(client, client.post("/api/generate", json={"prompt": "a red circle"}).json()["id"])["state"] == "done"
+    again = client.post("/api/generate", json={"prompt": "a red circle"}).json()["id"]
+    assert wait_job(client, again)["state"] == "done"
     assert len(list(out.iterdir())) == 1
 
 
@@ -249,7 +250,8 @@ def test_limits_are_400s(serve):
     r = client.post("/api/generate", data={"params": json.dumps({"prompt": "a red circle"})},
                     files={"init_image": ("big.png", png_bytes(noise), "image/png")})
     assert r.status_code == 400 and "upload 'init_image' exceeds" in r.json()["detail"]
-    r = client.post("/api/generate", data={"params": "{}"}, files={"init_image": ("x.png", b"not an image", "image/png")})
+    r = client.post("/api/generate", data={"params": "{}"},
+                    files={"init_image": ("x.png", b"not an image", "image/png")})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "init_image"]
 
 

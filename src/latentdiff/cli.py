@@ -374,8 +374,14 @@ def cmd_serve(args) -> int:
     app = create_app(models, out_dir=args.out, limits=limits, token=args.token, grace=args.grace)
     print(f"loaded {len(models)} model(s) in {time.perf_counter() - t0:.2f} s; serving on "
           f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    # uvicorn shuts down on SIGTERM (the lifespan finishes or cancels the jobs), then raises the signal again for
+    # the handler found before it started: this one, so that a clean shutdown exits with status 0.
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
                 timeout_graceful_shutdown=max(1, int(args.grace)))
+    print("latentdiff serve: stopped", file=sys.stderr)
     return 0
 
 

@@ -74,13 +74,14 @@ class RequestLog:
             log.info("%s %s %d %.1f ms", scope["method"], scope["path"], status[0], 1e3 * (time.perf_counter() - t0))
 
 
-def create_app(models: list[ServedModel], *, out_dir, limits: Limits = Limits(), token: str | None = None,
+def create_app(models: list[ServedModel], *, out_dir, limits: Limits | None = None, token: str | None = None,
                grace: float = 10.0) -> FastAPI:
     """The application serving ``models`` (loaded already; see :func:`latentdiff.serve.load_models`), writing
     images into ``out_dir``. ``token``: every API call must carry it (``Authorization: Bearer T``, ``X-Token: T``
     or ``?token=T``). ``grace``: seconds that running jobs get to finish at shutdown before they are cancelled."""
     if not models:
         raise ValueError("create_app needs at least one model")
+    limits = limits or Limits()
     served = {m.name: m for m in models}
     scheduler = Scheduler(served, Path(out_dir), max_queue=limits.max_queue, max_batch=limits.max_images)
 
