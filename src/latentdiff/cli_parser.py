@@ -217,7 +217,8 @@ def _add_serve_parser(sub) -> None:
                        description="Serve models on a web page (prompt, class, conditions, image to image, inpainting "
                        "mask, live preview, gallery) and an HTTP API (docs/serve.md). Binds to 127.0.0.1; another "
                        "address needs --token, which every API call must then carry.")
-    v.add_argument("models", nargs="+", metavar="MODEL", help="run or model folders (each served under its folder name)")
+    v.add_argument("models", nargs="+", metavar="MODEL",
+                   help="run or model folders (each served under its folder name)")
     v.add_argument("--host", default="127.0.0.1", help="address to bind; other than localhost needs --token")
     v.add_argument("--port", type=int, default=7860, help="port to bind (0: any free port)")
     v.add_argument("--token", default=None, help="a secret every API call must carry (Authorization: Bearer T, "
