@@ -70,6 +70,17 @@ class Gate:
     def open(self):
         self.released.set()
 
+    def open_when(self, condition):
+        """Open from another thread once ``condition()`` holds."""
+
+        def watch():
+            deadline = time.monotonic() + TIMEOUT
+            while not condition() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.open()
+
+        threading.Thread(target=watch, daemon=True).start()
+
 
 def wait_job(client, job_id, states=("done", "failed", "cancelled")):
     deadline = time.monotonic() + TIMEOUT
@@ -144,8 +155,11 @@ def test_generate_poll_and_png_equal_the_python_api(serve, tmp_path):
 
 
 def test_events_stream_progress_previews_and_the_result(serve):
-    client, _, _ = serve("text")
+    client, models, _ = serve("text")
+    gate = Gate(models["text"])
     job_id = client.post("/api/generate", json={"prompt": "a blue square", "steps": 12, "seed": 1}).json()["id"]
+    job = client.app.state.scheduler.jobs[job_id]
+    gate.open_when(lambda: job.listeners > 0)  # previews are made only while someone follows the events
     with client.stream("GET", f"/api/jobs/{job_id}/events") as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         text = "".join(stream.iter_text())
@@ -155,9 +169,13 @@ def test_events_stream_progress_previews_and_the_result(serve):
     assert kinds[0] == "state" and events[0][1]["state"] == "queued"
     assert [d["step"] for k, d in events if k == "progress"] == list(range(1, 13))
     previews = [d for k, d in events if k == "preview"]
-    assert [d["step"] for d in previews] == [2, 4, 6, 8, 10]  # every total/6 steps, not the last
+    assert [d["step"] for d in previews] == [2, 4, 6, 8, 10]  # every total/5 steps, not the last
     assert previews[0]["image"].startswith("data:image/png;base64,")
     assert events[-1][0] == "state" and events[-1][1]["state"] == "done" and len(events[-1][1]["images"]) == 1
+    assert job.listeners == 0
+    polled = client.post("/api/generate", json={"prompt": "a blue square", "steps": 12}).json()["id"]
+    wait_job(client, polled)
+    assert not [e for e in client.app.state.scheduler.jobs[polled].events if e["event"] == "preview"]
 
 
 def test_equal_settings_are_batched_and_each_image_keeps_its_seed(serve, tmp_path):

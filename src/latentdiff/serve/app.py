@@ -175,6 +175,16 @@ def create_app(models: list[ServedModel], *, out_dir, limits: Limits | None = No
         job = find_job(job_id)
 
         async def stream():
+            job.listeners += 1
+            try:
+                async for chunk in _events(job):
+                    yield chunk
+                    if await request.is_disconnected():
+                        return
+            finally:
+                job.listeners -= 1
+
+        async def _events(job):
             seen, last = 0, time.monotonic()
             while True:
                 new = job.events[seen:]
@@ -184,8 +194,6 @@ def create_app(models: list[ServedModel], *, out_dir, limits: Limits | None = No
                     yield f"event: {ev['event']}\ndata: {json.dumps(data)}\n\n"
                     last = time.monotonic()
                 if job.state in FINAL and seen >= len(job.events):
-                    return
-                if await request.is_disconnected():
                     return
                 if time.monotonic() - last > HEARTBEAT_S:
                     yield ": heartbeat\n\n"

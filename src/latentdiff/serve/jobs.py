@@ -32,7 +32,7 @@ log = logging.getLogger("latentdiff.serve")
 
 QUEUED, RUNNING, DONE, FAILED, CANCELLED = "queued", "running", "done", "failed", "cancelled"
 FINAL = (DONE, FAILED, CANCELLED)
-PREVIEWS = 6            # x̂_0 previews per job (every total/6 steps)
+PREVIEWS = 5            # x̂_0 previews per job (every total/5 steps), made only while someone follows its events
 KEEP_FINISHED = 1000    # finished jobs remembered for GET /api/jobs/{id}
 
 
@@ -55,6 +55,7 @@ class Job:
     batch: int = 1                      # images drawn in the batch this job ran in
     events: list[dict] = field(default_factory=list)
     cancel_requested: bool = False
+    listeners: int = 0                  # open event streams; previews are decoded only while there is one
 
     @property
     def total(self) -> int:
@@ -229,8 +230,8 @@ class Worker(threading.Thread):
                 raise Cancelled
             step = i + 1
             preview = None
-            if step % every == 0 and step < total:
-                preview = pipe.decode(x0)  # x̂_0 in pixels
+            if step % every == 0 and step < total and any(job.listeners for job in batch):
+                preview = pipe.decode(x0)  # x̂_0 in pixels (a first-stage decode for latent models)
             with sched.lock:
                 for job, a, b in rows:
                     job.step = step
@@ -287,8 +288,8 @@ def merge_plans(plans: list[Plan]) -> dict:
     return kwargs
 
 
-def preview_data_url(images: torch.Tensor, max_side: int = 256) -> str:
-    """(N, C, H, W) in [-1, 1] -> a PNG data URL of the images side by side (nearest-upscaled when small)."""
+def preview_data_url(images: torch.Tensor) -> str:
+    """(N, C, H, W) in [-1, 1] -> a PNG data URL of the images side by side (the page scales it up)."""
     from PIL import Image
 
     pils = to_pil(images.float().cpu())
@@ -296,9 +297,6 @@ def preview_data_url(images: torch.Tensor, max_side: int = 256) -> str:
     strip = Image.new(pils[0].mode, (w * len(pils), h))
     for k, im in enumerate(pils):
         strip.paste(im, (k * w, 0))
-    scale = max(1, max_side // max(w, h))
-    if scale > 1:
-        strip = strip.resize((strip.width * scale, strip.height * scale), Image.NEAREST)
     buf = io.BytesIO()
     strip.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
