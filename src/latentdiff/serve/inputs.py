@@ -9,15 +9,16 @@ page input             Pipeline.sample argument
 =====================  ====================================================================================
 prompt, negative       ``prompts`` (one per image), ``negative_prompt``
 class picker           ``labels`` (one per image)
-spatial condition      ``conditions[field]``: a class-id map (segmentation), an image (low-res), a layout
-image + strength       ``init_image`` (encoded by the first stage), ``strength`` (SDEdit, samplers/editing.py)
-image + painted mask   ``known`` (the encoded image) and ``mask`` (1 = keep, on the diffusion's grid):
-                       training-free RePaint masked sampling, for every model
+layout editor          ``layouts`` (models with ``Pipeline.takes_layouts``)
+spatial condition      ``conditions[field]``: a class-id map (segmentation), an image (low-res)
+image + strength       ``init_image``, ``strength`` (SDEdit; latent models encode the image)
+image + painted mask   a model trained to inpaint (fields "image" and "mask"): ``conditions``; any other
+                       model: ``init_image`` and ``mask`` (training-free RePaint masked sampling)
 sampler, steps, ...    ``sampler``, ``steps``, ``guidance``, ``eta``, ``seed`` (one per image), ``size``
 =====================  ====================================================================================
 
-A spatial condition's field name picks its page input in :data:`FIELD_INPUTS`; a model trained for a task
-(layout, low-res image, inpainting) lists its fields in ``Pipeline.condition_fields``.
+A spatial condition's field name picks its page input in :data:`FIELD_INPUTS`; the fields a model needs at
+sampling are ``Pipeline.sample_fields`` where the pipeline has it, else ``Pipeline.condition_fields``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import RequestError
 from ..pipeline import Pipeline
@@ -37,9 +37,11 @@ from ..samplers import RESAMPLING_SAMPLERS, SAMPLERS
 from .schema import GenerateRequest, Limits
 
 # A spatial condition's field -> the page input that fills it: "class_map" (a PNG of class ids), "image" (an
-# uploaded image, e.g. the low-resolution one), "layout" (the layout editor: boxes with a shape and a colour).
-FIELD_INPUTS = {"segmentation": "class_map", "layout": "layout", "low_res": "image", "lowres": "image"}
+# uploaded image, e.g. the low-resolution one), "inpaint" (the uploaded image or the painted mask of a model
+# trained to inpaint: the page's image and mask canvas fill them).
+FIELD_INPUTS = {"segmentation": "class_map", "low_res": "image", "image": "inpaint", "mask": "inpaint"}
 EDIT_UPLOADS = ("init_image", "mask")       # the uploads every model takes: img2img source / inpainting image, mask
+INPAINT_FIELDS = ("image", "mask")          # the sample fields of a model trained to inpaint
 DEFAULT_STRENGTH = 0.75                     # img2img strength when an image comes without a mask or a strength
 
 
@@ -72,9 +74,24 @@ def guidance_allowed(pipe: Pipeline) -> bool:
     return pipe.conditioning is not None or bool(pipe.conditioner is not None and pipe.conditioner.config.drop_concat)
 
 
+def sample_fields(pipe: Pipeline) -> tuple[str, ...]:
+    """The spatial condition's fields that sampling needs."""
+    return tuple(getattr(pipe, "sample_fields", pipe.condition_fields))
+
+
+def trained_inpainting(pipe: Pipeline) -> bool:
+    """Whether the model is trained to inpaint (its condition takes the image and the mask)."""
+    return set(INPAINT_FIELDS) <= set(sample_fields(pipe))
+
+
+def takes_layouts(pipe: Pipeline) -> bool:
+    return bool(getattr(pipe, "takes_layouts", False))
+
+
 def upload_fields(pipe: Pipeline) -> tuple[str, ...]:
-    """The multipart file fields a request for ``pipe`` may carry."""
-    return EDIT_UPLOADS + tuple(f for f in pipe.condition_fields if FIELD_INPUTS.get(f, "image") != "layout")
+    """The multipart file fields a request for ``pipe`` may carry: init_image and mask, and the uploads of its
+    spatial condition (a trained inpainting model takes its image and mask as init_image and mask)."""
+    return EDIT_UPLOADS + tuple(f for f in sample_fields(pipe) if FIELD_INPUTS.get(f) != "inpaint")
 
 
 def describe(model: ServedModel, limits: Limits) -> dict:
@@ -82,7 +99,7 @@ def describe(model: ServedModel, limits: Limits) -> dict:
     pipe = model.pipe
     s = pipe.config.sample
     channels, height, width = pipe.image_shape
-    conditions = {f: FIELD_INPUTS.get(f, "image") for f in pipe.condition_fields}
+    conditions = {f: FIELD_INPUTS.get(f, "image") for f in sample_fields(pipe) if FIELD_INPUTS.get(f) != "inpaint"}
     info = {
         "name": model.name,
         "conditioning": pipe.conditioning,
@@ -93,9 +110,10 @@ def describe(model: ServedModel, limits: Limits) -> dict:
             "negative_prompt": pipe.takes_prompts,
             "classes": pipe.num_classes,
             "conditions": conditions,
+            "layout": takes_layouts(pipe),
             "guidance": guidance_allowed(pipe),
-            "init_image": True,
-            "inpaint": "repaint",
+            "init_image": not trained_inpainting(pipe),
+            "inpaint": "trained" if trained_inpainting(pipe) else "repaint",
         },
         "samplers": sorted(SAMPLERS),
         "resampling_samplers": list(RESAMPLING_SAMPLERS),
@@ -110,7 +128,7 @@ def describe(model: ServedModel, limits: Limits) -> dict:
         "limits": {"max_steps": limits.max_steps, "max_images": limits.max_images, "max_size": limits.max_size,
                    "max_upload_bytes": limits.max_upload_bytes},
     }
-    if "layout" in conditions.values():
+    if takes_layouts(pipe):
         from ..data.shapes import COLOURS, SHAPES
 
         info["layout_vocabulary"] = {"shapes": list(SHAPES), "colours": list(COLOURS)}
@@ -156,13 +174,17 @@ def class_map(image, name: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image).astype(np.int64))[None]
 
 
-def _condition(pipe: Pipeline, field_name: str, req: GenerateRequest, uploads: dict):
+def _condition(pipe: Pipeline, field_name: str, req: GenerateRequest, uploads: dict, size):
     """The value of the spatial condition's field ``field_name`` from the request or its upload (one shared row)."""
     kind = FIELD_INPUTS.get(field_name, "image")
-    if kind == "layout":
-        if not req.layout:
-            raise RequestError(f"this model is conditioned on a layout: give {field_name!r}, a list of objects")
-        return [[obj.model_dump() for obj in req.layout]]
+    if kind == "inpaint":  # a model trained to inpaint: the image and the painted mask (1 = fill)
+        upload = {"image": "init_image"}.get(field_name, field_name)
+        if upload not in uploads:
+            raise RequestError(f"{upload}: this model inpaints; upload the image as 'init_image' and the mask as "
+                               "'mask' (white = fill)")
+        if field_name == "mask":
+            return fill_mask(uploads[upload], size)
+        return image_tensor(uploads[upload], pipe.image_shape[0], size)
     if field_name not in uploads:
         raise RequestError(f"this model is conditioned on {field_name!r}: upload it as the file field {field_name!r}")
     if kind == "class_map":
@@ -183,17 +205,24 @@ def sample_arguments(model: ServedModel, req: GenerateRequest, uploads: dict, *,
     extra = sorted(set(uploads) - set(allowed))
     if extra:
         raise RequestError(f"unexpected upload(s) {extra}; this model takes {list(allowed)}")
-    if req.layout is not None and "layout" not in [FIELD_INPUTS.get(f) for f in pipe.condition_fields]:
+    if req.layout is not None and not takes_layouts(pipe):
         raise RequestError("layout: this model takes no layout")
-    conditions = {f: _condition(pipe, f, req, uploads) for f in pipe.condition_fields}
+    if takes_layouts(pipe) and not req.layout:
+        raise RequestError("layout: this model is conditioned on a layout: give a list of objects")
     s = pipe.sample_options(num=req.num, prompts=req.prompt, negative_prompt=req.negative_prompt, labels=req.label,
                             sampler=req.sampler, steps=req.steps, guidance=req.guidance, eta=req.eta, seed=seed,
                             size=req.size, batch_size=req.num)
     size = tuple(s.size) if s.size is not None else None
-    if size is None and pipe.spatial is not None:
+    fields = sample_fields(pipe)
+    # Conditions that imply the size (a map) first, then those resized to it (the inpainting image and mask).
+    conditions = {f: _condition(pipe, f, req, uploads, None) for f in fields if FIELD_INPUTS.get(f) != "inpaint"}
+    if size is None and pipe.spatial is not None and conditions:
         size = pipe.spatial.image_size(conditions)
     size = size or tuple(pipe.image_shape[1:])
-    edits, flags = _edits(pipe, req, uploads, size, seed)
+    conditions.update({f: _condition(pipe, f, req, uploads, size) for f in fields if FIELD_INPUTS.get(f) == "inpaint"})
+    edits, flags = _edits(pipe, req, uploads, size) if not trained_inpainting(pipe) else ({}, {})
+    if trained_inpainting(pipe):
+        flags = {"init_image": True, "mask": True, "masked_fraction": round(float(conditions["mask"].mean()), 4)}
     n = s.num
     kwargs = {"num": n, "negative_prompt": s.negative_prompt, "sampler": s.sampler, "steps": s.steps,
               "guidance": s.guidance, "eta": s.eta, "seed": [s.seed + i for i in range(n)], "size": s.size,
@@ -211,6 +240,8 @@ def sample_arguments(model: ServedModel, req: GenerateRequest, uploads: dict, *,
         if req.layout:
             p["layout"] = [obj.model_dump() for obj in req.layout]
         params.append(p)
+    if req.layout:
+        kwargs["layouts"] = [[obj.model_dump() for obj in req.layout]]
     if s.prompts is not None:
         kwargs["prompts"] = [p["prompt"] for p in params]
     if labels is not None:
@@ -224,9 +255,9 @@ def sample_arguments(model: ServedModel, req: GenerateRequest, uploads: dict, *,
     return Plan(kwargs=kwargs, params=params, total=total, batch_key=key, uploads=sorted(uploads))
 
 
-def _edits(pipe: Pipeline, req: GenerateRequest, uploads: dict, size, seed: int) -> tuple[dict, dict]:
-    """img2img and inpainting inputs on the diffusion's grid (latent models: through the first stage), and the
-    flags that the PNG records."""
+def _edits(pipe: Pipeline, req: GenerateRequest, uploads: dict, size) -> tuple[dict, dict]:
+    """Image-to-image and training-free inpainting: ``init_image`` (resized to the output size), ``strength`` and
+    ``mask`` (1 = generate) for ``Pipeline.sample``, and the flags that the PNG records."""
     image, mask = uploads.get("init_image"), uploads.get("mask")
     if mask is not None and image is None:
         raise RequestError("mask: a mask is painted over an image; upload the image as 'init_image' too")
@@ -234,19 +265,13 @@ def _edits(pipe: Pipeline, req: GenerateRequest, uploads: dict, size, seed: int)
         raise RequestError("strength is for image-to-image: upload the image as 'init_image'")
     if image is None:
         return {}, {}
-    x = image_tensor(image, pipe.image_shape[0], size).to(pipe.device)
-    z = pipe.encode(x, generator=torch.Generator(device=pipe.device).manual_seed(seed))  # (1, c, h, w)
-    edits, flags = {}, {}
+    edits = {"init_image": image_tensor(image, pipe.image_shape[0], size)}
+    flags = {"init_image": True}
     if mask is None or req.strength is not None:
-        strength = req.strength if req.strength is not None else DEFAULT_STRENGTH
-        edits.update(init_image=z, strength=strength)
-        flags.update(init_image=True, strength=strength)
+        edits["strength"] = flags["strength"] = req.strength if req.strength is not None else DEFAULT_STRENGTH
     if mask is not None:
-        fill = fill_mask(mask, size).to(z.device)
-        if fill.shape[-2:] != z.shape[-2:]:  # the latent grid: a cell is generated when any of its pixels is
-            fill = F.adaptive_max_pool2d(fill, z.shape[-2:])
-        edits.update(known=z, mask=1.0 - fill)
-        flags.update(init_image=True, mask=True, masked_fraction=round(float(fill.mean()), 4))
+        edits["mask"] = fill_mask(mask, size)
+        flags.update(mask=True, masked_fraction=round(float(edits["mask"].mean()), 4))
     return edits, flags
 
 
