@@ -35,13 +35,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """`latentdiff serve` on a tiny text model, as a process; yields (base URL, output folder, process)."""
-    root = tmp_path_factory.mktemp("serve")
+def start_server(root: Path, *options: str):
+    """`latentdiff serve` on a tiny text model, as a process, once its page answers: (base URL, images, process)."""
     model, out, port = text_model(root / "tiny_text"), root / "images", free_port()
     proc = subprocess.Popen([sys.executable, "-m", "latentdiff.cli", "serve", str(model), "--port", str(port),
-                             "--out", str(out), "--grace", "5"],
+                             "--out", str(out), "--grace", "5", *options],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + WAIT
@@ -49,13 +47,18 @@ def server(tmp_path_factory):
         try:
             with urllib.request.urlopen(url + "/", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return url, out, proc
         except OSError:
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise AssertionError("latentdiff serve did not come up:\n" + proc.stdout.read())
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    url, out, proc = start_server(tmp_path_factory.mktemp("serve"))
     yield url, out, proc
     if proc.poll() is None:
         proc.kill()
@@ -159,3 +162,25 @@ def test_prompt_generate_gallery_reuse_and_inpainting_in_chromium(server, browse
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
     assert sorted(p.suffix for p in out.iterdir()) == [".png", ".png"]
+
+
+def test_a_token_in_the_page_address_reaches_every_call(tmp_path, browser):
+    """With --token, the page opened as /?token=T sends it with every call: the model list, the job, its events
+    and the image; without it the page shows the 401."""
+    url, out, proc = start_server(tmp_path, "--token", "s3cret")
+    try:
+        d = browser
+        d.get(url + "/?token=s3cret")
+        wait_for(d, lambda d: d.find_elements("css selector", "#model option"), "the model list")
+        d.find_element("id", "generate").click()
+        wait_for(d, lambda d: len(gallery(d)) == 4 and d.execute_script(  # the form's default: 4 images
+            "return [...document.querySelectorAll('#gallery img')].every(i => i.naturalWidth > 0)"),
+            "the images in the gallery")
+        assert "token=s3cret" in gallery(d)[0].find_element("css selector", "a.download").get_attribute("href")
+        d.get(url + "/")
+        d.execute_script("localStorage.clear()")
+        d.get(url + "/")
+        wait_for(d, lambda d: "401" in d.find_element("id", "error").text, "the 401 on the page")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
