@@ -243,6 +243,7 @@ def test_a_failed_job_reports_its_error_and_frees_its_slot(serve):
     ({"model": "nope"}, "model", "unknown model 'nope'"),
     ({"model": "digits", "label": 10}, "label", "out of range 0..9"),
     ({"model": "digits", "prompt": "a red circle"}, "prompt", "takes no prompts"),
+    ({"prompt": "a red circle", "label": 3}, "label", "takes no class labels"),
     ({"prompt": "a red circle", "sampler": "fast"}, "sampler", "unknown sampler 'fast'"),
     ({"prompt": "a red circle", "size": [15, 16]}, "size", "not divisible by 2"),
     ({"prompt": "a red circle " * 3}, "prompt", "longer than the context length 8"),

@@ -379,7 +379,7 @@ def cmd_serve(args) -> int:
     import signal
 
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info",
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info", access_log=False,
                 timeout_graceful_shutdown=max(1, int(args.grace)))
     print("latentdiff serve: stopped", file=sys.stderr)
     return 0

@@ -275,6 +275,9 @@ def _open_image(key: str, data: bytes, limits: Limits):
 
 def _named_field(message: str) -> str:
     """The request field a model's error message names (its first word, else the first option name in it)."""
+    refused = re.search(r"takes no (?:class )?(prompts|labels|layout)", message)  # "this model ... takes no X"
+    if refused:
+        return {"prompts": "prompt", "labels": "label"}.get(refused[1], refused[1])
     first = re.match(r"\w+", message)
     if first and (first[0] in GenerateRequest.model_fields or first[0] in ("init_image", "mask", "segmentation")):
         return first[0]
