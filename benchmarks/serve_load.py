@@ -136,18 +136,25 @@ def overhead(base: str, model: str, steps: int, repeats: int) -> dict:
 
     pipe = latentdiff.load(model)
     body = {"prompt": PROMPTS[1], "steps": steps, "num": 1}
-    times = {"python_s": [], "api_poll_s": [], "api_events_s": []}
+    times = {"python_s": [], "api_poll_s": [], "api_events_s": [], "server_run_poll_s": [], "server_run_events_s": []}
     for k in range(repeats + 1):  # the first round warms everything up and is not counted
         t0 = time.perf_counter()
         pipe.sample(1, prompts=[PROMPTS[1]], steps=steps, seed=k)
         py = time.perf_counter() - t0
         runs = [generate(base, {**body, "seed": k}, events=False), generate(base, {**body, "seed": k})]
+        run_s = []
         for status, _, final in runs:
             assert status == 202 and final["state"] == "done", final
+            with urllib.request.urlopen(f"{base}/api/jobs/{final['id']}", timeout=10) as r:
+                run_s.append(json.loads(r.read())["run_s"])  # the server's own time in Pipeline.sample + PNG
         if k:
-            for key, value in zip(times, (py, runs[0][1], runs[1][1])):
+            for key, value in zip(times, (py, runs[0][1], runs[1][1], *run_s)):
                 times[key].append(value)
     out = {key: statistics.median(v) for key, v in times.items()}
+    # What HTTP, the queue and polling add around the server's own work, round by round (same process, same time).
+    out["wrap_poll_s"] = statistics.median(a - r for a, r in zip(times["api_poll_s"], times["server_run_poll_s"]))
+    out["wrap_events_s"] = statistics.median(a - r for a, r in zip(times["api_events_s"],
+                                                                    times["server_run_events_s"]))
     out["repeats"] = repeats
     return out
 
@@ -231,7 +238,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=6, help="requests per client at most")
     ap.add_argument("--seconds", type=float, default=60.0, help="a client sends no new request after this")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=5, help="overhead: timed rounds")
+    ap.add_argument("--repeats", type=int, default=9, help="overhead: timed rounds")
     ap.add_argument("--max-queue", type=int, default=8)
     ap.add_argument("--max-images", type=int, default=16, help="the server's batch bound")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and of this process")
@@ -255,6 +262,9 @@ def main() -> None:
                   f"HTTP API polled {o['api_poll_s']:.3f} s (overhead {(o['api_poll_s'] - p) * 1e3:+.0f} ms, ratio "
                   f"{o['api_poll_s'] / p:.3f}); HTTP API with events and previews {o['api_events_s']:.3f} s (overhead "
                   f"{(o['api_events_s'] - p) * 1e3:+.0f} ms, ratio {o['api_events_s'] / p:.3f})")
+            print(f"  inside the server (job run_s: sampling + PNG write): polled {o['server_run_poll_s']:.3f} s, with "
+                  f"events {o['server_run_events_s']:.3f} s; HTTP + queue + waiting around it: polled "
+                  f"{o['wrap_poll_s'] * 1e3:.0f} ms, events {o['wrap_events_s'] * 1e3:.0f} ms")
             rows = [load_check(base, proc.pid, n, args.requests, args.seconds, args.steps) for n in args.clients]
             print(f"\nload: each client at most {args.requests} requests within {args.seconds:.0f} s; {args.steps} "
                   f"steps, 1 image each; --max-queue {args.max_queue}")
