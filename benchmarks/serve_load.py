@@ -86,7 +86,7 @@ def fetch_png(base: str, path: str) -> dict:
         return json.loads(im.text["latentdiff"])
 
 
-def poll(base: str, status_path: str, every: float = 0.01) -> dict:
+def poll(base: str, status_path: str, every: float = 0.05) -> dict:
     """Poll GET /api/jobs/{id} until a final state (a client that takes no previews); the job."""
     while True:
         with urllib.request.urlopen(base + status_path, timeout=60) as r:

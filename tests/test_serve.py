@@ -172,6 +172,7 @@ def test_events_stream_progress_previews_and_the_result(serve):
     assert [d["step"] for d in previews] == [2, 4, 6, 8, 10]  # every total/5 steps, not the last
     assert previews[0]["image"].startswith("data:image/png;base64,")
     assert events[-1][0] == "state" and events[-1][1]["state"] == "done" and len(events[-1][1]["images"]) == 1
+    assert all(e["image"] is None for e in job.events if e["event"] == "preview")  # dropped once finished
     assert job.listeners == 0
     polled = client.post("/api/generate", json={"prompt": "a blue square", "steps": 12}).json()["id"]
     wait_job(client, polled)
@@ -269,6 +270,9 @@ def test_limits_are_400s(serve):
     r = client.post("/api/generate", data={"params": json.dumps({"prompt": "a red circle"})},
                     files={"init_image": ("big.png", png_bytes(noise), "image/png")})
     assert r.status_code == 400 and "upload 'init_image' exceeds" in r.json()["detail"]
+    chunks = iter([b"{", b" " * 2**20, b" " * 2**20, b"}"])  # a generator: sent chunked, without Content-Length
+    r = client.post("/api/generate", content=chunks, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "this server takes at most" in r.json()["detail"]
     r = client.post("/api/generate", data={"params": "{}"},
                     files={"init_image": ("x.png", b"not an image", "image/png")})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "init_image"]

@@ -223,8 +223,15 @@ async def _read_request(request: Request, limits: Limits) -> tuple[dict, dict[st
     if length is not None and length.isdigit() and int(length) > body_limit:
         raise HTTPException(400, f"the request has {int(length)} bytes; this server takes at most {body_limit}")
     if not ctype.startswith("multipart/form-data"):
+        body, size = [], 0
+        async for chunk in request.stream():  # bounded also when the client sends no Content-Length
+            size += len(chunk)
+            if size > body_limit:
+                raise HTTPException(400, f"the request has more than {body_limit} bytes; this server takes at most "
+                                         f"{body_limit}")
+            body.append(chunk)
         try:
-            fields = json.loads(await request.body() or b"{}")
+            fields = json.loads(b"".join(body) or b"{}")
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _error("body", f"not valid JSON ({e})") from None
         if not isinstance(fields, dict):

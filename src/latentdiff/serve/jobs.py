@@ -151,6 +151,9 @@ class Scheduler:
             payload["params"] = job.plan.params
         if error is not None:
             payload["error"] = error
+        for ev in job.events:  # a finished job keeps its record, not its preview images (they can be large)
+            if ev["event"] == "preview":
+                ev["image"] = None
         self._event(job, "state", **payload)
 
     def _forget_old(self) -> None:
