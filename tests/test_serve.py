@@ -355,6 +355,10 @@ def test_a_segmentation_map_upload_sets_the_condition_and_the_size(serve):
     job = wait_job(client, r.json()["id"])
     assert job["state"] == "done", job
     assert client.get(job["images"][0]).content and job["params"][0]["size"] == [16, 32]
+    r = client.post("/api/generate", data={"params": json.dumps({"size": [16, 16]})},
+                    files={"segmentation": ("s.png", png_bytes(Image.fromarray(seg)), "image/png")})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "size"]
+    assert "differs from the 16x32 of the uploaded segmentation" in r.json()["detail"][0]["msg"]
     rgb = png_bytes(Image.new("RGB", (16, 16)))
     r = client.post("/api/generate", files={"segmentation": ("s.png", rgb, "image/png")})
     assert r.status_code == 422 and "PNG of class ids" in r.json()["detail"][0]["msg"]

@@ -23,7 +23,7 @@ from PIL import Image
 
 from latentdiff.pngmeta import read_png_params
 
-from helpers.serve_models import text_model
+from helpers.serve_models import class_model, segmentation_model, text_model
 
 PROMPT = "a blue square in the centre"
 WAIT = 60.0
@@ -35,10 +35,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(root: Path, *options: str):
-    """`latentdiff serve` on a tiny text model, as a process, once its page answers: (base URL, images, process)."""
-    model, out, port = text_model(root / "tiny_text"), root / "images", free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "latentdiff.cli", "serve", str(model), "--port", str(port),
+def start_server(root: Path, *options: str, models=(text_model,)):
+    """`latentdiff serve` on tiny models (a text model first), as a process, once its page answers: (base URL,
+    images folder, process)."""
+    folders = [str(build(root / build.__name__)) for build in models]
+    out, port = root / "images", free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "latentdiff.cli", "serve", *folders, "--port", str(port),
                              "--out", str(out), "--grace", "5", *options],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -58,7 +60,8 @@ def start_server(root: Path, *options: str):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    url, out, proc = start_server(tmp_path_factory.mktemp("serve"))
+    url, out, proc = start_server(tmp_path_factory.mktemp("serve"),
+                                  models=(text_model, class_model, segmentation_model))
     yield url, out, proc
     if proc.poll() is None:
         proc.kill()
@@ -158,10 +161,32 @@ def test_prompt_generate_gallery_reuse_and_inpainting_in_chromium(server, browse
     d.save_screenshot(str(tmp_path / "page.png"))
     assert Image.open(io.BytesIO((tmp_path / "page.png").read_bytes())).size[0] > 0
 
+    # the form follows the model: a class picker and no prompt; then a map upload, no guidance
+    from selenium.webdriver.support.ui import Select
+
+    Select(d.find_element("id", "model")).select_by_value("class_model")
+    assert not d.find_element("id", "prompt").is_displayed() and d.find_element("id", "label").is_displayed()
+    Select(d.find_element("id", "label")).select_by_value("7")
+    d.find_element("id", "remove-image").click()
+    d.find_element("id", "generate").click()
+    wait_for(d, lambda d: len(gallery(d)) == 3, "the class image in the gallery")
+    pixels, params = download(gallery(d)[0], tmp_path, "class.png")
+    assert params["class"] == 7 and "prompt" not in params and pixels.shape == (8, 8)
+    Select(d.find_element("id", "model")).select_by_value("segmentation_model")
+    assert not d.find_element("id", "guidance").is_displayed() and not d.find_element("id", "label").is_displayed()
+    seg = np.zeros((16, 32), dtype=np.uint8)
+    seg[4:12, 3:14] = 9
+    Image.fromarray(seg).save(tmp_path / "map.png")
+    d.find_element("id", "cond-segmentation").send_keys(str(tmp_path / "map.png"))
+    d.find_element("id", "generate").click()
+    wait_for(d, lambda d: len(gallery(d)) == 4, "the image drawn from the map")
+    pixels, params = download(gallery(d)[0], tmp_path, "seg.png")
+    assert pixels.shape == (16, 32, 3) and params["size"] == [16, 32]  # the size follows the map
+
     # SIGTERM: the server shuts down cleanly and leaves only the finished images
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 0
-    assert sorted(p.suffix for p in out.iterdir()) == [".png", ".png"]
+    assert sorted(p.suffix for p in out.iterdir()) == [".png"] * 4
 
 
 def test_a_token_in_the_page_address_reaches_every_call(tmp_path, browser):

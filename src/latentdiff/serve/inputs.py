@@ -216,8 +216,11 @@ def sample_arguments(model: ServedModel, req: GenerateRequest, uploads: dict, *,
     fields = sample_fields(pipe)
     # Conditions that imply the size (a map) first, then those resized to it (the inpainting image and mask).
     conditions = {f: _condition(pipe, f, req, uploads, None) for f in fields if FIELD_INPUTS.get(f) != "inpaint"}
-    if size is None and pipe.spatial is not None and conditions:
-        size = pipe.spatial.image_size(conditions)
+    implied = pipe.spatial.image_size(conditions) if pipe.spatial is not None and conditions else None
+    if size is not None and implied is not None and tuple(implied) != size:
+        raise RequestError(f"size {size[0]}x{size[1]} differs from the {implied[0]}x{implied[1]} of the uploaded "
+                           f"{'/'.join(conditions)}: leave size out (it follows the upload) or give that size")
+    size = size or (tuple(implied) if implied is not None else None)
     size = size or tuple(pipe.image_shape[1:])
     conditions.update({f: _condition(pipe, f, req, uploads, size) for f in fields if FIELD_INPUTS.get(f) == "inpaint"})
     edits, flags = _edits(pipe, req, uploads, size) if not trained_inpainting(pipe) else ({}, {})
