@@ -347,6 +347,48 @@ def cmd_oracle(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """``latentdiff serve``: load the models, then run the page and the API with uvicorn until SIGTERM / Ctrl-C."""
+    t0 = time.perf_counter()
+    from .serve import LOCAL_HOSTS
+
+    if args.host not in LOCAL_HOSTS and not args.token:
+        raise CLIError(f"--host {args.host} makes the server reachable from other machines: give --token too")
+    for name in ("max_queue", "max_steps", "max_images", "max_size"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_upload_mb <= 0 or args.grace < 0:
+        raise CLIError("--max-upload-mb must be > 0 and --grace >= 0")
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+        from .serve.schema import Limits
+    except ImportError as e:
+        raise CLIError(f"latentdiff serve needs the serve extra (pip install 'latentdiff[serve]'): {e}") from None
+    import logging
+
+    from .devices import default_device
+    from .serve import load_models
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")
+    models = load_models(args.models, device=default_device(args.device))
+    limits = Limits(max_steps=args.max_steps, max_images=args.max_images, max_size=args.max_size,
+                    max_upload_bytes=int(args.max_upload_mb * 2**20), max_queue=args.max_queue)
+    app = create_app(models, out_dir=args.out, limits=limits, token=args.token, grace=args.grace)
+    print(f"loaded {len(models)} model(s) in {time.perf_counter() - t0:.2f} s; serving on "
+          f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    # uvicorn shuts down on SIGTERM (the lifespan finishes or cancels the jobs), then raises the signal again for
+    # the handler found before it started: this one, so that a clean shutdown exits with status 0.
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info", access_log=False,
+                timeout_graceful_shutdown=max(1, int(args.grace)))
+    print("latentdiff serve: stopped", file=sys.stderr)
+    return 0
+
+
 def cmd_recipes(args) -> int:
     """``latentdiff recipes``: each shipped recipe's name and description, one line each."""
     from .recipes import list_recipes
@@ -391,7 +433,7 @@ def cmd_encode(args) -> int:
 
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "reconstruct": cmd_reconstruct,
             "eval": cmd_eval, "oracle": cmd_oracle, "info": cmd_info, "recipes": cmd_recipes, "shard": cmd_shard,
-            "encode": cmd_encode}
+            "encode": cmd_encode, "serve": cmd_serve}
 
 
 def main(argv=None) -> int:

@@ -405,14 +405,22 @@ class Pipeline:
         sampler: str | None = None,  # a name of latentdiff.samplers.SAMPLERS; None = the config's
         steps: int | None = None,   # network evaluations grid; None = the config's
         guidance: float | None = None,  # classifier-free guidance scale s (1 = none); None = the config's
-        seed: int | None = None,    # sample i uses seed + i whatever the batch; None = the config's
+        seed=None,                  # int: sample i uses seed + i whatever the batch; a list: one seed per sample;
+                                    # None = the config's
         batch_size: int | None = None,
         size=None,                  # (H, W) in pixels; None = the training size; larger is sampled convolutionally
         output: str = "pil",        # "pil" (list of images) or "tensor" ((N, C, H, W) in [-1, 1])
         progress: bool = False,
         model_fn=None,              # the network call; None = self.model_fn (pass a wrapper of it to count calls)
+        callback=None,              # callback(start, i, t, x, x0_hat) after step i of the batch of samples start..;
+                                    # x0_hat is in the diffusion's space (latents for latent models); raise to stop
         conditions: dict | None = None,  # spatial models: the condition's fields (e.g. {"segmentation": (N|1, H, W)}),
                                     # N rows or 1 shared; the image size follows them unless ``size`` is given
+        init_image=None,            # image-to-image (SDEdit) or training-free inpainting: (N|1, C, H, W) in [-1, 1];
+                                    # latent models encode it
+        strength: float | None = None,  # image-to-image: the share of the grid run from init_image, in (0, 1]
+        mask=None,                  # training-free inpainting (RePaint) of init_image: (N|1, 1, H, W) in [0, 1],
+                                    # 1 = generate, 0 = keep; latent models take it onto the latent grid
         **options,                  # further options of latentdiff.samplers.sample (eta, spacing, karras, ...)
     ):
         from .samplers import sample as run_sampler
@@ -420,15 +428,23 @@ class Pipeline:
         if output not in ("pil", "tensor"):
             raise RequestError(f"output must be 'pil' or 'tensor', got {output!r}")
         routed = ("eta", "spacing", "offset", "karras", "clip_x0", "guidance_rescale")  # sample-section options
+        seeds = None
+        if isinstance(seed, (list, tuple)):  # one seed per sample (a server batching several requests)
+            seeds, seed = [int(v) for v in seed], (int(seed[0]) if seed else None)
         s = self.sample_options(num=num, prompts=prompts, negative_prompt=negative_prompt, labels=labels,
                                 sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                                 size=size, **{k: v for k, v in options.items() if k in routed})
+        if seeds is not None and len(seeds) != s.num:
+            raise RequestError(f"got {len(seeds)} seeds for {s.num} samples; give one seed per sample or one int")
+        seeds = seeds or [s.seed + i for i in range(s.num)]
         conditions = self._spatial_inputs(conditions, s.num)
         if conditions is not None and s.size is None:
             implied = self.spatial.image_size(conditions)
             if implied is not None and tuple(implied) != self.image_shape[1:]:
                 self._check_size(implied)
                 s = dataclasses.replace(s, size=list(implied))
+        if init_image is not None or strength is not None or mask is not None:
+            s = self._check_edits(init_image, strength, mask, s)
         opts = {k: getattr(s, k) for k in routed}
         opts.update({k: v for k, v in options.items() if k not in routed})
         self._warn_ill_conditioned_start(opts)
@@ -445,10 +461,12 @@ class Pipeline:
             n = min(s.batch_size, s.num - start)
             noise = torch.empty(n, *shape, device=self.device)
             cond, uncond = self._conditions(s, y, conditions, start, n)
-            cb = (lambda i, t, x, x0, n=n: bar.update(n)) if bar is not None else None  # n bound per batch
+            cb = _step_callback(bar, callback, start, n)
+            if init_image is not None:
+                opts.update(self._edit_options(init_image, strength, mask, start, n, seeds[start]))
             x = run_sampler(
                 model_fn, noise, diffusion=self.diffusion, sampler=s.sampler, steps=s.steps,
-                seed=[s.seed + start + i for i in range(n)], guidance_scale=s.guidance, uncond=uncond, callback=cb,
+                seed=seeds[start : start + n], guidance_scale=s.guidance, uncond=uncond, callback=cb,
                 **opts, **cond,
             )
             if self.autoencoder is not None:
@@ -458,6 +476,50 @@ class Pipeline:
             bar.close()
         images = torch.cat(out).clamp(-1, 1)
         return images if output == "tensor" else to_pil(images)
+
+    def _check_edits(self, init_image, strength, mask, s: SampleSection) -> SampleSection:
+        """Image-to-image and training-free inpainting inputs checked: init_image (N|1, C, H, W) in [-1, 1] with a
+        strength in (0, 1] and/or a mask (N|1, 1, H, W) in [0, 1]; the image size follows init_image unless given."""
+        if init_image is None:
+            raise RequestError("strength and mask apply to init_image (image-to-image, inpainting): give init_image")
+        if strength is None and mask is None:
+            raise RequestError("init_image needs a strength (image-to-image) or a mask (inpainting)")
+        if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                                     or not 0.0 < strength <= 1.0):
+            raise RequestError(f"strength must lie in (0, 1] (the share of the sampling steps run from the image), "
+                               f"got {strength!r}")
+        c = self.config.data.channels
+        if not torch.is_tensor(init_image) or init_image.dim() != 4 or init_image.shape[1] != c:
+            got = tuple(init_image.shape) if torch.is_tensor(init_image) else type(init_image).__name__
+            raise RequestError(f"init_image must be a (N or 1, {c}, H, W) tensor in [-1, 1], got {got}")
+        if len(init_image) not in (1, s.num) or not torch.isfinite(init_image).all():
+            raise RequestError(f"init_image must have 1 or {s.num} rows of finite values, got {len(init_image)} rows")
+        size = tuple(init_image.shape[-2:])
+        if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 4 or mask.shape[1] != 1
+                                 or len(mask) not in (1, s.num) or tuple(mask.shape[-2:]) != size
+                                 or not mask.is_floating_point() or mask.min() < 0 or mask.max() > 1):
+            got = f"{tuple(mask.shape)} {mask.dtype}" if torch.is_tensor(mask) else type(mask).__name__
+            raise RequestError(f"mask must be a float (N or 1, 1, {size[0]}, {size[1]}) tensor in [0, 1] (1 = "
+                               f"generate), got {got}")
+        if s.size is None and size != self.image_shape[1:]:
+            self._check_size(size)
+            s = dataclasses.replace(s, size=list(size))
+        elif s.size is not None and tuple(s.size) != size:
+            raise RequestError(f"init_image is {size[0]}x{size[1]} but the size asked is {s.size[0]}x{s.size[1]}")
+        return s
+
+    def _edit_options(self, init_image, strength, mask, start: int, n: int, seed: int) -> dict:
+        """The sampler's img2img / RePaint options for samples start..start+n-1 (samplers/editing.py): the image
+        on the diffusion's grid (encoded; a posterior sample from ``seed``) and the mask of what is kept there (a
+        latent cell is generated when any of its pixels is)."""
+        z = self.encode(_rows(init_image, start, n).to(self.device), generator=torch.Generator().manual_seed(seed))
+        opts = {} if strength is None else {"init_image": z, "strength": float(strength)}
+        if mask is not None:
+            fill = _rows(mask, start, n).to(device=z.device, dtype=z.dtype)
+            if fill.shape[-2:] != z.shape[-2:]:
+                fill = torch.nn.functional.adaptive_max_pool2d(fill, z.shape[-2:])
+            opts.update(known=z, mask=1.0 - fill)
+        return opts
 
     def sample_options(self, **given) -> SampleSection:
         """The config's sample section with the ``given`` values in place (None keeps the config's), checked in
@@ -542,6 +604,21 @@ def _rows(value, start: int, n: int):
     if len(value) == 1:
         return value.expand(n, *value.shape[1:]) if torch.is_tensor(value) else list(value) * n
     return value[start : start + n]
+
+
+def _step_callback(bar, callback, start: int, n: int):
+    """The sampler's ``callback(i, t, x, x0)`` for the batch of samples start..start+n-1: advances the progress bar
+    by n and calls the user's ``callback(start, i, t, x, x0)``; None when there is neither."""
+    if bar is None and callback is None:
+        return None
+
+    def step(i, t, x, x0):
+        if bar is not None:
+            bar.update(n)
+        if callback is not None:
+            callback(start, i, t, x, x0)
+
+    return step
 
 
 def _built(section: str, build, *args):
