@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo demo-digits test lint install clean bench
+.PHONY: demo demo-digits test lint install clean bench bench-compile bench-gpu
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,8 +29,23 @@ demo: $(STAMP)
 demo-digits: $(STAMP)
 	$(PY) -m latentdiff.demo_digits
 
+# `make bench`: every timing side by side in one run, at the lowest priority (the machine may be shared); ratios
+# are the figures to read. `make bench-compile` adds torch.compile (inductor) rows: a cold compile of each U-Net
+# takes minutes on a small CPU. `make bench-gpu` is the GPU benchmark (CUDA; tiny on a CPU).
+BENCH := nice -n 19 $(PY)
+
 bench: $(STAMP)
-	$(PY) benchmarks/unet_throughput.py
+	$(BENCH) benchmarks/unet_throughput.py --threads 1
+	$(BENCH) benchmarks/compile_speed.py --models digits,cifar10,ldm_small --variants eager,channels_last
+	$(BENCH) benchmarks/sampling_breakdown.py
+	$(BENCH) benchmarks/stream_throughput.py
+	$(BENCH) benchmarks/threads.py
+
+bench-compile: $(STAMP)
+	$(BENCH) benchmarks/compile_speed.py --models digits --variants eager,compiled --repeats 1
+
+bench-gpu: $(STAMP)
+	$(PY) benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache .ruff_cache

@@ -33,7 +33,7 @@ LAYERS = [
     ("pipeline",),                                        # a trained model as one object
     ("eval",),                                            # metrics, oracles, reference statistics
     ("train",),                                           # the training loop and checkpoints
-    ("demo", "demo_digits", "cli", "cli_parser", ""),     # the command and the demos
+    ("demo", "demo_digits", "cli", "cli_parser", "serve", ""),  # the command, the demos, the web page and API
 ]
 # Inference never needs the training package, whatever the layer order says.
 INFERENCE = ("pipeline", "first_stage", "samplers", "nn", "eval", "folders")

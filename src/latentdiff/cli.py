@@ -29,11 +29,15 @@ class CLIError(RequestError):
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
+    from .config import ConfigError, load_config, read_yaml
     from .recipes import find_recipe
     from .train.run import train_from_config
 
-    config = load_config(find_recipe(args.config), args.overrides)
+    path = find_recipe(args.config)
+    if not read_yaml(path):  # an empty file (or only comments) would train every default: a 10,000-step run
+        raise ConfigError(f"{path}: the config file is empty; give at least its data section "
+                          "(`latentdiff recipes` lists complete ones)")
+    config = load_config(path, args.overrides)
     result = train_from_config(config, args.out, resume=args.resume, progress=not args.quiet)
     print(f"trained to step {result.step}; checkpoint: {result.checkpoint}")
     return 0
@@ -468,6 +472,48 @@ def cmd_oracle(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """``latentdiff serve``: load the models, then run the page and the API with uvicorn until SIGTERM / Ctrl-C."""
+    t0 = time.perf_counter()
+    from .serve import LOCAL_HOSTS
+
+    if args.host not in LOCAL_HOSTS and not args.token:
+        raise CLIError(f"--host {args.host} makes the server reachable from other machines: give --token too")
+    for name in ("max_queue", "max_steps", "max_images", "max_size"):
+        if getattr(args, name) < 1:
+            raise CLIError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_upload_mb <= 0 or args.grace < 0:
+        raise CLIError("--max-upload-mb must be > 0 and --grace >= 0")
+    try:
+        import uvicorn
+
+        from .serve.app import create_app
+        from .serve.schema import Limits
+    except ImportError as e:
+        raise CLIError(f"latentdiff serve needs the serve extra (pip install 'latentdiff[serve]'): {e}") from None
+    import logging
+
+    from .devices import default_device
+    from .serve import load_models
+
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(message)s")
+    models = load_models(args.models, device=default_device(args.device))
+    limits = Limits(max_steps=args.max_steps, max_images=args.max_images, max_size=args.max_size,
+                    max_upload_bytes=int(args.max_upload_mb * 2**20), max_queue=args.max_queue)
+    app = create_app(models, out_dir=args.out, limits=limits, token=args.token, grace=args.grace)
+    print(f"loaded {len(models)} model(s) in {time.perf_counter() - t0:.2f} s; serving on "
+          f"http://{args.host}:{args.port}/", file=sys.stderr, flush=True)
+    # uvicorn shuts down on SIGTERM (the lifespan finishes or cancels the jobs), then raises the signal again for
+    # the handler found before it started: this one, so that a clean shutdown exits with status 0.
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info", access_log=False,
+                timeout_graceful_shutdown=max(1, int(args.grace)))
+    print("latentdiff serve: stopped", file=sys.stderr)
+    return 0
+
+
 def cmd_recipes(args) -> int:
     """``latentdiff recipes``: each shipped recipe's name and description, one line each."""
     from .recipes import list_recipes
@@ -479,8 +525,40 @@ def cmd_recipes(args) -> int:
     return 0
 
 
+def cmd_shard(args) -> int:
+    from .data.shards import shard_folder
+
+    if args.shard_size < 1:
+        raise CLIError(f"--shard-size must be >= 1, got {args.shard_size}")
+    written = shard_folder(args.folder, args.out, shard_size=args.shard_size)
+    print(f"wrote {len(written)} shard(s) to {args.out}")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    import torch
+
+    from .data.latent_shards import dist_env, encode_shards
+    from .data.shards import expand_urls
+    from .first_stage import load_first_stage
+
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
+    expand_urls(args.data)  # a missing shard is named before the autoencoder loads
+    rank, world, local = dist_env()
+    device = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
+    ae, _, source = load_first_stage(args.first_stage, device=device)
+    size = args.size or ae.config.resolution
+    done = encode_shards(args.data, ae, args.out, size=size, batch_size=args.batch_size, rank=rank, world_size=world,
+                         device=device, progress=not args.quiet)
+    print(f"rank {rank}/{world}: encoded {len(done['encoded'])} shard(s), {len(done['skipped'])} already done"
+          + (f"; all shards complete in {args.out}" if done["complete"] else ""))
+    return 0
+
+
 COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "reconstruct": cmd_reconstruct,
-            "eval": cmd_eval, "oracle": cmd_oracle, "info": cmd_info, "recipes": cmd_recipes}
+            "eval": cmd_eval, "oracle": cmd_oracle, "info": cmd_info, "recipes": cmd_recipes, "shard": cmd_shard,
+            "encode": cmd_encode, "serve": cmd_serve}
 
 
 def main(argv=None) -> int:

@@ -34,10 +34,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_reconstruct_parser(sub)
     _add_eval_parser(sub)
     _add_oracle_parser(sub)
+    _add_shard_parsers(sub)
+    _add_serve_parser(sub)
     i = sub.add_parser("info", help="print the generation parameters stored in a PNG that `sample` wrote",
                        formatter_class=_fmt())
     i.add_argument("image", help="a PNG written by `latentdiff sample`")
     return p
+
+
+def _add_shard_parsers(sub) -> None:
+    h = sub.add_parser("shard", help="write an image folder as webdataset tar shards (for streamed training)",
+                       formatter_class=_fmt(), description="Copy the images of FOLDER (with their captions and labels: "
+                       "metadata.jsonl, .txt files or subfolders) into OUT/shard-000000.tar, ... and OUT/index.json.")
+    h.add_argument("folder", help="image folder")
+    h.add_argument("out", help="output folder (must not hold shards yet)")
+    h.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    e = sub.add_parser("encode", help="encode sharded images once into sharded first-stage latents",
+                       formatter_class=_fmt(), description="Encode webdataset shards with a frozen autoencoder into "
+                       "OUT/latents-*.tar (posterior mean and std + the captions). Resumes after a kill; under "
+                       "`accelerate launch` each process encodes its own shards. Train on them with data.name=shards "
+                       "data.root=OUT.")
+    e.add_argument("data", help="shards: a path, folder, glob, brace range {000..009} or pipe:COMMAND")
+    e.add_argument("--first-stage", required=True, help="autoencoder model folder or run folder")
+    e.add_argument("--out", required=True, help="output folder of the latent shards")
+    e.add_argument("--size", type=int, default=None, help="image side in pixels; default: the autoencoder's "
+                   "training resolution")
+    e.add_argument("--batch-size", type=int, default=64, help="images per encoder call")
+    e.add_argument("--quiet", action="store_true", help="no line per shard")
 
 
 def _add_train_parser(sub) -> None:
@@ -220,6 +243,29 @@ def _add_oracle_parser(sub) -> None:
     o.add_argument("--epochs", type=int, default=None, help="training epochs (default: 30 for digits, over its 80%% "
                    "training part; 5 for shapes, over 20,000 images)")
     o.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the batches (default: 0)")
+
+
+def _add_serve_parser(sub) -> None:
+    v = sub.add_parser("serve", help="a web page and an HTTP API for one or several models", formatter_class=_fmt(),
+                       description="Serve models on a web page (prompt, class, conditions, image to image, inpainting "
+                       "mask, live preview, gallery) and an HTTP API (docs/serve.md). Binds to 127.0.0.1; another "
+                       "address needs --token, which every API call must then carry.")
+    v.add_argument("models", nargs="+", metavar="MODEL",
+                   help="run or model folders (each served under its folder name)")
+    v.add_argument("--host", default="127.0.0.1", help="address to bind; other than localhost needs --token")
+    v.add_argument("--port", type=int, default=7860, help="port to bind (0: any free port)")
+    v.add_argument("--token", default=None, help="a secret every API call must carry (Authorization: Bearer T, "
+                   "X-Token: T or ?token=T); default: none, allowed on localhost only")
+    v.add_argument("--max-queue", type=int, default=16, help="jobs queued or running; past it a request gets 429")
+    v.add_argument("--max-steps", type=int, default=200, help="sampling steps per image")
+    v.add_argument("--max-images", type=int, default=16, help="images per request, and per batch of merged requests")
+    v.add_argument("--max-size", type=int, default=1024, help="pixels per side of a generated image")
+    v.add_argument("--max-upload-mb", type=float, default=8.0, help="megabytes per uploaded file")
+    v.add_argument("--out", default="outputs/serve", help="folder the generated PNGs are written to")
+    v.add_argument("--grace", type=float, default=10.0,
+                   help="seconds running jobs get to finish at shutdown (SIGTERM) before they are cancelled")
+    v.add_argument("--device", default=None, help="cpu, cuda, mps ... (default: cuda if available, else cpu)")
+    v.add_argument("--quiet", action="store_true", help="no request log (default: one line per request)")
 
 
 def _sizes(text: str) -> list[tuple[int, int]]:

@@ -121,6 +121,10 @@ class TrainConfig(FromDict):
     log_every: int = bounded(10, lo=1)                          # steps averaged per log line (CSV, TensorBoard)
     num_workers: int = bounded(0, lo=0)                         # DataLoader worker processes; 0 = main process
     find_unused_parameters: bool = False                        # DDP: parameters without gradient (GAN phases)
+    compile: bool = False                                       # torch.compile the trained networks (first step
+                                                                # compiles; its time is printed apart)
+    compile_backend: Literal["inductor", "eager", "aot_eager"] = "inductor"  # eager: trace only (a quick check)
+    channels_last: bool = False                                 # NHWC weights/activations (GPU tensor cores, oneDNN)
     max_minutes: float = bounded(0.0, lo=0.0, hi=math.inf, hi_open=True)  # stop (with a checkpoint) before a
                                                                 # step would end past this; 0 = none; a resumed
                                                                 # run gets it anew
@@ -155,6 +159,9 @@ class SampleSection:
     prompts: list[str] | None = None                            # text models: captions drawn, cycled; null = [prompt]
     negative_prompt: str | None = None                          # text models: the unconditional branch's prompt;
                                                                 # null = ""
+    compile: bool = False                                       # torch.compile the U-Net for sampling (the first
+                                                                # batch compiles; again for each new batch shape)
+    channels_last: bool = False                                 # NHWC U-Net weights/activations
     size: tuple[int, int] | None = None                         # (H, W) of the images in pixels; null = the
                                                                 # training size; larger is sampled convolutionally
                                                                 # (LDM sec. 4.3.2)
@@ -268,6 +275,8 @@ class AutoencoderLossConfig(FromDict):
                      "max_adaptive_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"AutoencoderLossConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.disc_start < 0:  # found by tests/test_fuzz_configs.py: a negative start silently meant "from step 0"
+            raise ValueError(f"AutoencoderLossConfig.disc_start must be >= 0, got {self.disc_start}")
 
 
 def check_autoencoder_sections(config: AutoencoderRunConfig, where: str = "config") -> AutoencoderRunConfig:
@@ -348,6 +357,17 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _yaml_problem(e) -> str:
+    """A YAML error in one line: what is wrong, and where (PyYAML's own text spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    if problem is None:
+        return " ".join(str(e).split())
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    context = getattr(e, "context", None)
+    return f"{problem}{where}" + (f" ({context})" if context else "")
+
+
 def read_yaml(path) -> dict:
     """The mapping in a YAML file (empty file -> {}); clear errors for a missing file or bad YAML."""
     path = Path(path)
@@ -357,7 +377,9 @@ def read_yaml(path) -> dict:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        raise ConfigError(f"{path}: invalid YAML: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import struct
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -40,6 +42,9 @@ EXPORT_DIR = "autoencoder"                  # the model folder an autoencoder ru
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "state.json"                   # a checkpoint's state and file manifest, written last
 LATEST_FILE = "latest"                      # names the newest complete checkpoint (a hint; verified on use)
+SEAL_KEY = "latentdiff_data_sha256"         # safetensors metadata: sha256 of the file's tensor data
+CONFIG_SEAL_KEY = "latentdiff_config_sha256"  # and of the config file saved beside it (model folders)
+_UNSEALED = "0" * 64                        # its placeholder until seal_safetensors fills it in
 MODELS_DIR, EMA_DIR = "models", "ema"       # a checkpoint's trained and EMA weights
 
 MODEL, RUN, AUTOENCODER, AUTOENCODER_RUN = "model", "run", "autoencoder", "autoencoder run"
@@ -136,17 +141,32 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+STATE_HASH = "state_sha256"  # state.json's own checksum: sha256 of its other fields as sorted, compact JSON
+
+
+def state_hash(state: dict) -> str:
+    """The checksum a state.json stores of itself (every field but ``state_sha256``)."""
+    rest = {k: v for k, v in state.items() if k != STATE_HASH}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def read_state(path) -> dict:
-    """A checkpoint's state.json (step, file manifest, ...), without checking the files it lists."""
+    """A checkpoint's state.json (step, file manifest, ...), without checking the files it lists; its own
+    checksum (when it has one: checkpoints since format 2) and its step are checked."""
     state_file = Path(path) / STATE_FILE
     if not state_file.is_file():
         raise CheckpointError(f"incomplete checkpoint: {state_file} is missing")
     try:
-        state = json.loads(state_file.read_text())
+        state = json.loads(state_file.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"corrupt checkpoint file {state_file}: {e}") from None
     if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or "step" not in state:
         raise CheckpointError(f"corrupt checkpoint file {state_file}: no step or file manifest")
+    if STATE_HASH in state and state[STATE_HASH] != state_hash(state):
+        raise CheckpointError(f"corrupt checkpoint file {state_file}: its content differs from its {STATE_HASH}")
+    name = Path(path).name
+    if name.startswith("step_") and name[5:].isdigit() and state["step"] != int(name[5:]):
+        raise CheckpointError(f"corrupt checkpoint file {state_file}: step {state['step']!r} in a folder {name}")
     return state
 
 
@@ -155,6 +175,8 @@ def check_file(path, rel: str, manifest: dict) -> Path:
     f, info = Path(path) / rel, manifest.get(rel)
     if info is None or not f.is_file():
         raise CheckpointError(f"checkpoint file {f} is missing")
+    if not isinstance(info, dict) or not isinstance(info.get("size"), int) or not isinstance(info.get("sha256"), str):
+        raise CheckpointError(f"corrupt checkpoint file {Path(path) / STATE_FILE}: bad manifest entry for {rel!r}")
     size = f.stat().st_size
     if size != info["size"]:
         raise CheckpointError(f"checkpoint file {f} is truncated or corrupt: {size} bytes, "
@@ -162,6 +184,88 @@ def check_file(path, rel: str, manifest: dict) -> Path:
     if sha256(f) != info["sha256"]:
         raise CheckpointError(f"checkpoint file {f} is corrupt: its sha256 differs from the one {STATE_FILE} lists")
     return f
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sealed weights: a safetensors file that carries the sha256 of its own tensor data
+
+
+def seal_metadata(metadata: dict | None = None, config=None) -> dict:
+    """The metadata to write a safetensors file with, before :func:`seal_safetensors` fills in the checksum;
+    with the sha256 of the ``config`` file saved beside it, when given."""
+    out = {**(metadata or {}), SEAL_KEY: _UNSEALED}
+    if config is not None:
+        out[CONFIG_SEAL_KEY] = sha256(Path(config))
+    return out
+
+
+def check_config_seal(weights, config) -> None:
+    """Warn, naming ``config``, when it differs from the config file that ``weights`` was saved with (a hand
+    edit, or corruption that still parses: its values are validated as it is read either way)."""
+    try:
+        with open(weights, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError, struct.error, AttributeError):
+        return  # the weights' own check reports this
+    expected = meta.get(CONFIG_SEAL_KEY) if isinstance(meta, dict) else None
+    if expected is not None and Path(config).is_file() and sha256(Path(config)) != expected:
+        warnings.warn(f"{config} differs from the config {Path(weights).name} was saved with (edited by hand, or "
+                      "corrupt); its values are checked as it is read", stacklevel=3)
+
+
+def seal_safetensors(path) -> None:
+    """Write the sha256 of the tensor data of ``path`` (written with :func:`seal_metadata`) into its header, in
+    place of the placeholder (same length: nothing moves)."""
+    with open(path, "r+b") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = f.read(n)
+        at = header.find(f'"{SEAL_KEY}":"{_UNSEALED}"'.encode())
+        if at < 0:
+            raise ValueError(f"{path} was not written with seal_metadata()")
+        digest = _data_sha256(f, 8 + n)
+        f.seek(8 + at + len(SEAL_KEY) + 4)
+        f.write(digest.encode())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def save_sealed_model(model, path, config=None) -> None:
+    """Write the weights of ``model`` (an nn.Module) to the safetensors file ``path``, sealed (with the sha256
+    of the ``config`` file beside it, when given)."""
+    from safetensors.torch import save_model
+
+    save_model(model, str(path), metadata=seal_metadata({"format": "pt"}, config))
+    seal_safetensors(path)
+
+
+def check_safetensors(path) -> None:
+    """CheckpointError naming ``path`` when its header is unreadable or its tensor data differs from the sha256
+    it was sealed with; files without a seal (older ones, other writers) pass unchecked."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+            sealed = meta.get(SEAL_KEY) if isinstance(meta, dict) else None
+            if sealed is None:
+                return
+            if _data_sha256(f, 8 + n) != sealed:
+                raise ValueError("its tensor data differs from the sha256 it was written with")
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        raise CheckpointError(f"weights file {path} is truncated or corrupt: {e}") from None
+
+
+def _data_sha256(f, offset: int) -> str:
+    f.seek(offset)
+    h = hashlib.sha256()
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+        h.update(chunk)
+    return h.hexdigest()
 
 
 def verify_checkpoint(path) -> dict:
@@ -197,12 +301,15 @@ def latest_checkpoint(out_dir) -> Path | None:
     """The checkpoint named by ``latest`` if complete, else the newest complete one; None if none exists."""
     pointer = checkpoint_root(out_dir) / LATEST_FILE
     if pointer.is_file():
-        path = checkpoint_root(out_dir) / pointer.read_text().strip()
         try:
+            name = pointer.read_bytes().decode().strip()
+            if not (name.startswith("step_") and name[5:].isdigit()):
+                raise CheckpointError(f"{pointer} does not name a step directory: {name[:40]!r}")
+            path = checkpoint_root(out_dir) / name
             verify_checkpoint(path)
             return path
-        except CheckpointError as e:
-            warnings.warn(f"'latest' names a broken checkpoint ({e}); looking for an older one", stacklevel=2)
+        except (CheckpointError, MissingFileError, UnicodeDecodeError) as e:
+            warnings.warn(f"'latest' names no complete checkpoint ({e}); looking for the newest one", stacklevel=2)
     found = find_resume_checkpoint(out_dir)
     return found[0] if found else None
 
@@ -264,6 +371,7 @@ def load_model_weights(model, path) -> None:
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"weights file {path} not found")
+    check_safetensors(path)
     try:
         load_model(model, str(path), strict=True)
     except Exception as e:

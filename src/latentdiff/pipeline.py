@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import Config, SampleSection, dump_config, load_config, update
+from .nn.speed import optimize, unoptimized
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError, MissingFileError, RequestError
 from .fileio import atomic_write
@@ -30,12 +31,15 @@ from .folders import (  # noqa: F401  (CONFIG_FILE, WEIGHTS_FILE, FIRST_STAGE_DI
     CONDITIONER_FILE,
     CONFIG_FILE,
     FIRST_STAGE_DIR,
+    MODEL,
     TOKENIZER_FILE,
     WEIGHTS_FILE,
+    check_config_seal,
     folder_kind,
     load_model_weights,
     model_weights,
     resolve_first_stage,
+    save_sealed_model,
 )
 from .nn.autoencoder import save_autoencoder
 from .nn.conditioners import Conditioner, build_conditioner
@@ -62,7 +66,7 @@ def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int, con
     diffusion need (out_channels doubles for a learned variance) and the inputs the conditioner feeds."""
     model = dict(config.model)
     preset = model.pop("preset", None)
-    if preset is not None and preset not in PRESETS:
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise ConfigError(f"model.preset: unknown U-Net preset {preset!r}; known: {', '.join(PRESETS)}")
     model.setdefault("in_channels", channels)
     model.setdefault("out_channels", diffusion.output_channels(channels))
@@ -133,6 +137,8 @@ class Pipeline:
     def __init__(self, unet: UNet, diffusion: GaussianDiffusion, config: Config, autoencoder=None,
                  conditioner: Conditioner | None = None):
         self.unet, self.diffusion, self.config = unet.eval(), diffusion, config
+        self._fast = None  # the U-Net as sample.compile / sample.channels_last want it, made on first use
+        self._prompt_cache: dict[str, dict] = {}  # prompt -> τ_θ(prompt), (1, L, D) per key (text models)
         self.conditioner = None if conditioner is None else conditioner.eval()
         if config.data.channels is None or config.data.size is None:
             raise ConfigError("pipeline config needs data.channels and data.size (a resolved config)")
@@ -238,6 +244,7 @@ class Pipeline:
         for net in (self.unet, self.autoencoder, self.conditioner):
             if net is not None:
                 net.to(device)
+        self._prompt_cache.clear()
         return self
 
     @torch.no_grad()
@@ -264,20 +271,19 @@ class Pipeline:
     def save(self, path) -> Path:
         """Write a model folder: config.yaml and model.safetensors, each replaced atomically; a latent model
         also gets its first stage in ``first_stage/`` (with the latent scale), which the config then names."""
-        from safetensors.torch import save_model
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         config = self.config
         if self.autoencoder is not None:
             save_autoencoder(self.autoencoder, str(path / FIRST_STAGE_DIR), latent_scale=self.latent_scale)
             config = dataclasses.replace(config, latent=dataclasses.replace(config.latent, first_stage=FIRST_STAGE_DIR))
-        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_model(self.unet, tmp))
+        dump_config(config, path / CONFIG_FILE)
+        # Sealed (folders.py): the weights carry the sha256 of their tensors and of config.yaml, checked by load.
+        atomic_write(path / WEIGHTS_FILE, lambda tmp: save_sealed_model(self.unet, tmp, config=path / CONFIG_FILE))
         if self.conditioner is not None:
             if self.conditioner.tokenizer is not None:
                 self.conditioner.tokenizer.save(path / TOKENIZER_FILE)
-            atomic_write(path / CONDITIONER_FILE, lambda tmp: save_model(self.conditioner, tmp))
-        dump_config(config, path / CONFIG_FILE)
+            atomic_write(path / CONDITIONER_FILE, lambda tmp: save_sealed_model(self.conditioner, tmp))
         return path
 
     @classmethod
@@ -294,6 +300,8 @@ class Pipeline:
                                   "latentdiff.first_stage.load_first_stage loads it")
         if kind is None:
             raise MissingFileError(f"{path} is not a latentdiff run or model folder: no {CONFIG_FILE} in it")
+        if kind == MODEL:
+            check_config_seal(path / WEIGHTS_FILE, path / CONFIG_FILE)
         config = load_config(path / CONFIG_FILE)
         pipe = cls.from_config(config, base_dir=path, tokenizer=load_tokenizer(path, config))
         load_model_weights(pipe.unet, model_weights(path, "unet", ema=ema))
@@ -313,7 +321,16 @@ class Pipeline:
     # Sampling
 
     def model_fn(self, x, t, **cond):
-        return self.unet(x, t, **cond)
+        return self._sampling_unet()(x, t, **cond)
+
+    def _sampling_unet(self):
+        """The U-Net as sample.compile / sample.channels_last ask (compiled once, on first use)."""
+        s = self.config.sample
+        if not (s.compile or s.channels_last):
+            return self.unet
+        if self._fast is None or unoptimized(self._fast) is not self.unet:
+            self._fast = optimize(self.unet, compile=s.compile, channels_last=s.channels_last)
+        return self._fast
 
     def _labels(self, labels, num: int) -> torch.Tensor | None:
         """The class of each of ``num`` samples: ``labels`` (checked by :meth:`sample_options`) cycled, or every
@@ -347,6 +364,9 @@ class Pipeline:
         if self.spatial is not None:
             rows = {k: _rows(v, start, n) for k, v in conditions.items()}
             batch["concat"] = self.spatial.make(rows, encode=self.encode).to(self.device)
+        elif self.takes_prompts:  # text alone: τ_θ of each distinct prompt once (encode_prompts' cache)
+            negative = [s.negative_prompt or ""] * n
+            return self.encode_prompts(batch["prompt"]), (self.encode_prompts(negative) if guided else None)
         cond = self.conditioner(batch)
         if not guided:
             return cond, None
@@ -354,6 +374,19 @@ class Pipeline:
         if self.takes_prompts:
             null["prompt"] = [s.negative_prompt or ""] * n
         return cond, self.conditioner(null)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], cache_size: int = 4096) -> dict:
+        """τ_θ of each prompt (U-Net keyword arguments, batched), each distinct prompt encoded once and cached: a
+        sampling run repeats its prompts in every batch, and the negative prompt in every one. Prompts not yet
+        cached are encoded one at a time, so a prompt's encoding never depends on the others of its batch. Code that
+        changes the conditioner's weights in place clears ``_prompt_cache`` (``to`` does)."""
+        for p in dict.fromkeys(prompts):
+            if p not in self._prompt_cache:
+                if len(self._prompt_cache) >= cache_size:
+                    self._prompt_cache.clear()
+                self._prompt_cache[p] = self.conditioner({"prompt": [p]})
+        return {k: torch.cat([self._prompt_cache[p][k] for p in prompts]) for k in self._prompt_cache[prompts[0]]}
 
     def _warn_ill_conditioned_start(self, opts: dict) -> None:
         if self.autoencoder is None:  # pixel models have clip_x0 for this
@@ -406,16 +439,24 @@ class Pipeline:
         sampler: str | None = None,  # a name of latentdiff.samplers.SAMPLERS; None = the config's
         steps: int | None = None,   # network evaluations grid; None = the config's
         guidance: float | None = None,  # classifier-free guidance scale s (1 = none); None = the config's
-        seed: int | None = None,    # sample i uses seed + i whatever the batch; None = the config's
+        seed=None,                  # int: sample i uses seed + i whatever the batch; a list: one seed per sample;
+                                    # None = the config's
         batch_size: int | None = None,
         size=None,                  # (H, W) in pixels; None = the training size; larger is sampled convolutionally
         output: str = "pil",        # "pil" (list of images) or "tensor" ((N, C, H, W) in [-1, 1])
         progress: bool = False,
         model_fn=None,              # the network call; None = self.model_fn (pass a wrapper of it to count calls)
+        callback=None,              # callback(start, i, t, x, x0_hat) after step i of the batch of samples start..;
+                                    # x0_hat is in the diffusion's space (latents for latent models); raise to stop
         conditions: dict | None = None,  # spatial models: the condition's fields (e.g. {"segmentation": (N|1, H, W)}),
                                     # N rows or 1 shared; the image size follows them unless ``size`` is given
         layouts=None,               # layout models: a list of {"shape", "colour", "box"} objects, a list of such
                                     # lists (cycled over the samples) or a (N, K, 5) tensor (latentdiff.layouts)
+        init_image=None,            # image-to-image (SDEdit) or training-free inpainting: (N|1, C, H, W) in [-1, 1];
+                                    # latent models encode it
+        strength: float | None = None,  # image-to-image: the share of the grid run from init_image, in (0, 1]
+        mask=None,                  # training-free inpainting (RePaint) of init_image: (N|1, 1, H, W) in [0, 1],
+                                    # 1 = generate, 0 = keep; latent models take it onto the latent grid
         **options,                  # further options of latentdiff.samplers.sample (eta, spacing, karras, ...)
     ):
         from .samplers import sample as run_sampler
@@ -423,9 +464,15 @@ class Pipeline:
         if output not in ("pil", "tensor"):
             raise RequestError(f"output must be 'pil' or 'tensor', got {output!r}")
         routed = ("eta", "spacing", "offset", "karras", "clip_x0", "guidance_rescale")  # sample-section options
+        seeds = None
+        if isinstance(seed, (list, tuple)):  # one seed per sample (a server batching several requests)
+            seeds, seed = [int(v) for v in seed], (int(seed[0]) if seed else None)
         s = self.sample_options(num=num, prompts=prompts, negative_prompt=negative_prompt, labels=labels,
                                 sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch_size,
                                 size=size, **{k: v for k, v in options.items() if k in routed})
+        if seeds is not None and len(seeds) != s.num:
+            raise RequestError(f"got {len(seeds)} seeds for {s.num} samples; give one seed per sample or one int")
+        seeds = seeds or [s.seed + i for i in range(s.num)]
         conditions = self._spatial_inputs(conditions, s.num)
         if layouts is not None or self.takes_layouts:
             if layouts is None:
@@ -437,6 +484,8 @@ class Pipeline:
             if implied is not None and tuple(implied) != self.image_shape[1:]:
                 self._check_size(implied)
                 s = dataclasses.replace(s, size=list(implied))
+        if init_image is not None or strength is not None or mask is not None:
+            s = self._check_edits(init_image, strength, mask, s)
         opts = {k: getattr(s, k) for k in routed}
         opts.update({k: v for k, v in options.items() if k not in routed})
         self._warn_ill_conditioned_start(opts)
@@ -453,10 +502,12 @@ class Pipeline:
             n = min(s.batch_size, s.num - start)
             noise = torch.empty(n, *shape, device=self.device)
             cond, uncond = self._conditions(s, y, conditions, start, n, layouts)
-            cb = (lambda i, t, x, x0, n=n: bar.update(n)) if bar is not None else None  # n bound per batch
+            cb = _step_callback(bar, callback, start, n)
+            if init_image is not None:
+                opts.update(self._edit_options(init_image, strength, mask, start, n, seeds[start]))
             x = run_sampler(
                 model_fn, noise, diffusion=self.diffusion, sampler=s.sampler, steps=s.steps,
-                seed=[s.seed + start + i for i in range(n)], guidance_scale=s.guidance, uncond=uncond, callback=cb,
+                seed=seeds[start : start + n], guidance_scale=s.guidance, uncond=uncond, callback=cb,
                 **opts, **cond,
             )
             if self.autoencoder is not None:
@@ -466,6 +517,50 @@ class Pipeline:
             bar.close()
         images = torch.cat(out).clamp(-1, 1)
         return images if output == "tensor" else to_pil(images)
+
+    def _check_edits(self, init_image, strength, mask, s: SampleSection) -> SampleSection:
+        """Image-to-image and training-free inpainting inputs checked: init_image (N|1, C, H, W) in [-1, 1] with a
+        strength in (0, 1] and/or a mask (N|1, 1, H, W) in [0, 1]; the image size follows init_image unless given."""
+        if init_image is None:
+            raise RequestError("strength and mask apply to init_image (image-to-image, inpainting): give init_image")
+        if strength is None and mask is None:
+            raise RequestError("init_image needs a strength (image-to-image) or a mask (inpainting)")
+        if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
+                                     or not 0.0 < strength <= 1.0):
+            raise RequestError(f"strength must lie in (0, 1] (the share of the sampling steps run from the image), "
+                               f"got {strength!r}")
+        c = self.config.data.channels
+        if not torch.is_tensor(init_image) or init_image.dim() != 4 or init_image.shape[1] != c:
+            got = tuple(init_image.shape) if torch.is_tensor(init_image) else type(init_image).__name__
+            raise RequestError(f"init_image must be a (N or 1, {c}, H, W) tensor in [-1, 1], got {got}")
+        if len(init_image) not in (1, s.num) or not torch.isfinite(init_image).all():
+            raise RequestError(f"init_image must have 1 or {s.num} rows of finite values, got {len(init_image)} rows")
+        size = tuple(init_image.shape[-2:])
+        if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 4 or mask.shape[1] != 1
+                                 or len(mask) not in (1, s.num) or tuple(mask.shape[-2:]) != size
+                                 or not mask.is_floating_point() or mask.min() < 0 or mask.max() > 1):
+            got = f"{tuple(mask.shape)} {mask.dtype}" if torch.is_tensor(mask) else type(mask).__name__
+            raise RequestError(f"mask must be a float (N or 1, 1, {size[0]}, {size[1]}) tensor in [0, 1] (1 = "
+                               f"generate), got {got}")
+        if s.size is None and size != self.image_shape[1:]:
+            self._check_size(size)
+            s = dataclasses.replace(s, size=list(size))
+        elif s.size is not None and tuple(s.size) != size:
+            raise RequestError(f"init_image is {size[0]}x{size[1]} but the size asked is {s.size[0]}x{s.size[1]}")
+        return s
+
+    def _edit_options(self, init_image, strength, mask, start: int, n: int, seed: int) -> dict:
+        """The sampler's img2img / RePaint options for samples start..start+n-1 (samplers/editing.py): the image
+        on the diffusion's grid (encoded; a posterior sample from ``seed``) and the mask of what is kept there (a
+        latent cell is generated when any of its pixels is)."""
+        z = self.encode(_rows(init_image, start, n).to(self.device), generator=torch.Generator().manual_seed(seed))
+        opts = {} if strength is None else {"init_image": z, "strength": float(strength)}
+        if mask is not None:
+            fill = _rows(mask, start, n).to(device=z.device, dtype=z.dtype)
+            if fill.shape[-2:] != z.shape[-2:]:
+                fill = torch.nn.functional.adaptive_max_pool2d(fill, z.shape[-2:])
+            opts.update(known=z, mask=1.0 - fill)
+        return opts
 
     def sample_options(self, **given) -> SampleSection:
         """The config's sample section with the ``given`` values in place (None keeps the config's), checked in
@@ -550,6 +645,21 @@ def _rows(value, start: int, n: int):
     if len(value) == 1:
         return value.expand(n, *value.shape[1:]) if torch.is_tensor(value) else list(value) * n
     return value[start : start + n]
+
+
+def _step_callback(bar, callback, start: int, n: int):
+    """The sampler's ``callback(i, t, x, x0)`` for the batch of samples start..start+n-1: advances the progress bar
+    by n and calls the user's ``callback(start, i, t, x, x0)``; None when there is neither."""
+    if bar is None and callback is None:
+        return None
+
+    def step(i, t, x, x0):
+        if bar is not None:
+            bar.update(n)
+        if callback is not None:
+            callback(start, i, t, x, x0)
+
+    return step
 
 
 def _built(section: str, build, *args):

@@ -8,9 +8,11 @@ the image's stem (``cat.png`` + ``cat.txt``), or, for labels, from first-level s
 Everything that can go wrong with the files is found when the dataset is built, before any training step:
 each image is opened and checked once with PIL's ``verify`` (reads headers and checksums, does not decode
 pixels), unreadable ones are skipped and counted in one logged warning, and a missing or empty folder, an
-unconvertible image mode, or a metadata line without a required field raises a clear error. A file that
+unconvertible image mode, or a metadata line without a required field raises a clear error. An image over
+PIL's pixel limit (``Image.MAX_IMAGE_PIXELS``, a decompression bomb) counts as unreadable. A metadata line
+whose ``file_name`` points outside the folder (an absolute path, ``..``, a symlink out) is refused. A file that
 passes ``verify`` but fails to decode later (a truncated JPEG) is replaced by the next good image with a
-warning instead of stopping the run.
+warning instead of stopping the run, and counted in ``num_failed``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -136,9 +139,7 @@ class ImageFolder(Dataset):
         good, bad, modes_ok = [], [], {}
         for p in found:
             try:
-                with Image.open(p) as im:
-                    mode = im.mode
-                    im.verify()
+                mode = _check_image(p)
             except Exception as e:  # any failure to parse an untrusted file means "unreadable"
                 bad.append((p, f"{type(e).__name__}: {e}"))
                 continue
@@ -175,6 +176,10 @@ class ImageFolder(Dataset):
                     if not isinstance(name, str) or not name:
                         raise DataError(f"{where}: field 'file_name' must be a non-empty string, got {name!r}")
                     key = Path(os.path.normpath(meta.parent / name))  # lexical, like the scanned paths
+                    if Path(name).is_absolute() or not _inside(self.root, meta.parent / name):
+                        raise DataError(f"{where}: file_name {name!r} points outside the dataset folder "
+                                        f"{str(self.root)!r} (an absolute path, '..' or a symlink out); "
+                                        "metadata may only name files inside it")
                     if key not in existing:
                         if not key.is_file():
                             raise DataError(f"{where}: file_name {name!r} does not exist under {str(meta.parent)!r}")
@@ -259,6 +264,12 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def num_failed(self) -> int:
+        """Images of this process that passed the check at construction but failed to decode when loaded (each
+        replaced by the next image, with a warning naming it)."""
+        return len(self._failed)
+
     def __getitem__(self, index):
         """Item ``index`` of the current epoch; ``(index, epoch)`` selects the epoch explicitly."""
         epoch = self.epoch
@@ -312,6 +323,27 @@ class ImageFolder(Dataset):
         extra = f", classes={self.num_classes}" if self.classes is not None else ""
         cap = f", captions={self.caption_source}" if self.has_captions else ""
         return f"ImageFolder({str(self.root)!r}, n={len(self)}, size={self.size}, channels={self.channels}{extra}{cap})"
+
+
+def _check_image(path: Path) -> str:
+    """The mode of the image file ``path`` after PIL's ``verify`` (headers; PNG: every chunk's checksum) and
+    its pixel limit: a decompression bomb is refused from 1x Image.MAX_IMAGE_PIXELS on, where PIL itself only
+    warns up to 2x. Pixels are not decoded: a truncated JPEG is found when it is first loaded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            mode = im.mode
+            im.verify()
+    return mode
+
+
+def _inside(root: Path, path: Path) -> bool:
+    """Whether ``path``, with every symlink resolved, lies inside ``root`` (also resolved)."""
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def _caption_field(rec: dict) -> str | None:

@@ -141,7 +141,15 @@ def _build_shapes(s: dict) -> Dataset:
     return ShapesDataset(split=s["split"], seed=s["seed"], **options)
 
 
+def _build_shards(s: dict) -> Dataset:
+    from .shards import ShardStream  # webdataset tar shards, streamed (data/shards.py)
+
+    return ShardStream(_require(s, "root", "shards"), size=s["size"], channels=3 if s["channels"] is None else
+                       s["channels"], seed=s["seed"], **s["options"])
+
+
 register_dataset("folder", _build_folder, uses=("root", "size", "channels", "crop", "flip", "captions", "labels"))
 register_dataset("cifar10", _build_cifar10, uses=("root", "size", "channels", "flip"), splits=("train", "test"))
 register_dataset("digits", _build_digits, uses=("size", "channels"), splits=("train", "test", "all"))
+register_dataset("shards", _build_shards, uses=("root", "size", "channels"))
 register_dataset("shapes", _build_shapes, uses=("size", "channels"), splits=("train", "test"))

@@ -76,7 +76,13 @@ class ShapesConfig:
 
     def __post_init__(self):
         self.shapes, self.colours, self.backgrounds = tuple(self.shapes), tuple(self.colours), tuple(self.backgrounds)
-        if not isinstance(self.size, int) or self.size < 1:
+        for name in ("size", "min_objects", "max_objects", "antialias"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ConfigError(f"shapes: {name} must be an int, got {v!r}")
+        if isinstance(self.test_fraction, bool) or not isinstance(self.test_fraction, (int, float)):
+            raise ConfigError(f"shapes: test_fraction must be a number, got {self.test_fraction!r}")
+        if self.size < 1:
             raise ConfigError(f"shapes: size must be a positive int, got {self.size!r}")
         if not 1 <= self.min_objects <= self.max_objects <= GRID * GRID:
             raise ConfigError(f"shapes: need 1 <= min_objects <= max_objects <= {GRID * GRID}, "

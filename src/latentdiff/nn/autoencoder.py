@@ -35,7 +35,7 @@ from ..errors import CheckpointError, MissingFileError
 from ..fileio import atomic_write, atomic_write_text
 from ..folders import AE_CONFIG_FILE as CONFIG_FILE
 from ..folders import AE_FORMAT as FORMAT
-from ..folders import WEIGHTS_FILE
+from ..folders import WEIGHTS_FILE, check_config_seal, check_safetensors, seal_metadata, seal_safetensors
 from .quantize import VectorQuantizer
 
 REGULARIZERS = ("kl", "vq")
@@ -386,13 +386,19 @@ def save_autoencoder(autoencoder: Autoencoder, folder: str, latent_scale: float 
     scale = latent_scale if latent_scale is not None else model.latent_scale
     os.makedirs(folder, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    atomic_write(os.path.join(folder, WEIGHTS_FILE), lambda p: save_file(state, p, metadata={"format": FORMAT}))
     meta = {"format": FORMAT, "version": 1, "config": model.config.to_dict(),
             "latent_scale": None if scale is None else float(scale)}
     data = data if data is not None else getattr(model, "training_data", None)
     if data is not None:
         meta["data"] = dict(data)
-    atomic_write_text(os.path.join(folder, CONFIG_FILE), json.dumps(meta, indent=2))
+    cfg_path = os.path.join(folder, CONFIG_FILE)
+    atomic_write_text(cfg_path, json.dumps(meta, indent=2))
+
+    def write(p):  # sealed: the weights carry the sha256 of their tensors and of config.json, checked by load
+        save_file(state, p, metadata=seal_metadata({"format": FORMAT}, config=cfg_path))
+        seal_safetensors(p)
+
+    atomic_write(os.path.join(folder, WEIGHTS_FILE), write)
     if latent_scale is not None:
         model.latent_scale = float(latent_scale)
 
@@ -408,6 +414,7 @@ def load_autoencoder(folder: str, map_location: str | torch.device = "cpu") -> A
     for p in (cfg_path, w_path):
         if not os.path.isfile(p):
             raise MissingFileError(f"autoencoder file missing: {p}")
+    check_config_seal(w_path, cfg_path)
     try:
         with open(cfg_path) as fh:
             meta = json.load(fh)
@@ -442,5 +449,6 @@ def load_autoencoder(folder: str, map_location: str | torch.device = "cpu") -> A
     bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f"{w_path}: non-finite values (NaN/inf) in {bad[:5]}")
+    check_safetensors(w_path)  # a flipped byte that still parses is an error naming the file, not a wrong model
     model.load_state_dict(state)
     return model.to(map_location)

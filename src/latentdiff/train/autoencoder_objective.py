@@ -36,6 +36,12 @@ def adaptive_weight(rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: to
     """λ = ||∇_{G_L} L_rec|| / (||∇_{G_L} L_G|| + 1e-4), clamped to [0, max_weight], detached (VQGAN eq. 7)."""
     rec_grad = torch.autograd.grad(rec_loss, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    if _distributed():  # λ of the global batch: the gradient of its mean loss is the mean over the processes
+        import torch.distributed as dist
+
+        both = torch.stack([rec_grad, g_grad])
+        dist.all_reduce(both)
+        rec_grad, g_grad = both / dist.get_world_size()
     weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
     return weight.clamp(0.0, max_weight).detach()
 

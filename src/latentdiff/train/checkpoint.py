@@ -32,24 +32,27 @@ from typing import Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_model
 
 from ..errors import CheckpointError
 from ..folders import (  # noqa: F401  (finding, verifying and reading checkpoints: re-exported from here)
     LATEST_FILE,
     STATE_FILE,
+    STATE_HASH,
     checkpoint_root,
     find_resume_checkpoint,
     latest_checkpoint,
     list_checkpoints,
     load_model_weights,
     sha256,
+    state_hash,
     step_name,
     verify_checkpoint,
     weights_in_checkpoint,
 )
 
-FORMAT = 1
+FORMAT = 2  # 2: state.json holds its own checksum (format 1 checkpoints still load)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,10 +151,36 @@ def save_checkpoint(
     barrier: Callable[[], None] = lambda: None,
     keep: int = 0,
 ) -> Path:
-    """Write the checkpoint of ``step`` atomically; every process calls this (each writes its RNG file)."""
+    """Write the checkpoint of ``step`` atomically; every process calls this (each writes its RNG file).
+
+    A failed write (no space, a read-only folder, any OSError of the writers) raises CheckpointWriteError naming
+    the checkpoint; its temporary directory is removed and the checkpoints written before stay as they were."""
     root = checkpoint_root(out_dir)
-    name = step_name(step)
-    tmp, final = root / f".tmp_{name}", root / name
+    tmp, final = root / f".tmp_{step_name(step)}", root / step_name(step)
+    try:
+        _write_checkpoint(root, step, tmp, final, models=models, ema=ema, optimizers=optimizers,
+                          objective_state=objective_state, train_state=train_state, rng_state=rng_state, rank=rank,
+                          is_main=is_main, barrier=barrier, keep=keep, out_dir=out_dir)
+    except (OSError, RuntimeError, SafetensorError) as e:  # torch.save and safetensors wrap the OSError
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for _, p in list_checkpoints(out_dir) if p != final]
+        reason = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else \
+            " ".join(str(e).split())
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {final} ({reason}); the previous checkpoint "
+            f"{previous[-1] if previous else '(none)'} is intact: free space or fix the folder, then --resume"
+        ) from None
+    return final
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """A checkpoint could not be written (disk full, read-only folder, I/O error); earlier ones are intact."""
+
+
+def _write_checkpoint(root: Path, step: int, tmp: Path, final: Path, *, models, ema, optimizers, objective_state,
+                      train_state, rng_state, rank, is_main, barrier, keep, out_dir) -> None:
+    name = final.name
     if is_main:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -174,6 +203,7 @@ def save_checkpoint(
         manifest = {str(p.relative_to(tmp)): {"size": p.stat().st_size, "sha256": sha256(p)} for p in files}
         state = dict(train_state, format=FORMAT, step=int(step), time=time.time(),
                      ema_updates={n: e.num_updates for n, e in ema.items()}, files=manifest)
+        state[STATE_HASH] = state_hash(state)  # a flipped byte in state.json is then found, not trusted
         with open(tmp / STATE_FILE, "w") as f:
             json.dump(state, f, indent=1)
             f.flush()
@@ -189,7 +219,6 @@ def save_checkpoint(
             for _, old in list_checkpoints(out_dir)[:-keep]:
                 _remove_tree(old)
     barrier()
-    return final
 
 
 def _remove_tree(path: Path) -> None:
@@ -207,7 +236,17 @@ def _torch_load(path: Path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad pickle opcode, a forbidden global ...
-        raise CheckpointError(f"cannot read checkpoint file {path}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint file {path}: {_one_line(e)}") from None
+
+
+def _one_line(e: Exception) -> str:
+    """torch.load's error in one line: for a pickle that asks for code, the refused global (nothing was run)."""
+    text = str(e)
+    if "Weights only load failed" in text:
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        why = next((ln for ln in lines[1:] if "GLOBAL" in ln or "Unsupported" in ln), lines[-1] if lines else "")
+        return f"it holds more than tensors and plain data, refused without running it ({why})"
+    return " ".join(text.split())
 
 
 def load_models(path, models: dict, *, ema: bool = False) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
+from ..data.shards import POSITION_KEY, ShardStream
 from ..errors import ConfigError, DataError
 
 
@@ -75,7 +76,10 @@ class BatchStream:
         self.epoch, self.index = 0, 0
         self._iter = None
         self._gen_states: dict[str, torch.Tensor] = {}
-        if isinstance(data, DataLoader):
+        self.shards = None
+        if isinstance(data, ShardStream):
+            self._init_shards(data, config, world_size, rank, device)
+        elif isinstance(data, DataLoader):
             self.loader, self.sampler = data, None
             s = data.sampler
             if isinstance(s, RandomSampler) and s.generator is None and not hasattr(s, "set_epoch"):
@@ -92,10 +96,30 @@ class BatchStream:
         else:
             raise TypeError(f"training data must be a Dataset or a DataLoader, got {type(data).__name__}")
 
+    def _init_shards(self, data: ShardStream, config, world_size: int, rank: int, device) -> None:
+        """Streamed shards: each process reads its own shards, each loader worker its own part of them."""
+        if config.batch_size % (world_size * config.grad_accum):
+            raise ConfigError(f"batch_size {config.batch_size} must be divisible by processes × grad_accum = "
+                              f"{world_size} × {config.grad_accum}")
+        micro = config.batch_size // (world_size * config.grad_accum)
+        self.shards = data.configured(batch_size=micro, world_size=world_size, rank=rank)
+        self.sampler, self.loader, self.num_workers = None, None, config.num_workers
+        self.workers = {g: (0, 0) for g in self.shards.worker_ids(config.num_workers)}  # g -> (epoch, emitted)
+        self._pin = device.type == "cuda"
+
     # -- position ------------------------------------------------------------------------------------------
 
     def position(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+        if self.shards is None:
+            return {"epoch": self.epoch, "index": self.index}
+        workers = {str(g): list(p) for g, p in self.workers.items()}
+        if self.shards.world_size > 1:  # every process's workers, so that the main process saves them all
+            import torch.distributed as dist
+
+            parts = [None] * self.shards.world_size
+            dist.all_gather_object(parts, workers)
+            workers = {g: p for part in parts for g, p in part.items()}
+        return {"epoch": self.epoch, "index": self.index, "shard_workers": workers}
 
     def generator_states(self) -> dict[str, torch.Tensor]:
         """States of the user loader's generators at the start of the current epoch (empty for a Dataset)."""
@@ -104,10 +128,24 @@ class BatchStream:
     def seek(self, position: dict, generator_states: dict | None = None) -> None:
         self.epoch, self.index = int(position["epoch"]), int(position["index"])
         self._iter = None
+        if self.shards is not None:
+            self._seek_shards(position)
         if generator_states:
             for name, gen in self._user_generators().items():
                 if name in generator_states:
                     gen.set_state(generator_states[name])
+
+    def _seek_shards(self, position: dict) -> None:
+        saved = {int(g): tuple(p) for g, p in position.get("shard_workers", {}).items()}
+        n = self.shards.world_size * max(self.num_workers, 1)
+        if len(saved) != n:
+            warnings.warn(f"the checkpoint's stream was read by {len(saved)} workers, this run has {n} (processes × "
+                          f"num_workers): the shards are split anew and the stream starts again at epoch "
+                          f"{self.epoch + 1}", stacklevel=3)
+            self.epoch, self.index = self.epoch + 1, 0
+            self.workers = {g: (self.epoch, 0) for g in self.workers}
+            return
+        self.workers = {g: saved[g] for g in self.workers}
 
     # -- iteration -----------------------------------------------------------------------------------------
 
@@ -122,6 +160,16 @@ class BatchStream:
         return gens
 
     def _start_epoch(self) -> None:
+        if self.shards is not None:
+            # Batch i of a loader comes from worker i % W; rotate so the batch after a resume comes from the worker
+            # whose turn it was.
+            self.shards.start = dict(self.workers)
+            self.shards.rotation = self.index % max(self.num_workers, 1)
+            # A private generator: creating the iterator must not draw from the global RNG that checkpoints restore.
+            self.loader = DataLoader(self.shards, batch_size=None, num_workers=self.num_workers, pin_memory=self._pin,
+                                     generator=torch.Generator().manual_seed(0))
+            self._iter = iter(self.loader)
+            return
         if self.sampler is not None:
             self.sampler.epoch, self.sampler.start = self.epoch, self.index
             self._loader_gen.manual_seed(int(np.random.default_rng([self.sampler.seed, self.epoch, 1]).integers(2**62)))
@@ -144,6 +192,10 @@ class BatchStream:
             try:
                 batch = next(self._iter)
                 self.index += 1
+                if self.shards is not None:
+                    g, epoch, emitted = batch.pop(POSITION_KEY)
+                    self.workers[g] = (epoch, emitted)
+                    self.epoch = min(e for e, _ in self.workers.values())
                 return to_device(batch, self.device)
             except StopIteration:
                 self._iter = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import time
 import warnings
 from collections import defaultdict
@@ -31,7 +32,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import UserError
+from ..errors import ConfigError, UserError
+from ..nn.speed import FirstCallTimer, optimize
 from .checkpoint import (
     capture_rng_state,
     find_resume_checkpoint,
@@ -46,6 +48,7 @@ from .checkpoint import (
 from .config import TrainConfig, lr_factor
 from .data import BatchStream, EpochBatchSampler
 from .ema import EMA
+from .guards import TrainingInterrupted, launch_rank, run_folder_lock, stop_requested, stop_signals
 from .logging import MetricsLogger, save_grid
 
 
@@ -92,7 +95,8 @@ def train(
     restore_flags = _set_determinism(config.deterministic)
     raw_models = dict(objective.models)
     try:
-        return _run(objective, data, config, out_dir, resume, collate_fn, callback, progress, raw_models)
+        with run_folder_lock(out_dir, enabled=launch_rank() == 0), stop_signals():
+            return _run(objective, data, config, out_dir, resume, collate_fn, callback, progress, raw_models)
     finally:
         objective.models.clear()
         objective.models.update(raw_models)  # the caller gets its own (unwrapped) modules back
@@ -121,7 +125,8 @@ def _run(objective, data, config, out_dir, resume, collate_fn, callback, progres
     params, optimizers = _make_optimizers(objective, raw_models, config)
     ema = {n: EMA(raw_models[n], config.ema_decay, warmup=config.ema_warmup).to(device)
            for n in objective.ema} if config.ema_decay > 0 else {}
-    trained = _prepare(objective, raw_models, optimizers, accelerator)
+    _check_distributed_type(accelerator)
+    trained = _prepare(objective, raw_models, optimizers, accelerator, config)
     run = _Run(objective, config, out_dir, accelerator, mp, stream, params, optimizers, ema,
                unwrapped={n: accelerator.unwrap_model(m) for n, m in objective.models.items()})
 
@@ -159,14 +164,18 @@ def _train_steps(run: _Run, logger, step: int, last_ckpt, callback, progress) ->
     averager, metrics = MetricsAverager(), {}
     grids = main and config.sample_every and hasattr(run.objective, "sample_images")  # sample grids on the way
     t_start, steps_here, time_up = time.perf_counter(), 0, False
+    first = FirstCallTimer() if config.compile else None
     try:
         while step < config.steps and not time_up:
+            t_step = time.perf_counter()
             step_losses, logs, norms, lrs = _optimizer_step(run.objective, accelerator, run.stream, run.optimizers,
                                                             run.params, config, step, run.mp, last_ckpt)
             for n, e in run.ema.items():
                 e.update(run.unwrapped[n])
             step += 1
             steps_here += 1
+            if first is not None:
+                _report_compile(first, time.perf_counter() - t_step, main)
             if config.max_minutes:
                 time_up = _time_is_up(t_start, steps_here, config.max_minutes, accelerator)
             step_metrics = _step_metrics(step_losses, norms, lrs, logs)
@@ -186,6 +195,8 @@ def _train_steps(run: _Run, logger, step: int, last_ckpt, callback, progress) ->
             if (config.checkpoint_every and step % config.checkpoint_every == 0) or last:
                 last_ckpt = _save(run.out_dir, step, run.unwrapped, run.ema, run.optimizers, run.objective, run.stream,
                                   config, accelerator, run.mp)
+            if not last and _stop_asked(accelerator):
+                _checkpoint_and_stop(run, step, last_ckpt)
         if time_up and main:
             print(f"stopped at step {step} of {config.steps}: the time budget train.max_minutes={config.max_minutes:g} "
                   f"is spent ({(time.perf_counter() - t_start) / 60:.2f} min)", flush=True)
@@ -195,6 +206,14 @@ def _train_steps(run: _Run, logger, step: int, last_ckpt, callback, progress) ->
         for m in run.objective.models.values():
             accelerator.unwrap_model(m, keep_fp32_wrapper=False)  # removes the autocast forward from the raw model
     return TrainResult(step=step, checkpoint=last_ckpt, metrics=metrics)
+
+
+def _report_compile(timer: FirstCallTimer, seconds: float, main: bool) -> None:
+    """With train.compile: the first step's time (compilation included), printed apart from the steady step time."""
+    timer.record(seconds)
+    if timer.rest_calls == 2 and main:
+        print(f"compile: first step {timer.first_s:.2f} s, steady step {timer.steady_s:.3f} s, so about "
+              f"{timer.compile_s:.2f} s compiling", flush=True)
 
 
 def _make_accelerator(config: TrainConfig):
@@ -226,18 +245,30 @@ def _make_optimizers(objective, raw_models: dict, config: TrainConfig) -> tuple[
     return params, optimizers
 
 
-def _prepare(objective, raw_models: dict, optimizers: dict, accelerator) -> list[str]:
-    """Put the objective's models on the device, the trained ones wrapped (DDP, autocast), and wrap the
-    optimizers; returns the names of the trained models."""
+def _prepare(objective, raw_models: dict, optimizers: dict, accelerator, config: TrainConfig) -> list[str]:
+    """Put the objective's models on the device, the trained ones wrapped (channels-last, DDP, autocast, compile),
+    and wrap the optimizers; returns the names of the trained models."""
     trained = [n for names in objective.optimizers.values() for n in names]
     for n, m in raw_models.items():
         if n in trained:
-            objective.models[n] = accelerator.prepare_model(m)
+            if config.channels_last:
+                m.to(memory_format=torch.channels_last)
+            objective.models[n] = optimize(accelerator.prepare_model(m), compile=config.compile,
+                                           backend=config.compile_backend)
         else:
             objective.models[n] = m.to(accelerator.device)  # saved, not trained
     for name in optimizers:
         optimizers[name][0] = accelerator.prepare_optimizer(optimizers[name][0])
     return trained
+
+
+def _check_distributed_type(accelerator) -> None:
+    """FSDP shards the weights; this loop's EMA and checkpoints read whole modules, so it refuses FSDP (one clear
+    error instead of sharded checkpoints) until they gather full state dicts. DDP (multi_gpu) is supported."""
+    if str(getattr(accelerator, "distributed_type", "")).endswith("FSDP"):
+        raise ConfigError("accelerate launched this run with FSDP, which the training loop does not support yet "
+                          "(EMA and checkpoints need the full weights): launch with --multi_gpu (DDP); see "
+                          "docs/scaling.md")
 
 
 def _resume(run: _Run, found: Path | None) -> tuple[int, Path | None, dict | None]:
@@ -511,6 +542,33 @@ def _save(out_dir, step, unwrapped, ema, optimizers, objective, stream, config, 
                            objective_state=obj_state, train_state=train_state, rng_state=rng,
                            rank=accelerator.process_index, is_main=accelerator.is_main_process,
                            barrier=accelerator.wait_for_everyone, keep=config.keep_checkpoints)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# Stopping on a signal (guards.py holds the handlers and the lock file)
+
+
+def _stop_asked(accelerator) -> bool:
+    """Whether SIGINT / SIGTERM reached any process since the run started; all processes decide together."""
+    asked = stop_requested() is not None
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(torch.tensor([float(asked)], device=accelerator.device), reduction="sum")
+        asked = bool(flag.item() > 0)
+    return asked
+
+
+def _checkpoint_and_stop(run: _Run, step: int, last_ckpt: Path | None) -> None:
+    """Write the checkpoint of ``step`` (unless the loop has just written it, e.g. while the signal came), then
+    raise TrainingInterrupted."""
+    if last_ckpt is None or last_ckpt.name != step_name(step):
+        last_ckpt = _save(run.out_dir, step, run.unwrapped, run.ema, run.optimizers, run.objective, run.stream,
+                          run.config, run.accelerator, run.mp)
+    signum = stop_requested()
+    name = signal.Signals(signum).name if signum else "a signal on another process"
+    if run.accelerator.is_main_process:
+        print(f"stopped by {name} at step {step}; checkpoint {last_ckpt} (continue with --resume)", flush=True)
+    raise TrainingInterrupted(f"stopped by {name} at step {step}; checkpoint {last_ckpt}", signum or 0, step,
+                              last_ckpt)
 
 
 def _json(d: dict) -> str:

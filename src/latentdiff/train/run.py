@@ -14,12 +14,14 @@ from pathlib import Path
 from .. import first_stage
 from ..config import AutoencoderLossConfig, AutoencoderRunConfig, Config, ConfigError, dump_config, load_config
 from ..data import make_dataset
+from ..data.shards import ShardStream
 from ..errors import DataError, MissingFileError, RequestError
 from ..folders import CONFIG_FILE, EXPORT_DIR, FIRST_STAGE_DIR, TOKENIZER_FILE, list_checkpoints
 from ..nn.autoencoder import save_autoencoder
 from ..nn.tokenizer import WordTokenizer
 from ..pipeline import Pipeline
 from .autoencoder_objective import AutoencoderObjective
+from .guards import launch_rank, run_folder_lock
 from .loop import TrainResult, seed_everything, train
 from .objective import DiffusionObjective
 
@@ -27,6 +29,8 @@ from .objective import DiffusionObjective
 def resolve_data(config: Config):
     """Build the dataset and fill in ``data.channels`` and ``data.size`` from its first item."""
     dataset = make_dataset(config.data)
+    if isinstance(dataset, ShardStream):
+        return dataset, _resolve_stream(config, dataset)
     if len(dataset) == 0:
         raise DataError(f"dataset {config.data.name!r} is empty")
     image = dataset[0]["image"]
@@ -37,12 +41,49 @@ def resolve_data(config: Config):
     return dataset, dataclasses.replace(config, data=data)
 
 
+def _resolve_stream(config: Config, stream: ShardStream) -> Config:
+    """Streamed shards: ``data.channels`` and ``data.size`` from the first image, or for latent shards (``latentdiff
+    encode``) from their latents.json, whose autoencoder must be the config's first stage."""
+    from ..data.latent_shards import read_meta
+
+    first = (stream.preview(1) or [None])[0]
+    if first is None:
+        raise DataError(f"the shards {config.data.root!r} hold no sample")
+    if "image" in first:
+        c, h, w = first["image"].shape
+        return dataclasses.replace(config, data=dataclasses.replace(config.data, channels=int(c), size=int(h)))
+    meta = read_meta(Path(stream.urls[0]).parent)
+    if meta is None or getattr(config, "latent", None) is None or config.latent.first_stage is None:
+        raise ConfigError(f"data.root {config.data.root!r} holds latent shards: give latent.first_stage (the "
+                          "autoencoder that `latentdiff encode` used), and keep latents.json beside the shards")
+    data = dataclasses.replace(config.data, channels=int(meta["channels"]), size=int(meta["size"]))
+    latent = dataclasses.replace(config.latent, cache=False)  # the shards are the cache
+    stream.latent_std = config.latent.sample_posterior  # False: train on μ, as the uncached path does
+    return dataclasses.replace(config, data=data, latent=latent)
+
+
+def _check_latent_shards(dataset, pipe: Pipeline) -> None:
+    from ..data.latent_cache import autoencoder_hash
+    from ..data.latent_shards import read_meta
+
+    meta = read_meta(Path(dataset.urls[0]).parent) if isinstance(dataset, ShardStream) else None
+    if meta is not None and meta["autoencoder_sha256"] != autoencoder_hash(pipe.autoencoder):
+        raise ConfigError(f"the latent shards in {Path(dataset.urls[0]).parent} were encoded by another autoencoder "
+                          f"than latent.first_stage; encode them again with it")
+
+
+def _probe(dataset, n: int = 1):
+    """What the checks read items from: the dataset, or the first items of a stream."""
+    return dataset.preview(n) if isinstance(dataset, ShardStream) else dataset
+
+
 def _data_for_run(config, out_dir: Path):
     """(dataset, config with the data resolved and train.out_dir set); prints one line about the data."""
     dataset, config = resolve_data(config)
     skipped = getattr(dataset, "num_skipped", 0)
     note = f" ({skipped} unreadable image(s) skipped)" if skipped else ""
-    print(f"data: {len(dataset)} images from {config.data.name!r}{note}, "
+    count = dataset.num_samples if isinstance(dataset, ShardStream) else len(dataset)
+    print(f"data: {count if count is not None else 'streamed'} images from {config.data.name!r}{note}, "
           f"{config.data.channels}x{config.data.size}x{config.data.size}", flush=True)
     return dataset, dataclasses.replace(config, train=dataclasses.replace(config.train, out_dir=str(out_dir)))
 
@@ -58,7 +99,10 @@ def tokenizer_for_run(config: Config, dataset, out_dir: Path, resume) -> WordTok
     saved = out_dir / TOKENIZER_FILE
     if resume and saved.is_file():
         return WordTokenizer.load(saved)
-    captions = dataset_captions(dataset, c.vocab_pool, key=c.data_key)
+    if isinstance(dataset, ShardStream):
+        captions = dataset.captions(c.vocab_pool)
+    else:
+        captions = dataset_captions(dataset, c.vocab_pool, key=c.data_key)
     try:
         tokenizer = WordTokenizer.build(captions, context_length=c.context_length, min_count=c.min_count)
     except ValueError as e:
@@ -195,6 +239,11 @@ def train_from_config(config, out_dir=None, *, resume: bool | str = False, progr
     if isinstance(config, AutoencoderRunConfig):
         return train_autoencoder_from_config(config, out_dir, resume=resume, progress=progress, callback=callback)
     out_dir = Path(out_dir or config.train.out_dir)
+    with run_folder_lock(out_dir, enabled=launch_rank() == 0):  # before anything is read from or written there
+        return _train_diffusion(config, out_dir, resume, progress, callback)
+
+
+def _train_diffusion(config: Config, out_dir: Path, resume, progress: bool, callback) -> TrainResult:
     resume = _resume_target(config, resume)
     saved = out_dir / CONFIG_FILE
     _check_out_dir(config, out_dir, resume, ("model", "diffusion"))
@@ -207,13 +256,17 @@ def train_from_config(config, out_dir=None, *, resume: bool | str = False, progr
     seed_everything(config.train.seed)  # the networks' initial weights depend on the seed alone
     pipe = Pipeline.from_config(config, tokenizer=tokenizer)
     num_classes = pipe.num_classes
-    check_conditioning(config, dataset, pipe)
+    check_conditioning(config, _probe(dataset), pipe)
     latent = pipe.autoencoder is not None
     cond_key = None if pipe.conditioning is None else (config.conditioning.data_key if config.conditioning else "label")
     if latent:
         ae = pipe.autoencoder.config
         print(f"latent diffusion in the {ae.regularizer.upper()}-f{ae.f} first stage of {config.latent.first_stage}: "
               f"latents {'x'.join(map(str, pipe.sample_shape))}, scale {pipe.latent_scale:.4f}", flush=True)
+        _check_latent_shards(dataset, pipe)
+        if config.latent.cache and isinstance(dataset, ShardStream):
+            raise ConfigError("latent.cache cannot cache streamed shards: encode them once with `latentdiff encode` "
+                              "and train on the latent shards, or set latent.cache=false")
         if config.latent.cache:
             fields = ([cond_key] if cond_key else []) + list(pipe.condition_fields)
             dataset = cached_latents(config, dataset, pipe, fields, progress)
@@ -244,9 +297,15 @@ def train_autoencoder_from_config(config: AutoencoderRunConfig, out_dir=None, *,
     folder ``out_dir/autoencoder`` (weights + latent scale from the first training batch) and print PSNR and
     SSIM of held-out images when the dataset has a test split. Checks run before anything is written."""
     out_dir = Path(out_dir or config.train.out_dir)
+    with run_folder_lock(out_dir, enabled=launch_rank() == 0):
+        return _train_autoencoder(config, out_dir, resume, progress, callback)
+
+
+def _train_autoencoder(config: AutoencoderRunConfig, out_dir: Path, resume, progress: bool, callback) -> TrainResult:
     resume = _resume_target(config, resume)
     _check_out_dir(config, out_dir, resume, ("autoencoder", "loss", "discriminator"))
     dataset, config = _data_for_run(config, out_dir)
+    seed_everything(config.train.seed)  # the initial weights (autoencoder and discriminator) depend on the seed alone
     ae, objective = build_autoencoder_objective(config)
     cfg = ae.config
     n_params = sum(p.numel() for p in ae.parameters())
@@ -258,7 +317,7 @@ def train_autoencoder_from_config(config: AutoencoderRunConfig, out_dir=None, *,
     if not _is_main_process():
         return result
     ae = objective._raw("autoencoder").eval()
-    scale = first_stage.export(ae, out_dir / EXPORT_DIR, first_stage.first_images(dataset, config.train.batch_size),
+    scale = first_stage.export(ae, out_dir / EXPORT_DIR, first_stage.first_images(_probe(dataset, config.train.batch_size), config.train.batch_size),
                                seed=config.train.seed, data=config.data)
     print(f"wrote {out_dir / EXPORT_DIR} (latent scale {scale:.4f})", flush=True)
     held_out = _held_out(config)
