@@ -47,7 +47,11 @@ def inputs(out: Path, config: ShapesConfig) -> dict:
     layouts = heldout_layouts(3, seed=100, min_objects=2, max_objects=3, config=config)
     files["layouts"] = out / "layouts.json"
     files["layouts"].write_text(json.dumps([to_objects(lay, config) for lay in layouts], indent=1) + "\n")
-    wide = tile_layouts(heldout_layouts(8, seed=101, min_objects=1, max_objects=1, config=config), 2, 4)
+    # 64x128 as a 2x4 grid of 32x32 tiles: one held-out object in each of three tiles (a model takes at most
+    # max_objects = 3), the other tiles empty.
+    tiles = heldout_layouts(8, seed=101, min_objects=1, max_objects=1, config=config)
+    tiles[[1, 2, 4, 6, 7], :, 0] = -1.0
+    wide = tile_layouts(tiles, 2, 4)
     files["layout_wide"] = out / "layout_64x128.json"
     files["layout_wide"].write_text(json.dumps(to_objects(wide, config), indent=1) + "\n")
     return files

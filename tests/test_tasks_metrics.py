@@ -5,7 +5,7 @@ import torch
 
 from latentdiff.data.shapes import ShapesConfig, ShapesDataset
 from latentdiff.eval.shapes_readback import ReadObject, read_back
-from latentdiff.eval.spatial_scores import heldout_maps, layout_match, layout_scores, segmentation_iou
+from latentdiff.eval.spatial_scores import heldout_maps, layout_match, layout_scores, placed, segmentation_iou
 from latentdiff.layouts import heldout_layouts, tile_layouts
 
 CFG = ShapesConfig()
@@ -51,6 +51,8 @@ def test_layout_match_rules():
     assert layout_match(asked, [ReadObject(4, inside.box, 30)])[0] is False  # another class
     assert layout_match(asked, [ReadObject(3, (0.5, 0.5, 0.8, 0.8), 30)])[0] is False  # centre outside the box
     assert layout_match(asked, [inside, ReadObject(5, (0.6, 0.6, 0.9, 0.9), 30)])[0] is False  # an extra object
+    assert placed(asked, [ReadObject(4, inside.box, 30)]) == [True]  # position alone: any class counts
+    assert placed(asked, [ReadObject(3, (0.5, 0.5, 0.8, 0.8), 30)]) == [False]
 
 
 def test_segmentation_iou_by_hand():
