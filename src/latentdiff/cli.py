@@ -63,9 +63,9 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _spatial_inputs(args, pipe, s) -> tuple[dict, torch.Tensor | None]:
+def _spatial_inputs(args, pipe, s) -> tuple[dict, object]:
     """``pipe.sample`` keywords from --layout / --segmentation (``layouts`` or ``conditions``), and a picture of
-    each input for the grid ((N_inputs, 3, H, W) in [-1, 1]); ({}, None) for other models. Every check runs here,
+    each input for the grid (a (N_inputs, 3, H, W) tensor in [-1, 1]); ({}, None) for other models. Every check runs here,
     before sampling, so that a bad input writes nothing."""
     import torch
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from ..data.shapes import BACKGROUNDS, COLOURS, ShapeObject, ShapesConfig, object_mask
+from ..data.shapes import BACKGROUNDS, COLOURS, ShapesConfig, object_mask
 
 HALF = 0.53  # "more than half covered": the renderer's coverage comes in 16ths, and a tie at 1/2 is background
 MIN_AREA = 4  # pixels: smaller components are noise (the smallest object of a 32x32 image covers ~17)
@@ -98,12 +98,12 @@ def _inside(shape: str, dx: np.ndarray, dy: np.ndarray, h: float) -> np.ndarray:
     return object_mask(_Centred(shape, h), dx, dy)
 
 
-class _Centred(ShapeObject):
-    """A shape centred at the origin with half extent ``h``: object_mask's geometry for offsets."""
+class _Centred:
+    """A shape centred at the origin with half extent ``h``: what object_mask reads of an object (its ``shape``
+    and ``geometry()``), for offsets from the centre."""
 
     def __init__(self, shape: str, h: float):
-        super().__init__(shape, "red", 0, 0, 0, 0)
-        object.__setattr__(self, "h", h)
+        self.shape, self.h = shape, h
 
     def geometry(self):
         return 0.0, 0.0, self.h

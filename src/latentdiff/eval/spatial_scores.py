@@ -177,7 +177,8 @@ def evaluate_layouts(pipe, *, num: int, config: ShapesConfig, seed: int = 0, bat
 
 
 def format_semantic(result: dict) -> str:
-    lines = ["| size | mIoU | mIoU (objects) | pixel accuracy | real images: mIoU | first stage 𝒟(ℰ(x)): mIoU | images |",
+    lines = ["| size | mIoU | mIoU (objects) | pixel accuracy | real images: mIoU | first stage D(E(x)): mIoU "
+             "| images |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for size, r in result.items():
         m, real = r["model"], r["real_images"]
