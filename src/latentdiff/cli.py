@@ -65,8 +65,8 @@ def cmd_sample(args) -> int:
 
 def _spatial_inputs(args, pipe, s) -> tuple[dict, object]:
     """``pipe.sample`` keywords from --layout / --segmentation (``layouts`` or ``conditions``), and a picture of
-    each input for the grid (a (N_inputs, 3, H, W) tensor in [-1, 1]); ({}, None) for other models. Every check runs here,
-    before sampling, so that a bad input writes nothing."""
+    each input for the grid (a (N_inputs, 3, H, W) tensor in [-1, 1]); ({}, None) for other models. Every check
+    runs here, before sampling, so that a bad input writes nothing."""
     import torch
 
     from .layouts import draw_layout, read_layout_file, shapes_config
