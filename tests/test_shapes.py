@@ -217,9 +217,7 @@ def test_oracle_interface_cells_and_wording(tmp_path):
 
 def test_oracle_training_runs_scores_and_saves(tmp_path):
     """The training entry point end to end at toy size (the >= 98% figure comes from the full run)."""
-    from latentdiff.eval.shapes_oracle import load_shapes_oracle, train_shapes_oracle
-
-    from latentdiff.eval.shapes_oracle import evaluate_oracle, shapes_arrays
+    from latentdiff.eval.shapes_oracle import evaluate_oracle, load_shapes_oracle, shapes_arrays, train_shapes_oracle
 
     oracle, scores = train_shapes_oracle(tmp_path / "o", n_train=64, n_test=16, epochs=1, batch_size=32, verbose=False)
     assert set(scores) == {"image_accuracy", "object_accuracy", "cell_accuracy", "false_objects"}
