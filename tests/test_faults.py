@@ -208,6 +208,19 @@ def test_a_signal_writes_a_checkpoint_of_the_current_step_then_stops(signum, mom
     assert result.step == 6 and _final(tmp_path) == uninterrupted
 
 
+def test_a_second_signal_stops_at_once(tmp_path):
+    def callback(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the first asks for a checkpoint at the end of the step ...
+            os.kill(os.getpid(), signal.SIGINT)   # ... the second does not wait for it
+
+    with pytest.raises(KeyboardInterrupt) as err:
+        train(make_objective(T=10, dropout=0.1), ToyImages(n=24), TrainConfig(**CONFIG), tmp_path, progress=False,
+              callback=callback)
+    assert not isinstance(err.value, TrainingInterrupted)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2] and not (tmp_path / LOCK_FILE).exists()
+
+
 def test_sigterm_to_the_command_checkpoints_and_exits(tmp_path):
     cfg = ROOT / "configs" / "tiny_test.yaml"
     out = tmp_path / "run"
