@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# Every test runs, the slow ones too; a test skipped without a stated reason fails the run
+# (tests/helpers/skip_policy.py, loaded by tests/conftest.py).
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 

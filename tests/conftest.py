@@ -13,3 +13,7 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+# A skip must say why: `make test` fails on a test skipped without a stated reason (helpers/skip_policy.py).
+pytest_plugins = ["helpers.skip_policy"]

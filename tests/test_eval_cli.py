@@ -74,9 +74,22 @@ def test_digits_oracle_is_trained_on_first_use_then_loaded(tmp_path, monkeypatch
     assert again.fingerprint() == first.fingerprint()
 
 
-def test_eval_table_json_and_floor_match_the_library(env, capsys):
-    rc, out, err = run_cli(capsys, "eval", env["run"], "--num", 24, "--sampler", "ddim", "--steps", 2, "--seed", 7,
-                           "--quiet")
+@pytest.fixture(scope="module")
+def evaluated(env):
+    """`latentdiff eval` of the tiny run, once per module: (exit status, stdout, stderr) and its JSON result.
+    Every test that needs the result takes this fixture (none depends on another test having run)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LATENTDIFF_CACHE", str(env["cache"]))
+        mp.delenv("LATENTDIFF_FID_WEIGHTS", raising=False)
+        rc, out, err = _captured("eval", env["run"], "--num", 24, "--sampler", "ddim", "--steps", 2, "--seed", 7,
+                                 "--quiet")
+    path = env["run"] / "eval" / "eval_ddim_2_g1.5_oracle-digits.json"
+    return {"rc": rc, "out": out, "err": err, "path": path,
+            "result": json.loads(path.read_text()) if rc == 0 else None}
+
+
+def test_eval_table_json_and_floor_match_the_library(env, evaluated):
+    rc, out, err = evaluated["rc"], evaluated["out"], evaluated["err"]
     assert rc == 0, err
     path = env["run"] / "eval" / "eval_ddim_2_g1.5_oracle-digits.json"
     assert f"wrote {path}" in out
@@ -110,9 +123,9 @@ def test_eval_table_json_and_floor_match_the_library(env, capsys):
     env["result"] = result
 
 
-def test_a_statistics_file_is_reused_as_reference_and_checked(env, capsys, tmp_path):
-    if "result" not in env:
-        pytest.skip("needs test_eval_table_json_and_floor_match_the_library")
+def test_a_statistics_file_is_reused_as_reference_and_checked(env, evaluated, capsys, tmp_path):
+    assert evaluated["rc"] == 0, evaluated["err"]
+    env["result"] = evaluated["result"]
     stats_file = Path(env["result"]["reference"]["stats_file"])
     stamp = stats_file.stat().st_mtime_ns
     rc, out, err = run_cli(capsys, "eval", env["run"], "--num", 24, "--sampler", "ddim", "--steps", 2, "--seed", 7,

@@ -26,6 +26,7 @@ from latentdiff.train.autoencoder_objective import AutoencoderObjective
 from latentdiff.train.checkpoint import CheckpointWriteError
 from latentdiff.train.guards import LOCK_FILE, RunFolderBusy, TrainingInterrupted
 
+from helpers.clitools import run_cli
 from helpers.train_tiny import ToyImages, make_objective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,14 +101,14 @@ def test_a_failed_checkpoint_write_names_the_path_keeps_the_previous_and_resumes
     assert result.step == 6 and _final(tmp_path) == uninterrupted
 
 
-def test_a_real_file_size_limit_gives_one_line_exit_2_and_the_run_resumes(tmp_path):
+def test_a_real_file_size_limit_gives_one_line_exit_2_and_the_run_resumes(tmp_path, capsys):
     """The kernel refuses the write (RLIMIT_FSIZE, EFBIG): the command prints one line naming the checkpoint."""
     cfg = ROOT / "configs" / "tiny_test.yaml"
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     args = [sys.executable, "-m", "latentdiff.cli", "train", str(cfg), "--out", str(out), "--quiet"]
-    first = subprocess.run([*args, "train.steps=2"], env=env, capture_output=True, text=True, timeout=120)
-    assert first.returncode == 0, first.stderr
+    rc, _, err = run_cli(capsys, "train", cfg, "--out", out, "--quiet", "train.steps=2")  # in-process: no start-up
+    assert rc == 0, err
     weights = out / "checkpoints" / "step_0000002" / "models" / "unet.safetensors"
     limit = weights.stat().st_size // 2  # metrics and configs fit, a checkpoint's weights do not
 
@@ -123,8 +124,8 @@ def test_a_real_file_size_limit_gives_one_line_exit_2_and_the_run_resumes(tmp_pa
     assert "step_0000002 is intact" in err
     assert [s for s, _ in list_checkpoints(out)] == [2] and not list((out / "checkpoints").glob(".tmp_*"))
     verify_checkpoint(out / "checkpoints" / "step_0000002")
-    again = subprocess.run([*args, "--resume", "train.steps=4"], env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "at step 2" in again.stdout, again.stdout + again.stderr
+    rc, stdout, err = run_cli(capsys, "train", cfg, "--out", out, "--quiet", "--resume", "train.steps=4")
+    assert rc == 0 and "at step 2" in stdout, stdout + err
     verify_checkpoint(out / "checkpoints" / "step_0000004")
 
 
@@ -206,6 +207,19 @@ def test_a_signal_writes_a_checkpoint_of_the_current_step_then_stops(signum, mom
     monkeypatch.undo()
     result = _train(tmp_path, resume=True)
     assert result.step == 6 and _final(tmp_path) == uninterrupted
+
+
+def test_a_second_signal_stops_at_once(tmp_path):
+    def callback(step, metrics):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # the first asks for a checkpoint at the end of the step ...
+            os.kill(os.getpid(), signal.SIGINT)   # ... the second does not wait for it
+
+    with pytest.raises(KeyboardInterrupt) as err:
+        train(make_objective(T=10, dropout=0.1), ToyImages(n=24), TrainConfig(**CONFIG), tmp_path, progress=False,
+              callback=callback)
+    assert not isinstance(err.value, TrainingInterrupted)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [2] and not (tmp_path / LOCK_FILE).exists()
 
 
 def test_sigterm_to_the_command_checkpoints_and_exits(tmp_path):

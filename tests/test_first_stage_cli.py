@@ -119,14 +119,25 @@ def test_eval_reports_psnr_ssim_and_rfid_with_its_reference(trained_run, tiny_sh
     result = json.loads(out.read_text())
     m = result["model"]
     assert m["n"] == 32 and m["n_other"] == 32
-    assert 0 < m["ssim"] < 1 and m["psnr"] > 5 and m["rfid"] > 0 and m["rfid_other_real"] > 0
+    assert m["rfid"] > 0 and m["rfid_other_real"] > 0
     assert "PSNR (dB)" in stdout and "rFID (oracle:shapes)" in stdout
+    # The figures it must reach: the library's PSNR and SSIM of the same 32 held-out images (posterior means).
+    from latentdiff.data import make_dataset
+    from latentdiff.eval.metrics import ssim
+
+    ae, config, _ = load_first_stage(trained_run)
+    test = make_dataset(config.data.__class__(**{**config.data.__dict__, "split": "test"}))
+    x = torch.stack([test[i]["image"] for i in range(32)])
+    rec = reconstruct(ae, x)
+    assert m["psnr"] == pytest.approx(float(psnr(rec, x).mean()), rel=1e-5)
+    assert m["ssim"] == pytest.approx(float(ssim(rec, x).mean()), rel=1e-5, abs=1e-6)
 
 
 def test_export_then_eval_the_model_folder(trained_run, tmp_path, capsys):
     model = tmp_path / "model"
     rc, stdout, err = run_cli(capsys, "export", trained_run, model)
-    assert rc == 0, err and "latent scale" in stdout
+    assert rc == 0, err
+    assert "latent scale" in stdout
     exported, run_ae = load_autoencoder(str(model)), load_autoencoder(str(trained_run / EXPORT_DIR))
     assert exported.latent_scale == pytest.approx(run_ae.latent_scale)
     rc, stdout, err = run_cli(capsys, "eval", model, "--reference", "shapes", "--metrics", "psnr,ssim", "--num", 8,

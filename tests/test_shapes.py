@@ -217,11 +217,12 @@ def test_oracle_interface_cells_and_wording(tmp_path):
 
 def test_oracle_training_runs_scores_and_saves(tmp_path):
     """The training entry point end to end at toy size (the >= 98% figure comes from the full run)."""
-    from latentdiff.eval.shapes_oracle import load_shapes_oracle, train_shapes_oracle
+    from latentdiff.eval.shapes_oracle import evaluate_oracle, load_shapes_oracle, shapes_arrays, train_shapes_oracle
 
     oracle, scores = train_shapes_oracle(tmp_path / "o", n_train=64, n_test=16, epochs=1, batch_size=32, verbose=False)
     assert set(scores) == {"image_accuracy", "object_accuracy", "cell_accuracy", "false_objects"}
-    assert 0.0 <= scores["image_accuracy"] <= scores["cell_accuracy"] <= 1.0
+    # The scores it reports are the ones its predictions earn on its test set (seed + 1, as documented).
+    assert scores == evaluate_oracle(oracle, *shapes_arrays("test", 16, seed=1))
     back = load_shapes_oracle(tmp_path / "o")
     assert back.info["test"] == scores and back.info["n_train"] == 64
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -240,3 +241,18 @@ def test_split_by_composition_holds_out_captions():
     assert any(test.caption(i) in seen for i in range(len(test)))
     with pytest.raises(ConfigError, match="split_by must be one of"):
         ShapesDataset("train", length=10, split_by="colour")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_default_oracle_reaches_its_documented_accuracy_on_a_fixed_set():
+    """docs/evaluation.md: the shapes oracle "reads 99.4% of held-out real images exactly right". The default oracle
+    (the cached one ``latentdiff eval`` uses, trained there on first use: about 3 minutes on one core) reads at
+    least 98.5% of 1,000 fixed test-split images exactly right (99.4% less 3.6 standard errors at n = 1,000; this
+    oracle: 99.1%)."""
+    from latentdiff.eval.feature_networks import shapes_oracle_cached
+    from latentdiff.eval.shapes_oracle import evaluate_oracle, shapes_arrays
+
+    oracle = shapes_oracle_cached(verbose=False)
+    scores = evaluate_oracle(oracle, *shapes_arrays("test", 1000, seed=123))
+    assert scores["image_accuracy"] >= 0.985 and scores["false_objects"] <= 0.01, scores

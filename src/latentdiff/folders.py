@@ -215,17 +215,25 @@ def check_config_seal(weights, config) -> None:
 
 
 def seal_safetensors(path) -> None:
-    """Write the sha256 of the tensor data of ``path`` (written with :func:`seal_metadata`) into its header, in
-    place of the placeholder (same length: nothing moves)."""
+    """Write the sha256 of the tensor data of ``path`` (written with :func:`seal_metadata`) into its header, and
+    put the metadata keys in sorted order (the writer's order varies from process to process, which would make
+    two identical runs differ in bytes). The metadata keeps its length: nothing else in the file moves."""
     with open(path, "r+b") as f:
         n = struct.unpack("<Q", f.read(8))[0]
-        header = f.read(n)
-        at = header.find(f'"{SEAL_KEY}":"{_UNSEALED}"'.encode())
-        if at < 0:
+        header = f.read(n).decode("utf-8")
+        key = '"__metadata__":'
+        start = header.find(key) + len(key)
+        if start < len(key):
             raise ValueError(f"{path} was not written with seal_metadata()")
-        digest = _data_sha256(f, 8 + n)
-        f.seek(8 + at + len(SEAL_KEY) + 4)
-        f.write(digest.encode())
+        meta, end = json.JSONDecoder().raw_decode(header, start)
+        if meta.get(SEAL_KEY) != _UNSEALED:
+            raise ValueError(f"{path} was not written with seal_metadata()")
+        meta[SEAL_KEY] = _data_sha256(f, 8 + n)
+        text = json.dumps(dict(sorted(meta.items())), separators=(",", ":"), ensure_ascii=False)
+        if len(text.encode()) != len(header[start:end].encode()):  # another writer's JSON style: keep its order
+            text = header[start:end].replace(_UNSEALED, meta[SEAL_KEY])
+        f.seek(8 + len(header[:start].encode()))
+        f.write(text.encode())
         f.flush()
         os.fsync(f.fileno())
 

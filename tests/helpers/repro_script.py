@@ -6,7 +6,7 @@
 KIND is ddpm (pixel diffusion), ae (autoencoder with its discriminator, the GAN term on from step 2) or ldm
 (latent diffusion in the autoencoder folder FIRST_STAGE, on posterior samples). Prints one line per file:
 ``digest <relative path> <sha256>``, the run folder's path replaced by OUT; state.json without its wall-clock
-time, metrics.csv without its step rate.
+time (and its own checksum, which covers the time), metrics.csv without its step rate.
 """
 
 import csv
@@ -57,6 +57,7 @@ def digest(out: Path) -> list[str]:
         if f.name == "state.json":
             state = json.loads(data)
             state.pop("time")
+            state.pop("state_sha256")  # its own checksum covers the time
             data = json.dumps(state, sort_keys=True).encode()
         elif f.name == "metrics.csv":
             rows = list(csv.DictReader(io.StringIO(data.decode())))
