@@ -146,6 +146,16 @@ class SampleSection:
     spacing: Literal[SPACINGS] = "leading"                      # timestep grid
     offset: int = bounded(0, lo=0)                              # added to leading timesteps (Stable Diffusion: 1)
     karras: bool = False                                        # Karras σ grid (sigma-space samplers)
+    karras_range: Literal["schedule", "grid"] = "schedule"      # Karras ends: the schedule's, or the spacing grid's
+                                                                # (diffusers' Euler schedulers)
+    extra_point: bool = False                                   # leading/linspace grid of steps + 1 points, smallest
+                                                                # dropped (diffusers' DPM-Solver / UniPC)
+    init_noise: Literal["vp", "sigma"] = "vp"                   # x_T = ε, or √(1 − ᾱ_0)·ε (diffusers' Euler family on
+                                                                # linspace / trailing grids)
+    round_model_t: bool = False                                 # network sees round(t) on Karras grids (diffusers'
+                                                                # DPM-Solver / UniPC)
+    set_alpha_to_one: bool | None = None                        # ddim / plms: end at ᾱ = 1 (true) or ᾱ_0 (false,
+                                                                # CompVis); null = the sampler's default
     clip_x0: bool = False                                       # clamp predicted x_0 to [-1, 1] (pixel space)
     num: int = bounded(16, lo=1)                                # images to draw
     batch_size: int = bounded(16, lo=1)                         # images per forward pass
@@ -176,7 +186,8 @@ class LatentSection:
 @dataclass
 class ConditioningSection:
     """The conditioner τ_θ of LDM (section 3.3): what the U-Net is conditioned on and how it enters."""
-    kind: Literal["text", "class"] = "text"                     # a caption (text encoder) or class id (class embedder)
+    kind: Literal["text", "class", "clip"] = "text"             # a caption (text encoder) or class id (class embedder);
+                                                                # clip: a transformers CLIP text model (latentdiff.interop)
     mode: Literal["crossattn", "adm"] = "crossattn"             # crossattn: context for the spatial transformers
                                                                 # (text, class); adm: a class embedding added to the
                                                                 # time embedding
