@@ -125,6 +125,8 @@ def solver_extras(cfg: dict) -> dict:
     if cls == "UniPCMultistepScheduler":
         return {"order": int(cfg.get("solver_order", 2)), "lower_order_final": bool(cfg.get("lower_order_final", True)),
                 "disable_corrector": tuple(cfg.get("disable_corrector", ()) or ())}
+    if cls == "PNDMScheduler":
+        return {"combine": "output"}  # the multistep runs on raw outputs (matters for v-prediction)
     if cls == "DPMSolverMultistepScheduler" and int(cfg.get("solver_order", 2)) == 3:
         return {"lower_order_final": bool(cfg.get("lower_order_final", True))}
     return {}

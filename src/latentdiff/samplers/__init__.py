@@ -50,7 +50,7 @@ SAMPLERS: dict[str, Callable] = {
 SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
     "ddpm": ("variance", "resample_jumps"),
     "ddim": ("eta", "set_alpha_to_one", "resample_jumps"),
-    "plms": ("set_alpha_to_one",),
+    "plms": ("set_alpha_to_one", "combine"),
     "dpmpp_2m": (),
     "dpmpp_3m": ("lower_order_final", "exact_third_order"),
     "dpmpp_2m_sde": (),
