@@ -16,7 +16,6 @@ latentdiff reproduces the scheduler's trajectory (tests/test_interop_schedulers.
 | UniPCMultistep (solver_order, disable_corrector) | unipc (order, disable_corrector)                           |
 | timestep_spacing, steps_offset          | sample.spacing, sample.offset                                      |
 | set_alpha_to_one                        | sample.set_alpha_to_one (ddim, plms)                               |
-| clip_sample (range 1)                   | sample.clip_x0                                                     |
 | use_karras_sigmas                       | sample.karras; Euler family: karras_range "grid"; DPM/UniPC: round_model_t |
 | DPM-Solver / UniPC leading, linspace grid of N + 1 points | sample.extra_point                               |
 | Euler family on linspace / trailing: x_T = σ_max·ε | sample.init_noise "sigma"                               |
@@ -75,8 +74,24 @@ def diffusion_options(cfg: dict, where: str) -> dict:
             "zero_terminal_snr": bool(cfg.get("rescale_betas_zero_snr", False))}
 
 
+# diffusers' defaults for the settings that a config file may leave out (they differ by class).
+CLASS_DEFAULTS = {
+    "DDIMScheduler": {"timestep_spacing": "leading", "clip_sample": True, "set_alpha_to_one": True},
+    "PNDMScheduler": {"timestep_spacing": "leading", "skip_prk_steps": False, "set_alpha_to_one": False},
+    "DDPMScheduler": {"timestep_spacing": "leading", "clip_sample": True},
+}
+LINSPACE_DEFAULT = {"timestep_spacing": "linspace"}  # Euler, Euler ancestral, Heun, DPM-Solver, UniPC
+
+
+def with_defaults(cfg: dict) -> dict:
+    """``cfg`` with diffusers' class defaults for the keys it leaves out."""
+    cls = cfg.get("_class_name", "DDIMScheduler")
+    return {**CLASS_DEFAULTS.get(cls, LINSPACE_DEFAULT), **cfg}
+
+
 def sampler_options(cfg: dict, where: str) -> dict:
     """The ``sample`` config section fields (SampleSection) that reproduce the scheduler of ``cfg``."""
+    cfg = with_defaults(cfg)
     cls = cfg.get("_class_name", "DDIMScheduler")
     _check_required(cfg, cls, where)
     spacing = cfg.get("timestep_spacing", "leading")
@@ -88,11 +103,12 @@ def sampler_options(cfg: dict, where: str) -> dict:
         if cls == "PNDMScheduler" and not cfg.get("skip_prk_steps", False):
             raise CheckpointError(f"{where}: PNDMScheduler with skip_prk_steps=false (Runge-Kutta warm-up) is not "
                                   "implemented; latentdiff's plms sampler is PNDM with skip_prk_steps=true")
-        if cfg.get("clip_sample", False) and float(cfg.get("clip_sample_range", 1.0)) != 1.0:
-            raise CheckpointError(f"{where}: clip_sample_range {cfg['clip_sample_range']} is not supported (1 only)")
+        if cls == "DDIMScheduler" and cfg.get("clip_sample"):
+            raise CheckpointError(f"{where}: DDIMScheduler with clip_sample=true (its default) clips x̂_0 but keeps "
+                                  "the unclipped ε̂, which latentdiff does not implement; Stable Diffusion configs "
+                                  "set clip_sample false")
         opts.update(sampler="ddim" if cls == "DDIMScheduler" else "plms",
-                    set_alpha_to_one=bool(cfg.get("set_alpha_to_one", True)),
-                    clip_x0=bool(cfg.get("clip_sample", False)) and cls == "DDIMScheduler")
+                    set_alpha_to_one=bool(cfg.get("set_alpha_to_one", True)))
     elif cls == "DDPMScheduler":
         if cfg.get("clip_sample", True):
             raise CheckpointError(f"{where}: DDPMScheduler with clip_sample=true clips x̂_0 in latent space; latentdiff "
@@ -159,7 +175,7 @@ def to_scheduler_config(diffusion: dict, sample: dict) -> dict:
                    beta_end=opts.get("beta_end", 0.012 if schedule == "scaled_linear" else 0.02))
     if cls in ("DDIMScheduler", "PNDMScheduler"):
         one = sample.get("set_alpha_to_one")
-        cfg.update(set_alpha_to_one=True if one is None else bool(one), clip_sample=bool(sample.get("clip_x0", False)))
+        cfg.update(set_alpha_to_one=True if one is None else bool(one), clip_sample=False)
         if cls == "PNDMScheduler":
             cfg["skip_prk_steps"] = True
     elif cls == "DDPMScheduler":
