@@ -30,6 +30,7 @@ LAYERS = [
     ("config",),                                          # typed run configs
     ("first_stage",),                                     # the autoencoder as a product
     ("pipeline",),                                        # a trained model as one object
+    ("interop",),                                         # Stable Diffusion / diffusers checkpoints in and out
     ("eval",),                                            # metrics, oracles, reference statistics
     ("train",),                                           # the training loop and checkpoints
     ("demo", "demo_digits", "cli", "cli_parser", ""),     # the command and the demos
