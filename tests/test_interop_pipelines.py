@@ -36,6 +36,18 @@ def folders(tmp_path_factory):
     return {layout: build(root / layout, layout) for layout in ("sd1", "sd2", "inpaint")}
 
 
+@pytest.fixture(scope="module")
+def loaded(folders):
+    """Per layout: (latentdiff's Pipeline, diffusers' pipeline of that folder), each loaded once."""
+    out = {}
+    for layout, folder in folders.items():
+        cls = CLASSES["inpaint" if layout == "inpaint" else "txt2img"]
+        theirs = getattr(diffusers, cls).from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+        theirs.set_progress_bar_config(disable=True)
+        out[layout] = (latentdiff.load(folder), theirs)
+    return out
+
+
 def _inputs():
     g = torch.Generator().manual_seed(0)
     image = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
@@ -44,19 +56,19 @@ def _inputs():
     return image, mask
 
 
-def run_both(folder, mode: str, scheduler: dict):
+def run_both(pipe, base, mode: str, scheduler: dict):
     """(latentdiff's final latents, diffusers') for one pipeline and scheduler."""
-    base = getattr(diffusers, CLASSES[mode]).from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
-    base.set_progress_bar_config(disable=True)
-    base.scheduler = getattr(diffusers, scheduler["_class_name"]).from_config({**base.scheduler.config, **scheduler})
+    theirs_pipe = getattr(diffusers, CLASSES[mode])(**base.components) if mode == "img2img" else base
+    theirs_pipe.set_progress_bar_config(disable=True)
+    config = {**base.scheduler.config, "timestep_spacing": "leading", "use_karras_sigmas": False, **scheduler}
+    theirs_pipe.scheduler = getattr(diffusers, scheduler["_class_name"]).from_config(config)
     image, mask = _inputs()
     extra = {"img2img": dict(image=image, strength=0.6), "inpaint": dict(image=image, mask_image=mask, height=32,
                                                                           width=32), "txt2img": {}}[mode]
     gens = [torch.Generator().manual_seed(SEED + i) for i in range(2)]
-    theirs = base(PROMPTS, negative_prompt=["red"] * 2, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
-                  generator=gens, output_type="latent", **extra).images
-    _, sample, sampler_options = from_scheduler_config(dict(base.scheduler.config))
-    pipe = latentdiff.load(folder)
+    theirs = theirs_pipe(PROMPTS, negative_prompt=["red"] * 2, num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                         generator=gens, output_type="latent", **extra).images
+    _, sample, sampler_options = from_scheduler_config(dict(theirs_pipe.scheduler.config))
     ours_extra = {"img2img": dict(image=image, strength=0.6), "inpaint": dict(image=image, mask=mask),
                   "txt2img": {}}[mode]
     ours = generate(pipe, PROMPTS, negative_prompt="red", steps=STEPS, guidance=GUIDANCE, seed=SEED,
@@ -76,8 +88,8 @@ CASES += [("inpaint", "inpaint", s) for s in SCHEDULERS]
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 @pytest.mark.parametrize("layout,mode,scheduler", CASES)
-def test_pipeline_matches_diffusers(folders, layout, mode, scheduler):
-    ours, theirs = run_both(folders[layout], mode, SCHEDULERS[scheduler])
+def test_pipeline_matches_diffusers(loaded, layout, mode, scheduler):
+    ours, theirs = run_both(*loaded[layout], mode, SCHEDULERS[scheduler])
     err = rel(ours, theirs)
     print(f"{layout} {mode} {scheduler}: worst relative difference {err:.2e}")
     assert err < 1e-4

@@ -254,14 +254,9 @@ def save_single_file(pipe: Pipeline, out) -> Path:
     tensors = {UNET_PREFIX + names[k]: v for k, v in pipe.unet.state_dict().items()}
     tensors.update({VAE_PREFIX + k: v for k, v in pipe.autoencoder.state_dict().items()})
     text = pipe.conditioner.text_model
-    tensors.update({HF_PREFIX + k: v for k, v in text.state_dict().items() if k not in IGNORED})
+    tensors.update({HF_PREFIX + k: v for k, v in pipe.conditioner.file_state().items()})
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    tok = pipe.conditioner.tokenizer.tokenizer
-    with tempfile.TemporaryDirectory() as tmp:
-        tok.save_pretrained(tmp)
-        files = {name: (Path(tmp) / name).read_text() for name in ("vocab.json", "merges.txt", "tokenizer_config.json",
-                                                                     "special_tokens_map.json")
-                 if (Path(tmp) / name).is_file()}
+    files = {k: v for k, v in pipe.conditioner.tokenizer.files.items() if k != "tokenizer.json"}  # derived, large
     info = {"unet": pipe.unet.config.to_dict(), "vae": pipe.autoencoder.config.to_dict(),
             "latent_scale": pipe.latent_scale, "text_encoder": _text_config(text.config),
             "layer": pipe.conditioner.layer, "diffusion": dataclasses.asdict(pipe.config.diffusion),
