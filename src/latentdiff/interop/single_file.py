@@ -126,7 +126,7 @@ def infer_unet_config(state: dict, where: str) -> UNetConfig:
     if ctx_key is None:
         raise CheckpointError(f"{where}: the U-Net has no cross-attention; not a Stable Diffusion U-Net")
     context = state[ctx_key].shape[1]
-    depth = 1 + max(int(k.split(".")[4]) for k in state if k.startswith("middle_block.1.transformer_blocks."))
+    depth = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("middle_block.1.transformer_blocks."))
     linear = state["middle_block.1.proj_in.weight"].ndim == 2
     heads = {768: dict(num_heads=8, head_channels=-1), 1024: dict(num_heads=-1, head_channels=64)}.get(context)
     if heads is None:
@@ -179,6 +179,7 @@ def load_single_file(path, *, tokenizer=None, prediction: str | None = None, ema
     where = str(path)
     info = json.loads(meta[META_KEY]) if META_KEY in meta else None
     layout = detect(state, where)
+    tok = _tokenizer(path, info, meta, tokenizer)
     used = set(HARMLESS) | set(IGNORED)
     ucfg = UNetConfig.from_dict(info["unet"]) if info else infer_unet_config(_strip(state, UNET_PREFIX), where)
     unet_state = _unet_state(state, ucfg, where, ema)
@@ -207,7 +208,6 @@ def load_single_file(path, *, tokenizer=None, prediction: str | None = None, ema
     tconfig = (CLIPTextConfig(**info["text_encoder"]) if info
                else text_config_from_state(text_state, "gelu" if layout == "sd2" else "quick_gelu"))
     text_model = text_model_from_state(text_state, tconfig, where)
-    tok = _tokenizer(path, info, meta, tokenizer)
     conditioner = ClipConditioner(text_model, tok, info.get("layer", "last") if info else "last")
     if info:
         diffusion, sample = info["diffusion"], info["sample"]
