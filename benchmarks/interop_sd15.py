@@ -54,11 +54,11 @@ def sd15_parts(device: str):
 
 def cmd_build(args) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
-    from helpers.tiny_sd import write_tokenizer
-
     from latentdiff.interop import save
     from latentdiff.interop.assemble import assemble
     from latentdiff.interop.clip import ClipConditioner, load_tokenizer
+
+    from helpers.tiny_sd import write_tokenizer
 
     t = time.perf_counter()
     meta = sd15_parts("meta")
@@ -105,9 +105,10 @@ def cmd_load_diffusers(args) -> dict:
 def cmd_tiny(args) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
     import diffusers
-    from helpers.tiny_sd import build
 
     import latentdiff
+
+    from helpers.tiny_sd import build
 
     folder = build(Path(args.work) / "tiny", "sd1")
     out = {}
@@ -147,8 +148,8 @@ def cmd_forward(args) -> dict:
             diff = (unet(x, t, context=ctx) - theirs(x, t, encoder_hidden_states=ctx).sample).abs().max().item()
             times = {"latentdiff": [], "diffusers": []}
             for _ in range(args.repeats):
-                for name, fn in (("latentdiff", lambda: unet(x, t, context=ctx)),
-                                 ("diffusers", lambda: theirs(x, t, encoder_hidden_states=ctx).sample)):
+                for name, fn in (("latentdiff", lambda x=x, t=t, ctx=ctx: unet(x, t, context=ctx)),
+                                 ("diffusers", lambda x=x, t=t, ctx=ctx: theirs(x, t, encoder_hidden_states=ctx))):
                     s = time.perf_counter()
                     fn()
                     times[name].append(time.perf_counter() - s)
@@ -193,7 +194,8 @@ def main(argv=None):
           f"ratio {t['diffusers'] / t['latentdiff']:.2f}")
     for k, v in res["forward"].items():
         print(f"SD-1.5 U-Net forward {k}, 64x64: latentdiff {v['latentdiff']:.2f} s, diffusers {v['diffusers']:.2f} s,"
-              f" ratio diffusers/latentdiff {v['ratio_diffusers_over_latentdiff']:.2f} (max |diff| {v['max_abs_diff']:.1e})")
+              f" ratio diffusers/latentdiff {v['ratio_diffusers_over_latentdiff']:.2f}"
+              f" (max |diff| {v['max_abs_diff']:.1e})")
 
 
 if __name__ == "__main__":

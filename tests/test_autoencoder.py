@@ -313,8 +313,9 @@ def test_metrics():
 def test_kl_autoencoder_matches_diffusers_by_a_name_mapping():
     """Our layout holds the same math as diffusers' AutoencoderKL (the SD first stage) under a renaming."""
     diffusers = pytest.importorskip("diffusers")
-    from helpers.tiny_sd import randomise
     from latentdiff.interop.vae_keys import is_attention_matrix, vae_key_to_diffusers
+
+    from helpers.tiny_sd import randomise
 
     cfg = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, resolution=16)
     ours = Autoencoder(cfg).eval()

@@ -1,6 +1,7 @@
 """Import and export of Stable Diffusion checkpoints (latentdiff.interop): the networks of a diffusers folder give
 diffusers' outputs; single files (CompVis keys, EMA weights, OpenCLIP text towers) load; bad files fail in one line
-naming the file; ours -> diffusers -> ours and ours -> SD file -> ours are bit-identical; diffusers reads our exports."""
+naming the file; ours -> diffusers -> ours and ours -> SD file -> ours are bit-identical; diffusers reads our
+exports."""
 
 import json
 from pathlib import Path
@@ -11,14 +12,16 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from helpers.clitools import run_cli  # noqa: E402
-from helpers.tiny_sd import build  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import latentdiff  # noqa: E402
 from latentdiff.errors import CheckpointError, MissingFileError  # noqa: E402
 from latentdiff.interop import convert, detect_format, load, save  # noqa: E402
 from latentdiff.interop.clip import openclip_to_transformers  # noqa: E402
+
+from helpers.clitools import run_cli  # noqa: E402
+from helpers.tiny_sd import build  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
@@ -88,7 +91,8 @@ def test_round_trips_are_bit_identical(folders, tmp_path):
     for part, name in [("unet", "diffusion_pytorch_model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors"),
                        ("text_encoder", "model.safetensors")]:
         assert _same_state(load_file(src / part / name), load_file(tmp_path / "back" / part / name)), part
-    assert (src / "tokenizer" / "vocab.json").read_bytes() == (tmp_path / "back" / "tokenizer" / "vocab.json").read_bytes()
+    vocab = "tokenizer/vocab.json"
+    assert (src / vocab).read_bytes() == (tmp_path / "back" / vocab).read_bytes()
     ours = load(tmp_path / "ours")
     save(ours, tmp_path / "model.safetensors", "sd")
     again = load(tmp_path / "model.safetensors")

@@ -9,17 +9,18 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from helpers.tiny_sd import build  # noqa: E402
-
 import latentdiff  # noqa: E402
 from latentdiff.interop.editing import generate  # noqa: E402
 from latentdiff.interop.schedulers import from_scheduler_config  # noqa: E402
+
+from helpers.tiny_sd import build  # noqa: E402
 
 SCHEDULERS = {
     "ddim": {"_class_name": "DDIMScheduler", "clip_sample": False},
     "pndm": {"_class_name": "PNDMScheduler", "skip_prk_steps": True},
     "euler": {"_class_name": "EulerDiscreteScheduler"},
-    "euler_karras": {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing", "use_karras_sigmas": True},
+    "euler_karras": {"_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing",
+                     "use_karras_sigmas": True},
     "euler_ancestral": {"_class_name": "EulerAncestralDiscreteScheduler"},
     "dpmpp_2m_karras": {"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True},
     "unipc": {"_class_name": "UniPCMultistepScheduler"},

@@ -9,11 +9,11 @@ import itertools
 import pytest
 import torch
 
+from latentdiff.config import DiffusionSection, update
 from latentdiff.diffusion import GaussianDiffusion
 from latentdiff.errors import CheckpointError
 from latentdiff.interop.schedulers import from_scheduler_config, to_scheduler_config
 from latentdiff.pipeline import build_diffusion
-from latentdiff.config import DiffusionSection, update
 from latentdiff.samplers import sample
 
 diffusers = pytest.importorskip("diffusers")

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentdiff.interop.unet_keys import unet_key_map
 from latentdiff.nn.attention import AttentionBlock, SpatialTransformer
 from latentdiff.nn.layers import ResBlock, SinusoidalEmbedding, group_norm_silu
-from helpers.tiny_sd import randomise
-from latentdiff.interop.unet_keys import unet_key_map
 from latentdiff.nn.unet import PRESETS, UNet, UNetConfig, unet_from_preset
+
+from helpers.tiny_sd import randomise
 
 TINY = PRESETS["tiny"]
 CONFIGS = {

@@ -186,8 +186,9 @@ class LatentSection:
 @dataclass
 class ConditioningSection:
     """The conditioner τ_θ of LDM (section 3.3): what the U-Net is conditioned on and how it enters."""
-    kind: Literal["text", "class", "clip"] = "text"             # a caption (text encoder) or class id (class embedder);
-                                                                # clip: a transformers CLIP text model (latentdiff.interop)
+    kind: Literal["text", "class", "clip"] = "text"             # a caption (text encoder) or class id (class
+                                                                # embedder); clip: transformers' CLIP text model
+                                                                # (an imported Stable Diffusion, latentdiff.interop)
     mode: Literal["crossattn", "adm"] = "crossattn"             # crossattn: context for the spatial transformers
                                                                 # (text, class); adm: a class embedding added to the
                                                                 # time embedding

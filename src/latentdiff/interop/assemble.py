@@ -10,7 +10,7 @@ import dataclasses
 
 import torch
 
-from ..config import Config, ConditioningSection, DataSection, DiffusionSection, LatentSection, SampleSection, update
+from ..config import ConditioningSection, Config, DataSection, DiffusionSection, LatentSection, SampleSection, update
 from ..diffusion import GaussianDiffusion
 from ..errors import CheckpointError
 from ..nn.autoencoder import Autoencoder, AutoencoderConfig

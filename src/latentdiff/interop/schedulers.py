@@ -121,7 +121,8 @@ def sampler_options(cfg: dict, where: str) -> dict:
         order = int(cfg.get("solver_order", 2))
         if cls == "DPMSolverMultistepScheduler":
             algorithm = cfg.get("algorithm_type", "dpmsolver++")
-            names = {("dpmsolver++", 2): "dpmpp_2m", ("dpmsolver++", 3): "dpmpp_3m", ("sde-dpmsolver++", 2): "dpmpp_2m_sde"}
+            names = {("dpmsolver++", 2): "dpmpp_2m", ("dpmsolver++", 3): "dpmpp_3m",
+                     ("sde-dpmsolver++", 2): "dpmpp_2m_sde"}
             if (algorithm, order) not in names:
                 raise CheckpointError(f"{where}: DPMSolverMultistepScheduler with algorithm_type {algorithm!r} and "
                                       f"solver_order {order} is not supported ({', '.join(map(str, names))})")
@@ -160,7 +161,8 @@ def to_scheduler_config(diffusion: dict, sample: dict) -> dict:
     if schedule is None:
         raise CheckpointError(f"schedule {diffusion['schedule']!r} has no diffusers beta_schedule")
     sampler = sample.get("sampler", "ddim")
-    classes = {"ddim": "DDIMScheduler", "plms": "PNDMScheduler", "ddpm": "DDPMScheduler", "euler": "EulerDiscreteScheduler",
+    classes = {"ddim": "DDIMScheduler", "plms": "PNDMScheduler", "ddpm": "DDPMScheduler",
+               "euler": "EulerDiscreteScheduler",
                "euler_ancestral": "EulerAncestralDiscreteScheduler", "heun": "HeunDiscreteScheduler",
                "dpmpp_2m": "DPMSolverMultistepScheduler", "dpmpp_3m": "DPMSolverMultistepScheduler",
                "dpmpp_2m_sde": "DPMSolverMultistepScheduler", "unipc": "UniPCMultistepScheduler"}

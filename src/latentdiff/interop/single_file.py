@@ -27,7 +27,7 @@ import torch
 
 from ..errors import CheckpointError, MissingFileError
 from ..fileio import atomic_write
-from ..nn.autoencoder import Autoencoder, AutoencoderConfig
+from ..nn.autoencoder import AutoencoderConfig
 from ..nn.unet import UNet, UNetConfig
 from ..pipeline import Pipeline
 from .assemble import assemble, build_autoencoder, build_unet

@@ -77,7 +77,8 @@ def vae_config_to_diffusers(cfg: AutoencoderConfig, scale: float) -> dict:
                               "without attention in its levels and z_channels == embed_dim)")
     widths = [cfg.ch * m for m in cfg.ch_mult]
     return {"_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
-            "down_block_types": ["DownEncoderBlock2D"] * len(widths), "up_block_types": ["UpDecoderBlock2D"] * len(widths),
+            "down_block_types": ["DownEncoderBlock2D"] * len(widths),
+            "up_block_types": ["UpDecoderBlock2D"] * len(widths),
             "block_out_channels": widths, "layers_per_block": cfg.num_res_blocks, "act_fn": "silu",
             "latent_channels": cfg.embed_dim, "norm_num_groups": cfg.norm_groups, "sample_size": cfg.resolution,
             "scaling_factor": float(scale), "mid_block_add_attention": cfg.mid_attention, "force_upcast": True}
