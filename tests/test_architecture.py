@@ -36,7 +36,7 @@ LAYERS = [
     ("demo", "demo_digits", "cli", "cli_parser", ""),     # the command and the demos
 ]
 # Inference never needs the training package, whatever the layer order says.
-INFERENCE = ("pipeline", "first_stage", "samplers", "nn", "eval", "folders")
+INFERENCE = ("pipeline", "first_stage", "samplers", "nn", "eval", "folders", "interop")
 
 
 def module_files(src: Path = SRC) -> dict[str, Path]:

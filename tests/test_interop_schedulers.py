@@ -94,7 +94,8 @@ def test_mapped_sampler_follows_the_scheduler(cls, spacing, offset, karras, pred
         cfg["use_karras_sigmas"] = True
     if cls in ("DDIMScheduler", "PNDMScheduler"):
         cfg.update(set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False)
-    for steps in (8, 20):  # below and above diffusers' lower_order_final threshold (15)
+    multistep = cls in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
+    for steps in (8, 20) if multistep else (8,):  # below and above diffusers' lower_order_final threshold (15)
         assert rel(ours_run(cfg, steps), diffusers_run(cfg, steps)) < 1e-4, steps
 
 

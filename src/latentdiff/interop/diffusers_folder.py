@@ -133,7 +133,7 @@ def save_diffusers(pipe: Pipeline, out) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     names = unet_key_map(pipe.unet.config, "diffusers")
     ustate = pipe.unet.state_dict()
-    unet = {names[k]: _diffusers_shape(names[k], v) for k, v in ustate.items()}
+    unet = {names[k]: v for k, v in ustate.items()}  # the same shapes in both layouts
     levels = len(pipe.autoencoder.config.ch_mult)
     vae = {vae_key_to_diffusers(k, levels): (v[:, :, 0, 0] if is_attention_matrix(k) else v)
            for k, v in pipe.autoencoder.state_dict().items()}
@@ -156,10 +156,6 @@ def save_diffusers(pipe: Pipeline, out) -> Path:
              "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
     atomic_write_text(out / "model_index.json", json.dumps(index, indent=2))
     return out
-
-
-def _diffusers_shape(name: str, v: torch.Tensor) -> torch.Tensor:
-    return v
 
 
 def _asdict(section) -> dict:
