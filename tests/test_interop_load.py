@@ -253,3 +253,22 @@ def test_cli_convert_export_and_sample(folders, tmp_path, capsys):
     rc, out, err = run_cli(capsys, "convert", tmp_path / "nothing", tmp_path / "o2")
     assert rc == 2 and err.count("\n") == 1 and "does not exist" in err
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("preset", ["sd1", "sd2"])
+def test_single_file_architecture_is_read_from_the_shapes(preset):
+    """A third-party file has no config: the SD 1.x / 2.x U-Net and the SD first stage are recovered from shapes."""
+    from latentdiff.interop.single_file import infer_unet_config, infer_vae_config
+    from latentdiff.interop.unet_keys import unet_key_map
+    from latentdiff.nn.autoencoder import Autoencoder, AutoencoderConfig
+    from latentdiff.nn.unet import PRESETS, UNet
+
+    cfg = PRESETS[preset]
+    with torch.device("meta"):
+        state = UNet(cfg).state_dict()
+        vae_cfg = AutoencoderConfig(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4, embed_dim=4,
+                                    resolution=512)
+        vae_state = Autoencoder(vae_cfg).state_dict()
+    names = unet_key_map(cfg, "compvis")
+    assert infer_unet_config({names[k]: v for k, v in state.items()}, "x") == cfg
+    assert infer_vae_config(vae_state) == vae_cfg
