@@ -16,6 +16,7 @@ from ..errors import CheckpointError
 from ..nn.autoencoder import Autoencoder, AutoencoderConfig
 from ..nn.unet import UNet, UNetConfig
 from ..pipeline import Pipeline, build_diffusion
+from .meta import meta_model
 
 # Stable Diffusion's sampling defaults in diffusers' pipelines.
 SD_SAMPLE = {"steps": 50, "guidance": 7.5, "num": 4, "batch_size": 4}
@@ -36,9 +37,9 @@ def _check_keys(expected: dict, state: dict, where: str, what: str) -> None:
 
 def materialize(cls, config, state: dict, where: str, what: str):
     """``cls(config)`` built on the meta device with ``state`` (float32, CPU) assigned to it."""
+    expected = meta_model(cls, config).state_dict()
     with torch.device("meta"):
         model = cls(config)
-    expected = model.state_dict()
     _check_keys(expected, state, where, what)
     state = {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
     model.load_state_dict(state, assign=True)

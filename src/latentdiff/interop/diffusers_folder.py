@@ -7,13 +7,14 @@ import json
 import shutil
 from pathlib import Path
 
-import torch
-
 from ..errors import CheckpointError, MissingFileError
 from ..fileio import atomic_write, atomic_write_text
+from ..nn.autoencoder import Autoencoder
+from ..nn.unet import UNet
 from ..pipeline import Pipeline
 from .assemble import assemble, build_autoencoder, build_unet, sample_fields
 from .clip import load_conditioner
+from .meta import meta_model
 from .schedulers import from_scheduler_config, to_scheduler_config
 from .unet_keys import unet_config_from_diffusers, unet_config_to_diffusers, unet_key_map
 from .vae_keys import is_attention_matrix, vae_config_from_diffusers, vae_config_to_diffusers, vae_key_to_diffusers
@@ -81,20 +82,14 @@ def load_diffusers(path) -> Pipeline:
     if missing or unexpected:
         raise CheckpointError(f"{path / 'unet'}: weights do not fit its config.json: missing {missing[:6]}, "
                               f"unexpected {unexpected[:6]}")
-    with torch.device("meta"):
-        from ..nn.unet import UNet
-
-        shapes = UNet(ucfg).state_dict()
+    shapes = meta_model(UNet, ucfg).state_dict()
     unet = build_unet(ucfg, {k: state[v].reshape(shapes[k].shape) for k, v in names.items()}, str(path / "unet"))
     vcfg_raw = read_json(path / "vae" / "config.json")
     vcfg = vae_config_from_diffusers(vcfg_raw, str(path / "vae" / "config.json"))
     vstate = part_weights(path / "vae")
     levels = len(vcfg.ch_mult)
     ours = {}
-    from ..nn.autoencoder import Autoencoder
-
-    with torch.device("meta"):
-        vshapes = Autoencoder(vcfg).state_dict()
+    vshapes = meta_model(Autoencoder, vcfg).state_dict()
     for k, ref in vshapes.items():
         name = vae_key_to_diffusers(k, levels)
         if name not in vstate:

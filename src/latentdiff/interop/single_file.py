@@ -41,6 +41,7 @@ from .clip import (
     text_config_from_state,
     text_model_from_state,
 )
+from .meta import meta_model
 from .schedulers import diffusion_options, sampler_options, to_scheduler_config
 from .unet_keys import unet_key_map
 
@@ -185,8 +186,7 @@ def load_single_file(path, *, tokenizer=None, prediction: str | None = None, ema
     unet_state = _unet_state(state, ucfg, where, ema)
     names = unet_key_map(ucfg, "compvis")
     used |= {UNET_PREFIX + v for v in names.values()} | {k for k in state if k.startswith(EMA_PREFIX)}
-    with torch.device("meta"):
-        shapes = UNet(ucfg).state_dict()
+    shapes = meta_model(UNet, ucfg).state_dict()
     unet = build_unet(ucfg, {k: v.reshape(shapes[k].shape) for k, v in unet_state.items()}, where)
     vstate = _strip(state, VAE_PREFIX)
     vcfg = AutoencoderConfig.from_dict(info["vae"]) if info else infer_vae_config(vstate)

@@ -22,12 +22,11 @@ UNet built on the meta device for the config, so no table can drift from the net
 
 from __future__ import annotations
 
-import torch
-
 from ..errors import CheckpointError
 from ..nn.attention import SpatialTransformer
 from ..nn.layers import Downsample, ResBlock, Upsample
 from ..nn.unet import UNet, UNetConfig
+from .meta import meta_model
 
 RESBLOCK_COMPVIS = {"norm1": "in_layers.0", "conv1": "in_layers.2", "emb_proj": "emb_layers.1",
                     "norm2": "out_layers.0", "conv2": "out_layers.3", "skip": "skip_connection"}
@@ -98,8 +97,7 @@ def _diffusers_prefixes(unet: UNet) -> dict[str, str]:
 def unet_key_map(config: UNetConfig, layout: str) -> dict[str, str]:
     """Our state-dict key -> its name in ``layout`` ("compvis", without the ``model.diffusion_model.`` prefix,
     or "diffusers"), for every parameter of a UNet with ``config``."""
-    with torch.device("meta"):
-        unet = UNet(config)
+    unet = meta_model(UNet, config)
     prefixes = _diffusers_prefixes(unet) if layout == "diffusers" else {}
     top = TOP_COMPVIS if layout == "compvis" else TOP_DIFFUSERS
     out = {}
