@@ -78,11 +78,12 @@ PREDICTIONS = ["epsilon", "v_prediction"]
 GRID = []
 for cls, karras_options in [("EulerDiscreteScheduler", (False, True)), ("DPMSolverMultistepScheduler", (False, True)),
                             ("UniPCMultistepScheduler", (False, True)), ("EulerAncestralDiscreteScheduler", (False,)),
-                            ("DDIMScheduler", (False,)), ("PNDMScheduler", (False,))]:
+                            ("DDIMScheduler", (False,)), ("PNDMScheduler", (False,)), ("DDPMScheduler", (False,)),
+                            ("HeunDiscreteScheduler", (False, True))]:
     for (spacing, offset), karras, pred in itertools.product(SPACINGS, karras_options, PREDICTIONS):
-        if cls in ("DDIMScheduler", "PNDMScheduler") and spacing == "linspace":
+        if cls in ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler") and spacing == "linspace":
             continue  # diffusers steps these to t - T//N, off its own linspace grid (see docs/interop.md)
-        if cls.startswith("Euler") and spacing == "linspace" and not karras:
+        if cls.startswith(("Euler", "Heun")) and spacing == "linspace" and not karras:
             continue  # diffusers' Euler linspace grid is fractional with σ interpolated linearly (docs/interop.md)
         GRID.append((cls, spacing, offset, karras, pred))
 
@@ -92,7 +93,7 @@ def test_mapped_sampler_follows_the_scheduler(cls, spacing, offset, karras, pred
     cfg = {**SD, "_class_name": cls, "timestep_spacing": spacing, "steps_offset": offset, "prediction_type": pred}
     if karras:
         cfg["use_karras_sigmas"] = True
-    if cls in ("DDIMScheduler", "PNDMScheduler"):
+    if cls in ("DDIMScheduler", "PNDMScheduler", "DDPMScheduler"):
         cfg.update(set_alpha_to_one=False, skip_prk_steps=True, clip_sample=False)
     multistep = cls in ("DPMSolverMultistepScheduler", "UniPCMultistepScheduler")
     for steps in (8, 20) if multistep else (8,):  # below and above diffusers' lower_order_final threshold (15)
