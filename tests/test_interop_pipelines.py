@@ -116,3 +116,21 @@ def test_pipeline_sample_road_matches_diffusers(folders):
     other = pipe.sample(2, prompts=["a circle"] * 2, negative_prompt="red", steps=STEPS, guidance=GUIDANCE,
                         seed=SEED, output="latent")
     assert rel(other, theirs) > 1e-3
+
+
+def test_generate_refuses_inputs_that_do_not_fit(loaded):
+    from latentdiff.errors import RequestError
+
+    image, mask = _inputs()
+    sd1, inpaint = loaded["sd1"][0], loaded["inpaint"][0]
+    for pipe, kwargs, message in [
+        (sd1, dict(image=image, mask=mask), "9-channel U-Net"),
+        (inpaint, dict(image=image), "9-channel U-Net"),
+        (sd1, dict(strength=0.5), "needs an image"),
+        (inpaint, dict(image=image, mask=mask, strength=0.5), "inpainting runs at strength 1"),
+        (sd1, dict(image=image[:1]), "expected one per prompt"),
+        (sd1, dict(image=image, strength=0.1), "keeps no step"),
+        (sd1, dict(bogus=1), "unknown option"),
+    ]:
+        with pytest.raises(RequestError, match=message):
+            generate(pipe, PROMPTS, steps=STEPS, **kwargs)

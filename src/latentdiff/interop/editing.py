@@ -52,8 +52,9 @@ def generate(pipe, prompts, *, negative_prompt: str | None = None, image: torch.
         raise RequestError("inpainting needs image and mask and the 9-channel U-Net; the other models take no mask")
     if image is not None and tuple(image.shape[:1]) != (b,):
         raise RequestError(f"image has batch {image.shape[0]}; expected one per prompt ({b})")
-    if not 0.0 < strength <= 1.0 or (strength != 1.0 and image is None):
-        raise RequestError(f"strength must lie in (0, 1] and needs an image (img2img), got {strength}")
+    if not 0.0 < strength <= 1.0 or (strength != 1.0 and (image is None or inpaint)):
+        raise RequestError(f"strength must lie in (0, 1] and needs an image (img2img; inpainting runs at strength 1), "
+                           f"got {strength}")
     gens = make_generators(seed, b)
     d = pipe.diffusion
     ts = make_timesteps(d, s.steps, spacing=s.spacing, offset=s.offset, karras=s.karras,
@@ -83,8 +84,12 @@ def generate(pipe, prompts, *, negative_prompt: str | None = None, image: torch.
     model = pipe.model_fn
     if s.guidance != 1.0:
         model = classifier_free_guidance(model, s.guidance, uncond, rescale=s.guidance_rescale)
-    bound = (lambda x_, t_: model(x_, t_.round().long() if t_.is_floating_point() else t_, **cond)) if s.round_model_t \
-        else (lambda x_, t_: model(x_, t_, **cond))
+
+    def bound(x_, t_):  # conditioning bound; integer model timesteps on Karras grids when round_model_t
+        if s.round_model_t and t_.is_floating_point():
+            t_ = t_.round().long()
+        return model(x_, t_, **cond)
+
     takes_one = "set_alpha_to_one" in SAMPLER_OPTIONS[s.sampler] and s.set_alpha_to_one is not None
     one = {"set_alpha_to_one": s.set_alpha_to_one} if takes_one else {}
     opts = options_for(s.sampler, eta=s.eta, **one, extra=sampler_options)
