@@ -54,13 +54,13 @@ def sd15_parts(device: str):
 
 def cmd_build(args) -> dict:
     sys.path.insert(0, str(ROOT / "tests"))
+    import transformers  # noqa: F401  (its import is not part of the build time)
+
     from latentdiff.interop import save
     from latentdiff.interop.assemble import assemble
     from latentdiff.interop.clip import ClipConditioner, load_tokenizer
 
     from helpers.tiny_sd import write_tokenizer
-
-    import transformers  # noqa: F401  (its import is not part of the build time)
 
     t = time.perf_counter()
     meta = sd15_parts("meta")

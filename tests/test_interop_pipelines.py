@@ -45,7 +45,7 @@ def loaded(folders):
         cls = CLASSES["inpaint" if layout == "inpaint" else "txt2img"]
         theirs = getattr(diffusers, cls).from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
         theirs.set_progress_bar_config(disable=True)
-        out[layout] = (latentdiff.load(folder), theirs)
+        out[layout] = (latentdiff.load(folder), theirs, dict(theirs.scheduler.config))  # the folder's scheduler
     return out
 
 
@@ -57,12 +57,12 @@ def _inputs():
     return image, mask
 
 
-def run_both(pipe, base, mode: str, scheduler: dict):
-    """(latentdiff's final latents, diffusers') for one pipeline and scheduler."""
+def run_both(pipe, base, base_config: dict, mode: str, scheduler: dict):
+    """(latentdiff's final latents, diffusers') for one pipeline and scheduler (``scheduler`` changes
+    ``base_config``, the folder's: DDIM, leading spacing, offset 1, set_alpha_to_one false)."""
     theirs_pipe = getattr(diffusers, CLASSES[mode])(**base.components) if mode == "img2img" else base
     theirs_pipe.set_progress_bar_config(disable=True)
-    config = {**base.scheduler.config, "timestep_spacing": "leading", "use_karras_sigmas": False, **scheduler}
-    theirs_pipe.scheduler = getattr(diffusers, scheduler["_class_name"]).from_config(config)
+    theirs_pipe.scheduler = getattr(diffusers, scheduler["_class_name"]).from_config({**base_config, **scheduler})
     image, mask = _inputs()
     extra = {"img2img": dict(image=image, strength=0.6), "inpaint": dict(image=image, mask_image=mask, height=32,
                                                                           width=32), "txt2img": {}}[mode]
@@ -122,7 +122,7 @@ def test_generate_refuses_inputs_that_do_not_fit(loaded):
     from latentdiff.errors import RequestError
 
     image, mask = _inputs()
-    sd1, inpaint = loaded["sd1"][0], loaded["inpaint"][0]
+    sd1, inpaint = loaded["sd1"][0], loaded["inpaint"][0]  # latentdiff's pipelines
     for pipe, kwargs, message in [
         (sd1, dict(image=image, mask=mask), "9-channel U-Net"),
         (inpaint, dict(image=image), "9-channel U-Net"),
