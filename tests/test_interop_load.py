@@ -272,3 +272,8 @@ def test_single_file_architecture_is_read_from_the_shapes(preset):
     names = unet_key_map(cfg, "compvis")
     assert infer_unet_config({names[k]: v for k, v in state.items()}, "x") == cfg
     assert infer_vae_config(vae_state) == vae_cfg
+
+
+def test_cli_sample_of_an_inpainting_model_is_one_line(folders, capsys):
+    rc, out, err = run_cli(capsys, "sample", folders["inpaint"], "--prompt", "a red circle", "--steps", "1")
+    assert rc == 2 and err.count("\n") == 1 and "inpainting model" in err and "editing.generate" in err

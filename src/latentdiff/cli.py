@@ -42,9 +42,10 @@ def cmd_train(args) -> int:
 
 def cmd_sample(args) -> int:
     t0 = time.perf_counter()
-    from .interop import load
+    from .interop import check_text_to_image, load
 
     pipe = load(args.model, ema=not args.no_ema)
+    check_text_to_image(pipe)
     s = pipe.sample_options(num=args.num, prompts=args.prompts, negative_prompt=args.negative_prompt,
                             labels=args.labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                             eta=args.eta, seed=args.seed, batch_size=args.batch_size, size=args.size)

@@ -20,7 +20,7 @@ from ..errors import CheckpointError, MissingFileError
 
 FORMATS = ("latentdiff", "diffusers", "sd")
 
-__all__ = ["FORMATS", "convert", "detect_format", "load", "save"]
+__all__ = ["FORMATS", "check_text_to_image", "convert", "detect_format", "load", "save"]
 
 
 def detect_format(path) -> str:
@@ -66,6 +66,17 @@ def load(path, *, ema: bool = True, device=None, tokenizer=None, prediction: str
     if device is not None:
         pipe.to(device)
     return pipe.eval()
+
+
+def check_text_to_image(pipe) -> None:
+    """RequestError for an imported inpainting model (9-channel U-Net) asked for plain text-to-image sampling:
+    it needs an image and a mask (:func:`latentdiff.interop.editing.generate`)."""
+    from ..errors import RequestError
+    from .clip import ClipConditioner
+
+    if isinstance(pipe.conditioner, ClipConditioner) and pipe.unet.config.concat_channels:
+        raise RequestError("this is a Stable Diffusion inpainting model (9-channel U-Net): it needs an image and a "
+                           "mask; use latentdiff.interop.editing.generate(pipe, prompts, image=..., mask=...)")
 
 
 def _is_clip_model_folder(path: Path) -> bool:
