@@ -134,3 +134,26 @@ def test_generate_refuses_inputs_that_do_not_fit(loaded):
     ]:
         with pytest.raises(RequestError, match=message):
             generate(pipe, PROMPTS, steps=STEPS, **kwargs)
+
+
+def test_a_scheduler_convention_binds_its_own_sampler_only(loaded):
+    """An Euler folder (x_T = σ_max·ε on trailing grids) sampled with DDIM starts from unit noise, as diffusers'
+    DDIMScheduler.from_config(euler_config) does."""
+    import dataclasses
+
+    ours, base, base_config = loaded["sd1"]
+    euler = {**base_config, "_class_name": "EulerDiscreteScheduler", "timestep_spacing": "trailing", "steps_offset": 0}
+    _, sample, _ = from_scheduler_config(euler)
+    assert sample["init_noise"] == "sigma"
+    original = ours.config
+    ours.config = dataclasses.replace(original, sample=dataclasses.replace(original.sample, **sample))  # as imported
+    try:
+        base.scheduler = diffusers.DDIMScheduler.from_config(euler)
+        gens = [torch.Generator().manual_seed(SEED + i) for i in range(2)]
+        theirs = base(PROMPTS, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=gens,
+                      output_type="latent").images
+        got = ours.sample(2, prompts=PROMPTS, sampler="ddim", steps=STEPS, guidance=GUIDANCE, seed=SEED,
+                          output="latent", set_alpha_to_one=base.scheduler.config.set_alpha_to_one)
+        assert rel(got, theirs) < 1e-4
+    finally:
+        ours.config = original

@@ -336,6 +336,10 @@ class Pipeline:
         opts = {k: getattr(s, k) for k in routed if getattr(s, k) is not None}  # set_alpha_to_one None: the sampler's
         if "set_alpha_to_one" not in options and "set_alpha_to_one" not in SAMPLER_OPTIONS[s.sampler]:
             opts.pop("set_alpha_to_one", None)  # the config's ddim/plms setting does not bind other samplers
+        if s.sampler != self.config.sample.sampler:  # an imported scheduler's own conventions bind its sampler only
+            for k in ("karras_range", "extra_point", "init_noise", "round_model_t"):
+                if k not in options:
+                    opts.pop(k, None)
         opts.update({k: v for k, v in options.items() if k not in routed})
         self._warn_ill_conditioned_start(opts)
         y = None if self.takes_prompts else self._labels(s.labels, s.num)
