@@ -31,12 +31,13 @@ LAYERS = [
     ("config",),                                          # typed run configs
     ("first_stage",),                                     # the autoencoder as a product
     ("pipeline",),                                        # a trained model as one object
+    ("interop",),                                         # Stable Diffusion / diffusers checkpoints in and out
     ("eval",),                                            # metrics, oracles, reference statistics
     ("train",),                                           # the training loop and checkpoints
     ("demo", "demo_digits", "cli", "cli_parser", "serve", ""),  # the command, the demos, the web page and API
 ]
 # Inference never needs the training package, whatever the layer order says.
-INFERENCE = ("pipeline", "first_stage", "samplers", "nn", "eval", "folders")
+INFERENCE = ("pipeline", "first_stage", "samplers", "nn", "eval", "folders", "interop")
 
 
 def module_files(src: Path = SRC) -> dict[str, Path]:

@@ -313,28 +313,19 @@ def test_metrics():
 def test_kl_autoencoder_matches_diffusers_by_a_name_mapping():
     """Our layout holds the same math as diffusers' AutoencoderKL (the SD first stage) under a renaming."""
     diffusers = pytest.importorskip("diffusers")
+    from latentdiff.interop.vae_keys import is_attention_matrix, vae_key_to_diffusers
+
+    from helpers.tiny_sd import randomise
+
     cfg = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=4, embed_dim=4, resolution=16)
     ours = Autoencoder(cfg).eval()
     theirs = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                                      up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
                                      layers_per_block=1, latent_channels=4, norm_num_groups=32, sample_size=16).eval()
-    sd = {}
-    for k, v in ours.state_dict().items():
-        n = k
-        for a, b in (("encoder.down.", "encoder.down_blocks."), ("decoder.up.", "decoder.up_blocks."),
-                     (".block.", ".resnets."), (".downsample.", ".downsamplers.0."), (".upsample.", ".upsamplers.0."),
-                     ("nin_shortcut", "conv_shortcut"), ("mid.block_1", "mid_block.resnets.0"),
-                     ("mid.block_2", "mid_block.resnets.1"), ("mid.attn_1.norm", "mid_block.attentions.0.group_norm"),
-                     ("mid.attn_1.q", "mid_block.attentions.0.to_q"), ("mid.attn_1.k", "mid_block.attentions.0.to_k"),
-                     ("mid.attn_1.v", "mid_block.attentions.0.to_v"),
-                     ("mid.attn_1.proj_out", "mid_block.attentions.0.to_out.0"), ("norm_out", "conv_norm_out")):
-            n = n.replace(a, b)
-        if n.startswith("decoder.up_blocks."):
-            i = int(n.split(".")[2])
-            n = n.replace(f"decoder.up_blocks.{i}.", f"decoder.up_blocks.{len(cfg.ch_mult) - 1 - i}.", 1)
-        if "attentions" in n and n.endswith("weight") and v.ndim == 4:
-            v = v[:, :, 0, 0]  # 1x1 conv -> linear
-        sd[n] = v
+    randomise(ours, 3)  # every norm weight and bias too: a swapped or unmapped one changes the output
+    levels = len(cfg.ch_mult)
+    sd = {vae_key_to_diffusers(k, levels): v[:, :, 0, 0] if is_attention_matrix(k) else v  # the importer's map
+          for k, v in ours.state_dict().items()}
     missing, unexpected = theirs.load_state_dict(sd, strict=False)
     assert not missing and not unexpected
     x = torch.rand(2, 3, 16, 16) * 2 - 1

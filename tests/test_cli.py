@@ -188,7 +188,10 @@ def test_import_latentdiff_does_not_import_torch():
             "assert 'load' in dir(latentdiff) and 'Pipeline' in dir(latentdiff)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert latentdiff.load is latentdiff.pipeline.load and latentdiff.Pipeline is latentdiff.pipeline.Pipeline
+    import latentdiff.interop
+
+    # latentdiff.load is the one road from a path (latentdiff, diffusers or SD file) to a Pipeline.
+    assert latentdiff.load is latentdiff.interop.load and latentdiff.Pipeline is latentdiff.pipeline.Pipeline
     with pytest.raises(AttributeError, match="no attribute 'lod'"):
         _ = latentdiff.lod
 

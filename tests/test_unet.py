@@ -8,9 +8,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentdiff.interop.unet_keys import unet_key_map
 from latentdiff.nn.attention import AttentionBlock, SpatialTransformer
 from latentdiff.nn.layers import ResBlock, SinusoidalEmbedding, group_norm_silu
 from latentdiff.nn.unet import PRESETS, UNet, UNetConfig, unet_from_preset
+
+from helpers.tiny_sd import randomise
 
 TINY = PRESETS["tiny"]
 CONFIGS = {
@@ -397,7 +400,7 @@ def test_matches_diffusers_unet2d(variant):
     if adm:  # diffusers' mid block drops the attention GroupNorm when scale_shift is on; ADM has it: add it back
         mid_attn = theirs.mid_block.attentions[0]
         mid_attn.group_norm = nn.GroupNorm(8, 32, eps=1e-5)
-        nn.init.normal_(mid_attn.group_norm.weight)
+    randomise(theirs, 1)  # every norm weight and bias too: a swapped or unmapped one changes the output
     ours = UNet(cfg).eval()
     assert _nparams(ours) == _nparams(theirs)
     _copy_from_diffusers(ours, theirs)
@@ -427,14 +430,19 @@ def test_matches_diffusers_unet2d_condition(linear):
         attention_head_dim=(2, 4) if linear else 2,  # diffusers' "head dim" here is the head count (SD convention)
         transformer_layers_per_block=cfg.transformer_depth, use_linear_projection=linear, norm_num_groups=8,
     ).eval()  # fmt: skip
+    randomise(theirs, 2)  # every norm weight and bias too: a swapped or unmapped one changes the output
     ours = UNet(cfg).eval()
     assert _nparams(ours) == _nparams(theirs)
-    _copy_from_diffusers(ours, theirs)
+    names, state = unet_key_map(cfg, "diffusers"), theirs.state_dict()  # the importer's key map
+    ours.load_state_dict({k: state[names[k]].reshape(v.shape) for k, v in ours.state_dict().items()})
     x, t, ctx = torch.randn(2, 4, 8, 16), torch.tensor([5, 640]), torch.randn(2, 7, 12)
     with torch.no_grad():
         expected = theirs(x, t, encoder_hidden_states=ctx).sample
         got = ours(x, t, context=ctx)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+        block = ours.middle_block[1].blocks[0]  # the test sees the norms: swapping two changes the output
+        block.norm2.weight, block.norm3.weight = block.norm3.weight, block.norm2.weight
+        assert (ours(x, t, context=ctx) - expected).abs().max() > 1e-2
 
 
 @pytest.mark.slow

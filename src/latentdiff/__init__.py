@@ -2,6 +2,7 @@
 
     import latentdiff
     pipe = latentdiff.load("runs/digits")     # a run folder or a model folder (latentdiff export)
+    pipe = latentdiff.load("sd-1-5/")         # a diffusers folder or an SD .safetensors file (latentdiff.interop)
     images = pipe.sample(10, labels=range(10), seed=0)
 
 ``load`` and ``Pipeline`` are imported on first use (PEP 562 module ``__getattr__``), so that ``import
@@ -10,7 +11,7 @@ latentdiff`` and ``latentdiff --help`` do not import torch.
 
 __version__ = "0.1.0"
 
-_LAZY = {"load": "latentdiff.pipeline", "Pipeline": "latentdiff.pipeline"}
+_LAZY = {"load": "latentdiff.interop", "Pipeline": "latentdiff.pipeline"}
 
 __all__ = ["Pipeline", "__version__", "load"]
 

@@ -3,6 +3,7 @@
     latentdiff train configs/digits_ddpm.yaml train.steps=2000 --out runs/digits
     latentdiff sample runs/digits --num 40 --sampler dpmpp_2m --steps 20 --guidance 2 --out grid.png
     latentdiff export runs/digits models/digits
+    latentdiff convert sd-1-5/ models/sd15                                   # diffusers folder or SD file <-> ours
     latentdiff train configs/shapes_vae_kl_f4.yaml --out runs/kl_f4          # an autoencoder (first stage)
     latentdiff reconstruct runs/kl_f4 --num 16 --out recon.png
     latentdiff eval runs/kl_f4 --num 1000                                    # PSNR, SSIM, rFID
@@ -45,9 +46,10 @@ def cmd_train(args) -> int:
 
 def cmd_sample(args) -> int:
     t0 = time.perf_counter()
-    from .pipeline import load
+    from .interop import check_text_to_image, load
 
     pipe = load(args.model, ema=not args.no_ema)
+    check_text_to_image(pipe)
     s = pipe.sample_options(num=args.num, prompts=args.prompts, negative_prompt=args.negative_prompt,
                             labels=args.labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
                             eta=args.eta, seed=args.seed, batch_size=args.batch_size, size=args.size)
@@ -211,15 +213,27 @@ def cmd_export(args) -> int:
         scale = export_run(run, Path(args.model_dir))
         print(f"exported the autoencoder of {run} to {args.model_dir} (latent scale {scale:.4f})")
         return 0
-    if kind in (MODEL, AUTOENCODER):
+    if kind == AUTOENCODER or (kind == MODEL and args.format == "latentdiff"):
         raise CLIError(f"{run} is already a model folder")
     if kind is None:
         raise CLIError(f"{run} is not a run folder: no {CONFIG_FILE}")
-    from .pipeline import load
+    from .interop import load, save
 
     pipe = load(run, ema=not args.no_ema)
-    path = pipe.save(args.model_dir)
-    print(f"exported {'trained' if args.no_ema else 'EMA'} weights of {run} to {path}")
+    path = save(pipe, args.model_dir, args.format)
+    print(f"exported {'trained' if args.no_ema else 'EMA'} weights of {run} to {path} ({args.format} format)")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .interop import convert
+
+    summary = convert(args.src, args.out, args.format, ema=not args.no_ema, **(
+        {"tokenizer": args.tokenizer} if args.tokenizer else {}))
+    print(f"converted {args.src} ({summary['from']}) to {summary['out']} ({summary['to']}): "
+          f"U-Net {summary['unet_tensors']} tensors, autoencoder {summary['autoencoder_tensors']}, "
+          f"text encoder {summary['text_encoder_tensors']}; prediction {summary['prediction']}, "
+          f"sampler {summary['sampler']}{', inpainting' if summary['inpainting'] else ''}")
     return 0
 
 
@@ -337,7 +351,7 @@ def _eval_model(args, metrics, device, common) -> tuple[dict, Path]:
     images of those prompts (eval/prompted.py)."""
     from .data import DATASETS
     from .eval import run as ev
-    from .pipeline import load
+    from .interop import load
 
     if args.model is None:
         raise CLIError("give a run or model folder to evaluate, or --real A --fake B to compare two image folders")
@@ -556,7 +570,8 @@ def cmd_encode(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "reconstruct": cmd_reconstruct,
+COMMANDS = {"train": cmd_train, "sample": cmd_sample, "export": cmd_export, "convert": cmd_convert,
+            "reconstruct": cmd_reconstruct,
             "eval": cmd_eval, "oracle": cmd_oracle, "info": cmd_info, "recipes": cmd_recipes, "shard": cmd_shard,
             "encode": cmd_encode, "serve": cmd_serve}
 

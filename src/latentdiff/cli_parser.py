@@ -123,10 +123,27 @@ def _add_export_parser(sub) -> None:
                        description="Write a model folder that `sample` and latentdiff.load read without the training "
                        "state. For an autoencoder run: its newest checkpoint with the latent scale computed on the "
                        "first training batch.")
-    e.add_argument("run", help="run folder")
-    e.add_argument("model_dir", help="model folder to write")
+    e.add_argument("run", help="run folder (or, with --format diffusers / sd, a model folder)")
+    e.add_argument("model_dir", help="model folder to write (--format sd: a .safetensors file)")
     e.add_argument("--no-ema", action="store_true",
                    help="export the trained weights instead of the EMA weights (default: EMA)")
+    e.add_argument("--format", choices=("latentdiff", "diffusers", "sd"), default="latentdiff",
+                   help="latentdiff model folder; a diffusers folder (StableDiffusionPipeline.from_pretrained reads "
+                   "it); an SD single .safetensors in the CompVis key layout. diffusers and sd need a Stable "
+                   "Diffusion-like model: latent, CLIP text encoder, no class labels")
+    c = sub.add_parser("convert", help="convert a model between latentdiff, diffusers and SD single-file formats",
+                       formatter_class=_fmt(),
+                       description="Read a latentdiff run or model folder, a diffusers folder or an SD .safetensors / "
+                       ".ckpt (read with torch.load(weights_only=True) only) and write it in another format, "
+                       "printing what was mapped.")
+    c.add_argument("src", help="latentdiff run/model folder, diffusers folder, or .safetensors / .ckpt file")
+    c.add_argument("out", help="folder to write, or a .safetensors file for --format sd")
+    c.add_argument("--format", choices=("latentdiff", "diffusers", "sd"), default=None,
+                   help="output format (default: sd for a .safetensors OUT, else latentdiff from diffusers / sd "
+                   "and diffusers from latentdiff)")
+    c.add_argument("--tokenizer", default=None, help="single files: folder with the CLIP tokenizer's vocab.json and "
+                   "merges.txt (default: a tokenizer/ folder beside the file)")
+    c.add_argument("--no-ema", action="store_true", help="use the trained weights, not the EMA weights")
 
 
 def _add_reconstruct_parser(sub) -> None:

@@ -150,6 +150,16 @@ class SampleSection:
     spacing: Literal[SPACINGS] = "leading"                      # timestep grid
     offset: int = bounded(0, lo=0)                              # added to leading timesteps (Stable Diffusion: 1)
     karras: bool = False                                        # Karras σ grid (sigma-space samplers)
+    karras_range: Literal["schedule", "grid"] = "schedule"      # Karras ends: the schedule's, or the spacing grid's
+                                                                # (diffusers' Euler schedulers)
+    extra_point: bool = False                                   # leading/linspace grid of steps + 1 points, smallest
+                                                                # dropped (diffusers' DPM-Solver / UniPC)
+    init_noise: Literal["vp", "sigma"] = "vp"                   # x_T = ε, or √(1 − ᾱ_0)·ε (diffusers' Euler family on
+                                                                # linspace / trailing grids)
+    round_model_t: bool = False                                 # network sees round(t) on Karras grids (diffusers'
+                                                                # DPM-Solver / UniPC)
+    set_alpha_to_one: bool | None = None                        # ddim / plms: end at ᾱ = 1 (true) or ᾱ_0 (false,
+                                                                # CompVis); null = the sampler's default
     clip_x0: bool = False                                       # clamp predicted x_0 to [-1, 1] (pixel space)
     num: int = bounded(16, lo=1)                                # images to draw
     batch_size: int = bounded(16, lo=1)                         # images per forward pass
@@ -183,8 +193,10 @@ class LatentSection:
 @dataclass
 class ConditioningSection:
     """The conditioner τ_θ of LDM (section 3.3): what the U-Net is conditioned on and how it enters."""
-    kind: Literal["text", "class", "layout"] | None = "text"    # a caption (text encoder), class id (class embedder)
-                                                                # or layout of boxes (layout encoder); null: only a
+    kind: Literal["text", "class", "layout", "clip"] | None = "text"  # a caption (text encoder), class id (class
+                                                                # embedder) or layout of boxes (layout encoder); clip:
+                                                                # transformers' CLIP text model (an imported Stable
+                                                                # Diffusion, latentdiff.interop); null: only a
                                                                 # spatial condition (mode concat)
     mode: Literal["crossattn", "adm", "concat", "hybrid"] = "crossattn"  # crossattn: context for the spatial
                                                                 # transformers (text, class); adm: a class embedding

@@ -219,7 +219,8 @@ class GaussianDiffusion:
         lo = tc.floor().long()
         hi = (lo + 1).clamp(max=self.num_steps - 1)
         w = tc - lo.double()
-        return t, (1 - w) * log_sigma[lo] + w * log_sigma[hi]
+        mixed = (1 - w) * log_sigma[lo] + w * log_sigma[hi]
+        return t, torch.where(w == 0, log_sigma[lo], mixed)  # integer t reads the table (log σ = inf at ᾱ = 0)
 
     def alpha_bar(self, t) -> torch.Tensor:
         """ᾱ(t) = 1/(1 + σ(t)²), float64, for a number or tensor t in [0, T-1], integer or fractional; t < 0 means

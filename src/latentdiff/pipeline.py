@@ -81,6 +81,9 @@ def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int, con
 
 def conditioner_config(section, tokenizer: WordTokenizer | None) -> dict:
     """The conditioner config (nn.conditioners.ConditionerConfig fields) of a ``conditioning`` section."""
+    if section.kind == "clip":
+        raise ConfigError("conditioning.kind is clip (a transformers CLIP text model): load this model with "
+                          "latentdiff.load, which reads its text_encoder/ and tokenizer/ folders")
     spatial = section.mode in ("concat", "hybrid")
     if spatial != (section.concat is not None):
         raise ConfigError("conditioning.concat names the spatial condition of modes concat and hybrid: "
@@ -159,16 +162,17 @@ class Pipeline:
     # Construction and files
 
     @classmethod
-    def from_config(cls, config: Config, *, base_dir=None, tokenizer: WordTokenizer | None = None) -> "Pipeline":
+    def from_config(cls, config: Config, *, base_dir=None, tokenizer: WordTokenizer | None = None,
+                    conditioner: Conditioner | None = None) -> "Pipeline":
         """Fresh (untrained) networks for a resolved config; the first stage (if any) is loaded from its folder,
-        resolved against ``base_dir`` (see :func:`resolve_first_stage`); a text conditioner takes ``tokenizer``."""
+        resolved against ``base_dir`` (see :func:`resolve_first_stage`); a text conditioner takes ``tokenizer``.
+        ``conditioner``: one built elsewhere (latentdiff.interop's CLIP text model) instead of the config's."""
         diffusion = _built("diffusion", build_diffusion, config.diffusion)
         autoencoder, channels = None, config.data.channels
         if config.latent.first_stage is not None:
             autoencoder = load_latent_first_stage(config, base_dir)
             channels = autoencoder.config.embed_dim
-        conditioner = None
-        if config.conditioning is not None:
+        if conditioner is None and config.conditioning is not None:
             spec = conditioner_config(config.conditioning, tokenizer)
             conditioner = _built("conditioning", build_conditioner, spec, tokenizer)
         unet = UNet(unet_config(config, diffusion, channels, conditioner))
@@ -280,7 +284,9 @@ class Pipeline:
         dump_config(config, path / CONFIG_FILE)
         # Sealed (folders.py): the weights carry the sha256 of their tensors and of config.yaml, checked by load.
         atomic_write(path / WEIGHTS_FILE, lambda tmp: save_sealed_model(self.unet, tmp, config=path / CONFIG_FILE))
-        if self.conditioner is not None:
+        if hasattr(self.conditioner, "save_folders"):  # latentdiff.interop's CLIP: its own transformers folders
+            self.conditioner.save_folders(path)
+        elif self.conditioner is not None:
             if self.conditioner.tokenizer is not None:
                 self.conditioner.tokenizer.save(path / TOKENIZER_FILE)
             atomic_write(path / CONDITIONER_FILE, lambda tmp: save_sealed_model(self.conditioner, tmp))
@@ -443,7 +449,7 @@ class Pipeline:
                                     # None = the config's
         batch_size: int | None = None,
         size=None,                  # (H, W) in pixels; None = the training size; larger is sampled convolutionally
-        output: str = "pil",        # "pil" (list of images) or "tensor" ((N, C, H, W) in [-1, 1])
+        output: str = "pil",        # "pil" (list of images), "tensor" ((N, C, H, W) in [-1, 1]) or "latent" (undecoded)
         progress: bool = False,
         model_fn=None,              # the network call; None = self.model_fn (pass a wrapper of it to count calls)
         callback=None,              # callback(start, i, t, x, x0_hat) after step i of the batch of samples start..;
@@ -459,11 +465,13 @@ class Pipeline:
                                     # 1 = generate, 0 = keep; latent models take it onto the latent grid
         **options,                  # further options of latentdiff.samplers.sample (eta, spacing, karras, ...)
     ):
+        from .samplers import SAMPLER_OPTIONS
         from .samplers import sample as run_sampler
 
-        if output not in ("pil", "tensor"):
-            raise RequestError(f"output must be 'pil' or 'tensor', got {output!r}")
-        routed = ("eta", "spacing", "offset", "karras", "clip_x0", "guidance_rescale")  # sample-section options
+        if output not in ("pil", "tensor", "latent"):
+            raise RequestError(f"output must be 'pil', 'tensor' or 'latent', got {output!r}")
+        routed = ("eta", "spacing", "offset", "karras", "clip_x0", "guidance_rescale", "karras_range", "extra_point",
+                  "init_noise", "round_model_t", "set_alpha_to_one")  # sample-section options
         seeds = None
         if isinstance(seed, (list, tuple)):  # one seed per sample (a server batching several requests)
             seeds, seed = [int(v) for v in seed], (int(seed[0]) if seed else None)
@@ -486,7 +494,13 @@ class Pipeline:
                 s = dataclasses.replace(s, size=list(implied))
         if init_image is not None or strength is not None or mask is not None:
             s = self._check_edits(init_image, strength, mask, s)
-        opts = {k: getattr(s, k) for k in routed}
+        opts = {k: getattr(s, k) for k in routed if getattr(s, k) is not None}  # set_alpha_to_one None: the sampler's
+        if "set_alpha_to_one" not in options and "set_alpha_to_one" not in SAMPLER_OPTIONS[s.sampler]:
+            opts.pop("set_alpha_to_one", None)  # the config's ddim/plms setting does not bind other samplers
+        if s.sampler != self.config.sample.sampler:  # an imported scheduler's own conventions bind its sampler only
+            for k in ("karras_range", "extra_point", "init_noise", "round_model_t"):
+                if k not in options:
+                    opts.pop(k, None)
         opts.update({k: v for k, v in options.items() if k not in routed})
         self._warn_ill_conditioned_start(opts)
         y = None if self.takes_prompts or self.takes_layouts else self._labels(s.labels, s.num)
@@ -510,11 +524,13 @@ class Pipeline:
                 seed=seeds[start : start + n], guidance_scale=s.guidance, uncond=uncond, callback=cb,
                 **opts, **cond,
             )
-            if self.autoencoder is not None:
+            if self.autoencoder is not None and output != "latent":
                 x = self.decode(x)
             out.append(x.float().cpu())
         if bar is not None:
             bar.close()
+        if output == "latent":  # what the diffusion ran on, before the first stage's decoder (scaled latents)
+            return torch.cat(out)
         images = torch.cat(out).clamp(-1, 1)
         return images if output == "tensor" else to_pil(images)
 

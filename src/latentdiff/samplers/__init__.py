@@ -50,7 +50,7 @@ SAMPLERS: dict[str, Callable] = {
 SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
     "ddpm": ("variance", "resample_jumps"),
     "ddim": ("eta", "set_alpha_to_one", "resample_jumps"),
-    "plms": ("set_alpha_to_one",),
+    "plms": ("set_alpha_to_one", "combine"),
     "dpmpp_2m": (),
     "dpmpp_3m": ("lower_order_final", "exact_third_order"),
     "dpmpp_2m_sde": (),
@@ -190,6 +190,10 @@ def sample(
     eta: float = 0.0,  # stochasticity of ddim (and of samplers that take an η)
     clip_x0: bool = False,  # clamp x̂_0 to [-1, 1] at every step (pixel-space models)
     karras: bool = False,  # Karras σ grid (fractional timesteps) instead of an integer grid
+    karras_range: str = "schedule",  # Karras grid ends: "schedule" σ(0)..σ(T-1), "grid" those of the spacing grid
+    extra_point: bool = False,  # leading/linspace grid of steps + 1 points, smallest dropped (diffusers' multistep)
+    init_noise: str = "vp",  # x_T: "vp" unit noise at ᾱ(t_0); "sigma" x_T = √(1 − ᾱ_0)·ε (diffusers' σ_max·ε)
+    round_model_t: bool = False,  # the network sees round(t) on a Karras grid (diffusers' DPM-Solver, UniPC)
     seed=None,  # None, int (sample i uses seed + i) or list of ints: x_T and all fresh noise per sample
     callback: Callable | None = None,  # callback(i, t, x, x0_hat) after each step
     guidance_scale: float = 1.0,  # classifier-free guidance s; 1 = conditional model, no extra pass
@@ -217,10 +221,20 @@ def sample(
                           resample_jumps=resample_jumps, corrector_steps=corrector_steps, snr=snr)
     opts = options_for(sampler, eta=eta, set_alpha_to_one=set_alpha_to_one, resample_jumps=resample_jumps,
                        corrector_steps=corrector_steps, snr=snr, extra=sampler_options)
-    ts = edits.trim_grid(make_timesteps(diffusion, steps, spacing=spacing, offset=offset, karras=karras), steps)
+    if init_noise not in ("vp", "sigma"):
+        raise ValueError(f"init_noise must be 'vp' or 'sigma', got {init_noise!r}")
+    grid = make_timesteps(diffusion, steps, spacing=spacing, offset=offset, karras=karras, karras_range=karras_range,
+                          extra_point=extra_point)
+    ts = edits.trim_grid(grid, steps)
     gens = make_generators(seed, noise.shape[0])
     x = _start_noise(noise, gens)
+    if init_noise == "sigma" and init_image is None:
+        # diffusers' Euler family on linspace/trailing grids: x_σ = σ_0·ε, i.e. x_T = σ_0/√(σ_0² + 1)·ε in VP scale.
+        x = x * float(1 - diffusion.alpha_bar(ts[0])) ** 0.5
     model = _bind(model_fn, cond, guidance_scale, uncond, guidance_rescale)
+    if round_model_t:
+        inner = model
+        model = lambda x_, t_: inner(x_, t_.round().long() if t_.is_floating_point() else t_)  # noqa: E731
     x = edits.start(x, diffusion, ts, gens)
     corrector = "corrector_steps" not in SAMPLER_OPTIONS[sampler]  # else the sampler runs the corrector itself
     edit_state = edits.state_editor(model, diffusion, ts, gens, clip_x0=clip_x0, corrector=corrector)

@@ -19,19 +19,34 @@ def alpha_bar(diffusion, t) -> torch.Tensor:
 
 
 def make_timesteps(
-    diffusion, steps: int, *, spacing: str = "leading", offset: int = 0, karras: bool = False, rho: float = 7.0
+    diffusion, steps: int, *, spacing: str = "leading", offset: int = 0, karras: bool = False, rho: float = 7.0,
+    karras_range: str = "schedule", extra_point: bool = False,
 ) -> torch.Tensor:
     """Descending float64 timesteps at which a sampler calls the model.
 
     Without ``karras`` they are the integer grid of ``spacing``. With it, N σ values from the Karras grid
-    between the schedule's σ_min and σ_max mapped back to (fractional) timesteps.
+    (Karras et al. 2022, eq. 5) mapped back to (fractional) timesteps, between σ_min and σ_max of
+    ``karras_range``: "schedule" (latentdiff's default) the schedule's ends σ(0) and σ(T−1); "grid" the σ of the
+    smallest and largest timestep of the ``spacing`` grid (diffusers' Euler schedulers with use_karras_sigmas).
+
+    ``extra_point``: the leading or linspace grid is built for N + 1 points and its smallest point dropped
+    (diffusers' DPM-Solver and UniPC schedulers); a trailing grid is unchanged.
     """
     T = diffusion.num_steps
+    if karras_range not in ("schedule", "grid"):
+        raise ValueError(f"karras_range must be 'schedule' or 'grid', got {karras_range!r}")
+    if extra_point and spacing != "trailing" and steps < T:
+        ts = integer_timesteps(T, steps + 1, spacing, offset)[:-1]
+    else:
+        ts = integer_timesteps(T, steps, spacing, offset)
     if karras:
         sig = diffusion.sigmas
-        ks = karras_sigmas(float(sig[0]), float(sig[-1]), steps, rho)
+        lo, hi = float(sig[0]), float(sig[-1])
+        if karras_range == "grid":
+            lo, hi = float(diffusion.sigma(float(ts[-1]))), float(diffusion.sigma(float(ts[0])))
+        ks = karras_sigmas(lo, hi, steps, rho)
         return torch.as_tensor(diffusion.t_of_sigma(ks), dtype=torch.float64)
-    return torch.as_tensor(integer_timesteps(T, steps, spacing, offset), dtype=torch.float64)
+    return torch.as_tensor(ts.copy(), dtype=torch.float64)
 
 
 def expand(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

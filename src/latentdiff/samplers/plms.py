@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..diffusion import x0_eps_from_output
-from .common import alpha_bars, check_timesteps, denoise
+from .common import alpha_bars, check_timesteps, denoise, model_t
 from .ddim import ddim_step
 
 # Adams-Bashforth weights, newest first (PNDM eq. 12 and its lower-order starts).
@@ -45,8 +45,15 @@ def sample_plms(
     clip_x0: bool = False,
     edit_state=None,
     set_alpha_to_one: bool = True,  # end at ᾱ = 1; False ends at ᾱ_0 (diffusers' PNDMScheduler default)
+    combine: str = "eps",  # what the multistep combines: ε (each output converted where it was made) or the raw
+    # network outputs, converted to ε at the step's own x_t (diffusers' PNDMScheduler; differs for v / x_0 models)
 ) -> torch.Tensor:
     """Fourth-order pseudo linear multi-step sampling (Liu et al. 2022, Algorithm 2 with a Heun start)."""
+    if combine not in ("eps", "output"):
+        raise ValueError(f"combine must be 'eps' or 'output', got {combine!r}")
+    if combine == "output" and diffusion.prediction != "eps":
+        return _plms_on_outputs(model_fn, x, timesteps, diffusion=diffusion, callback=callback, clip_x0=clip_x0,
+                                edit_state=edit_state, set_alpha_to_one=set_alpha_to_one)
     ts = check_timesteps(timesteps, diffusion)
     final = 1.0 if set_alpha_to_one else float(diffusion.alphas_cumprod[0])
     ab_grid = alpha_bars(diffusion, ts, final)
@@ -64,6 +71,37 @@ def sample_plms(
         else:
             eps_step = multistep_eps(history)
         x, x0 = transfer(x, eps_step, ab, ab_prev)
+        if edit_state is not None:
+            x = edit_state(x, ab_prev)
+        if callback is not None:
+            callback(i, t, x, x0)
+    return x
+
+
+def _plms_on_outputs(model_fn, x, timesteps, *, diffusion, callback, clip_x0, edit_state, set_alpha_to_one):
+    """PLMS whose Adams-Bashforth combination runs on the raw network outputs (v or x̂_0), converted to ε at the
+    current x_t only for the transfer: diffusers' PNDMScheduler for v-prediction models."""
+    ts = check_timesteps(timesteps, diffusion)
+    final = 1.0 if set_alpha_to_one else float(diffusion.alphas_cumprod[0])
+    ab_grid = alpha_bars(diffusion, ts, final)
+    grid = ts.tolist()
+    pred = diffusion.prediction
+
+    def to_eps(out, x_t, ab):
+        return x0_eps_from_output(pred, out, x_t, ab**0.5, (1 - ab) ** 0.5, clip_x0=clip_x0)[1]
+
+    history: list[torch.Tensor] = []  # raw outputs at each grid point, oldest first (at most 4 kept)
+    for i, t in enumerate(grid):
+        ab, ab_prev = ab_grid[i], ab_grid[i + 1]
+        out = model_fn(x, model_t(t, x))
+        history = (history + [out])[-4:]
+        if i == 0 and len(grid) > 1:
+            x_pred, _ = transfer(x, to_eps(out, x, ab), ab, ab_prev)
+            out_pred = model_fn(x_pred, model_t(grid[1], x_pred))
+            out_step = (out + out_pred) / 2
+        else:
+            out_step = multistep_eps(history)
+        x, x0 = transfer(x, to_eps(out_step, x, ab), ab, ab_prev)
         if edit_state is not None:
             x = edit_state(x, ab_prev)
         if callback is not None:
