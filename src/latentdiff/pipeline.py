@@ -618,7 +618,8 @@ class Pipeline:
             raise ConfigError(f"this model is {kinds[kind]}: it takes no prompts")
         if kind != "class" and s.labels is not None:
             raise ConfigError(f"this model is {kinds[kind]}: it takes no class labels")
-        dropped = self.conditioner is not None and self.conditioner.config.drop_concat  # a null spatial input
+        # A null spatial input (the CLIP conditioner of an imported model has no spatial input and no config).
+        dropped = bool(getattr(getattr(self.conditioner, "config", None), "drop_concat", False))
         if kind is None and s.guidance != 1.0 and not dropped:
             what = "unconditional" if self.spatial is None else (
                 f"conditioned on its {self.spatial.name} alone, which guidance keeps in both branches "
