@@ -26,14 +26,14 @@ LAYERS = [
     ("likelihood", "resample", "diffusion"),              # the Gaussian diffusion process
     ("nn",),                                              # the networks
     ("data",),                                            # datasets and transforms
-    ("spatial",),                                         # spatial conditions: fields -> the concat input
+    ("spatial", "spatial_image"),                         # spatial conditions: fields -> the concat input
     ("guidance", "samplers"),                             # stateless sampling
     ("config",),                                          # typed run configs
     ("first_stage",),                                     # the autoencoder as a product
     ("pipeline",),                                        # a trained model as one object
     ("eval",),                                            # metrics, oracles, reference statistics
     ("train",),                                           # the training loop and checkpoints
-    ("demo", "demo_digits", "cli", "cli_parser", ""),     # the command and the demos
+    ("demo", "demo_digits", "cli", "cli_parser", "cli_images", ""),  # the command and the demos
 ]
 # Inference never needs the training package, whatever the layer order says.
 INFERENCE = ("pipeline", "first_stage", "samplers", "nn", "eval", "folders")

@@ -41,18 +41,36 @@ def cmd_train(args) -> int:
 
 def cmd_sample(args) -> int:
     t0 = time.perf_counter()
+    from .cli_images import check_image_args, image_inputs
     from .pipeline import load
 
+    check_image_args(args)
     pipe = load(args.model, ema=not args.no_ema)
-    s = pipe.sample_options(num=args.num, prompts=args.prompts, negative_prompt=args.negative_prompt,
-                            labels=args.labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                            eta=args.eta, seed=args.seed, batch_size=args.batch_size, size=args.size)
+    inputs = image_inputs(args, pipe)  # --image, --mask, --init-image: None without them
+    s = pipe.sample_options(num=inputs.num if inputs else args.num, prompts=args.prompts,
+                            negative_prompt=args.negative_prompt, labels=args.labels, sampler=args.sampler,
+                            steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
+                            batch_size=args.batch_size, size=args.size)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     images = pipe.sample(s.num, prompts=s.prompts, negative_prompt=s.negative_prompt, labels=s.labels,
                          sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, seed=s.seed,
-                         batch_size=s.batch_size, size=s.size, output="tensor", progress=not args.quiet)
+                         batch_size=s.batch_size, size=s.size, output="tensor", progress=not args.quiet,
+                         **(inputs.kwargs if inputs else {}))
+    if inputs is not None:
+        inputs.write(images, Path(args.out), lambda i: _image_task_params(pipe, s, args, i))
+        return 0
     _write_samples(images, Path(args.out), pipe, s, args)
     return 0
+
+
+def _image_task_params(pipe, s, args, i: int | None) -> dict:
+    """The generation parameters of an image-input result: those of `sample` plus its input files."""
+    params = _generation_params(pipe, s, args, i)
+    params.update({k: str(v) for k, v in (("image", args.image), ("mask", args.mask),
+                                          ("init_image", args.init_image)) if v is not None})
+    if args.strength is not None:
+        params["strength"] = args.strength
+    return params
 
 
 def _generation_params(pipe, s, args, i: int | None = None) -> dict:

@@ -56,10 +56,11 @@ def build_diffusion(section) -> GaussianDiffusion:
     )
 
 
-def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int, conditioner: Conditioner | None = None
-                ) -> UNetConfig:
+def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int, conditioner: Conditioner | None = None,
+                spatial: SpatialCondition | None = None) -> UNetConfig:
     """The UNetConfig of ``config.model`` (a preset plus field overrides), with the channels the data and the
-    diffusion need (out_channels doubles for a learned variance) and the inputs the conditioner feeds."""
+    diffusion need (out_channels doubles for a learned variance) and the inputs the conditioner feeds; a spatial
+    condition with a label (the noise level of ``low_res``) sets the U-Net's label classes."""
     model = dict(config.model)
     preset = model.pop("preset", None)
     if preset is not None and preset not in PRESETS:
@@ -72,6 +73,11 @@ def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int, con
                 raise ConfigError(f"model.{key} is {model[key]!r} but the conditioning section gives the U-Net "
                                   f"{key}={value!r}; remove model.{key}")
             model[key] = value
+    if spatial is not None and spatial.adm_classes:
+        if model.get("num_classes") not in (None, spatial.adm_classes):
+            raise ConfigError(f"model.num_classes is {model['num_classes']!r} but the {spatial.name} condition feeds "
+                              f"the U-Net's label {spatial.adm_classes} classes; remove model.num_classes")
+        model["num_classes"] = spatial.adm_classes
     return update(PRESETS[preset] if preset else UNetConfig(), model, where="config", prefix="model.")
 
 
@@ -155,7 +161,10 @@ class Pipeline:
         if config.conditioning is not None:
             spec = conditioner_config(config.conditioning, tokenizer)
             conditioner = _built("conditioning", build_conditioner, spec, tokenizer)
-        unet = UNet(unet_config(config, diffusion, channels, conditioner))
+        c = config.conditioning
+        spatial = None if c is None or c.concat is None else _built("conditioning", build_spatial, c.concat,
+                                                                     c.concat_options)
+        unet = UNet(unet_config(config, diffusion, channels, conditioner, spatial))
         return cls(unet, diffusion, config, autoencoder, conditioner)
 
     @property
@@ -163,6 +172,8 @@ class Pipeline:
         """Classes of a class-conditional model (the U-Net's label embedding or a class conditioner), else None."""
         if self.conditioner is not None and self.conditioner.kind == "class":
             return self.conditioner.config.num_classes
+        if self.spatial is not None and self.spatial.adm_classes:  # the U-Net's label is the condition's (noise level)
+            return None
         return self.unet.config.num_classes
 
     @property
@@ -178,8 +189,14 @@ class Pipeline:
 
     @property
     def condition_fields(self) -> tuple[str, ...]:
-        """The fields ``sample(conditions=...)`` needs: those of the spatial condition (e.g. "segmentation")."""
+        """The fields of the spatial condition (e.g. "segmentation") that its training data gives (and a latent cache
+        stores); ``sample(conditions=...)`` needs :attr:`sample_fields`."""
         return self.spatial.fields if self.spatial is not None else ()
+
+    @property
+    def sample_fields(self) -> tuple[str, ...]:
+        """The fields ``sample(conditions=...)`` needs (inpainting: "image" and "mask")."""
+        return self.spatial.required_at_sampling if self.spatial is not None else ()
 
     @property
     def downsampling_factor(self) -> int:
@@ -310,16 +327,21 @@ class Pipeline:
             batch["prompt"] = [s.prompts[(start + i) % len(s.prompts)] for i in range(n)]
         elif y is not None:
             batch["label"] = y[start : start + n].to(self.device)
+        extra = {}
         if self.spatial is not None:
-            rows = {k: _rows(v, start, n) for k, v in conditions.items()}
-            batch["concat"] = self.spatial.make(rows, encode=self.encode).to(self.device)
-        cond = self.conditioner(batch)
+            rows = {k: _rows(v, start, n) if k in self.sample_fields else v for k, v in conditions.items()}
+            rows = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in rows.items()}
+            gen = torch.Generator().manual_seed(s.seed + start)  # noise augmentation, posterior samples
+            extra = self.spatial.inputs(rows, encode=lambda x: self.encode(x, generator=gen), generator=gen)
+            batch["concat"] = extra.pop("concat").to(self.device)
+            extra = {k: v.to(self.device) for k, v in extra.items()}  # a label of the condition (noise level): y
+        cond = {**self.conditioner(batch), **extra}
         if not guided:
             return cond, None
         null = self.conditioner.null_like(batch)
         if self.takes_prompts:
             null["prompt"] = [s.negative_prompt or ""] * n
-        return cond, self.conditioner(null)
+        return cond, {**self.conditioner(null), **extra}
 
     def _warn_ill_conditioned_start(self, opts: dict) -> None:
         if self.autoencoder is None:  # pixel models have clip_x0 for this
@@ -339,13 +361,16 @@ class Pipeline:
             return None
         if not isinstance(conditions, dict):
             raise RequestError(f"this model is conditioned on {self.spatial.name!r}: give conditions="
-                               f"{{{', '.join(repr(f) + ': ...' for f in self.spatial.fields)}}}")
-        missing = [f for f in self.spatial.fields if f not in conditions]
-        extra = [k for k in conditions if k not in self.spatial.fields]
+                               f"{{{', '.join(repr(f) + ': ...' for f in self.sample_fields)}}}")
+        need = self.sample_fields
+        missing = [f for f in need if f not in conditions]
+        extra = [k for k in conditions if k not in need + self.spatial.optional_fields]
         if missing or extra:
-            raise RequestError(f"the {self.spatial.name!r} condition takes the field(s) {list(self.spatial.fields)}; "
+            raise RequestError(f"the {self.spatial.name!r} condition takes the field(s) {list(need)}; "
                                + (f"missing {missing}" if missing else f"unknown {extra}"))
         for key, value in conditions.items():
+            if key not in need:
+                continue
             rows = len(value) if torch.is_tensor(value) or isinstance(value, (list, tuple)) else None
             if rows not in (1, num):
                 raise RequestError(f"conditions[{key!r}] has {rows} rows; expected 1 (shared) or {num} (one per image)")
@@ -380,6 +405,8 @@ class Pipeline:
         model_fn=None,              # the network call; None = self.model_fn (pass a wrapper of it to count calls)
         conditions: dict | None = None,  # spatial models: the condition's fields (e.g. {"segmentation": (N|1, H, W)}),
                                     # N rows or 1 shared; the image size follows them unless ``size`` is given
+        init_image=None,            # image-to-image (SDEdit): (N|1, C, H, W) in [-1, 1]; latent models encode it
+        strength: float | None = None,  # image-to-image: the share of the grid run from init_image, in (0, 1]
         **options,                  # further options of latentdiff.samplers.sample (eta, spacing, karras, ...)
     ):
         from .samplers import sample as run_sampler
@@ -396,6 +423,8 @@ class Pipeline:
             if implied is not None and tuple(implied) != self.image_shape[1:]:
                 self._check_size(implied)
                 s = dataclasses.replace(s, size=list(implied))
+        if init_image is not None or strength is not None:
+            init_image, s = self._init_image(init_image, strength, s)
         opts = {k: getattr(s, k) for k in routed}
         opts.update({k: v for k, v in options.items() if k not in routed})
         self._warn_ill_conditioned_start(opts)
@@ -413,6 +442,10 @@ class Pipeline:
             noise = torch.empty(n, *shape, device=self.device)
             cond, uncond = self._conditions(s, y, conditions, start, n)
             cb = (lambda i, t, x, x0, n=n: bar.update(n)) if bar is not None else None  # n bound per batch
+            if init_image is not None:  # SDEdit: start from the image (its latent) noised to the strength's step
+                gen = torch.Generator().manual_seed(s.seed + start)
+                rows = _rows(init_image, start, n).to(self.device)
+                opts.update(init_image=self.encode(rows, generator=gen), strength=float(strength))
             x = run_sampler(
                 model_fn, noise, diffusion=self.diffusion, sampler=s.sampler, steps=s.steps,
                 seed=[s.seed + start + i for i in range(n)], guidance_scale=s.guidance, uncond=uncond, callback=cb,
@@ -425,6 +458,31 @@ class Pipeline:
             bar.close()
         images = torch.cat(out).clamp(-1, 1)
         return images if output == "tensor" else to_pil(images)
+
+    def _init_image(self, init_image, strength, s: SampleSection):
+        """The image-to-image start checked: a (N|1, C, H, W) tensor in [-1, 1] and a strength in (0, 1]; the
+        sample size follows the image unless given. Returns (image, sample options)."""
+        if strength is None or init_image is None:
+            raise RequestError("image-to-image takes init_image and strength together")
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+            raise RequestError(f"strength must lie in (0, 1] (the share of the sampling steps run from the "
+                               f"image), got {strength!r}")
+        c = self.config.data.channels
+        if not torch.is_tensor(init_image) or init_image.dim() != 4 or init_image.shape[1] != c:
+            got = tuple(init_image.shape) if torch.is_tensor(init_image) else type(init_image).__name__
+            raise RequestError(f"init_image must be a (N or 1, {c}, H, W) tensor in [-1, 1], got {got}")
+        if len(init_image) not in (1, s.num):
+            raise RequestError(f"init_image has {len(init_image)} rows; expected 1 (shared) or {s.num}")
+        if not torch.isfinite(init_image).all() or init_image.abs().max() > 1 + 1e-4:
+            raise RequestError("init_image must hold finite values in [-1, 1]")
+        size = tuple(init_image.shape[-2:])
+        if s.size is None:
+            if size != self.image_shape[1:]:
+                self._check_size(size)
+                s = dataclasses.replace(s, size=list(size))
+        elif tuple(s.size) != size:
+            raise RequestError(f"init_image is {size[0]}x{size[1]} but the size asked is {s.size[0]}x{s.size[1]}")
+        return init_image.float(), s
 
     def sample_options(self, **given) -> SampleSection:
         """The config's sample section with the ``given`` values in place (None keeps the config's), checked in
