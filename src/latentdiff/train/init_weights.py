@@ -43,9 +43,13 @@ def init_from_model(pipe, source, where: str) -> str:
     input channels start at zero. Returns a one-line summary."""
     conv_name = next(n for n, p in pipe.unet.named_parameters() if p.dim() == 4)  # conv_in: (out, in + concat, 3, 3)
     n = _copy(pipe.unet, source.unet, "U-Net", where, widen=conv_name)
-    if (pipe.conditioner is None) != (source.conditioner is None):
-        raise ConfigError(f"train.init_from {where}: one model has a conditioner and the other not")
-    if pipe.conditioner is not None:
+    mine = pipe.conditioner is not None and any(True for _ in pipe.conditioner.parameters())
+    theirs = source.conditioner is not None and any(True for _ in source.conditioner.parameters())
+    if mine and theirs:
         n += _copy(pipe.conditioner, source.conditioner, "conditioner", where)
+    elif mine or theirs:
+        which = "this model's" if mine else "its"
+        raise ConfigError(f"train.init_from {where}: only {which} conditioner has weights (a text or class encoder, a "
+                          "rescaler); start from a model with the same conditioning")
     added = pipe.unet.config.concat_channels - source.unet.config.concat_channels
     return f"initialised from {where}: {n} tensors" + (f", {added} new input channels at zero" if added else "")
