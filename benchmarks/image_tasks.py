@@ -1,0 +1,278 @@
+"""Super-resolution and inpainting scored on held-out shapes, each beside its baseline, in markdown tables.
+
+    python benchmarks/image_tasks.py sr MODEL [--num 512] [--steps 20] [--out DIR]
+    python benchmarks/image_tasks.py inpaint MODEL --baseline TXT2IMG [--num 256] [--removal 128] [--jumps 0,4]
+
+``sr``: held-out test scenes (the model's shapes world), box-filtered down by the model's factor; the model's
+outputs and bicubic upsampling scored against the truth: PSNR, SSIM, FID on the shapes oracle's features; the
+first stage's reconstructions D(E(x)) of the truth give the ceiling a latent model can reach.
+
+``inpaint``: held-out test scenes with random masks (boxes and brush strokes, 10-60 %, data/masks.py); the trained
+model (its caption: the scene's) beside masked sampling with RePaint resampling on the text-to-image model
+``--baseline`` (the known region pasted in latent space at every step; ``--jumps`` resampling rounds per step).
+Both are composited with the known pixels. Scored: FID of the composites (oracle features), PSNR of the filled
+region, the seam error (RMSE, 8-bit levels, of the fill pixels next to the mask border); object removal (one
+object's box masked, the caption of the others given): the share of scenes where the oracle reads the removed
+object's cell empty; and seconds per sample and peak memory of one batch, each arm in its own process.
+
+Writes ``DIR/<task>.md`` (the table), ``.json`` (every figure) and the grids ``DIR/<task>_grid.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+def held_out(pipe, num: int, seed: int, **extra):
+    """``num`` test-split scenes of the model's shapes world: (images (N, 3, H, W), dataset)."""
+    from latentdiff.data.shapes import ShapesDataset
+
+    options = {k: v for k, v in pipe.config.data.options.items() if k != "length"}
+    options.update(extra)
+    ds = ShapesDataset("test", num, seed=seed, size=pipe.config.data.size, **options)
+    return torch.stack([ds[i]["image"] for i in range(num)]), ds
+
+
+def oracle_features(oracle, images: torch.Tensor):
+    from latentdiff.eval.features import quantize_8bit
+
+    with torch.no_grad():
+        return torch.cat([oracle.features(quantize_8bit(x)) for x in images.split(256)]).numpy()
+
+
+def reconstruct(pipe, x: torch.Tensor) -> torch.Tensor:
+    """D(E(x)) with the posterior mean: what a latent model can reach at best."""
+    if pipe.autoencoder is None:
+        return x
+    with torch.no_grad():
+        return pipe.autoencoder.decode(pipe.autoencoder.encode(x, sample=False)).clamp(-1, 1)
+
+
+def _table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ---- super-resolution --------------------------------------------------------------------------------------------
+
+
+def run_sr(args) -> dict:
+    import latentdiff
+    from latentdiff.eval.feature_networks import shapes_oracle_cached
+    from latentdiff.eval.metrics import fid, psnr, ssim
+    from latentdiff.spatial_image import downsample
+    from latentdiff.train.logging import save_grid
+
+    pipe = latentdiff.load(args.model)
+    factor = pipe.spatial.factor
+    truth, _ = held_out(pipe, args.num, args.seed)
+    other, _ = held_out(pipe, args.num, args.seed + 1)
+    low = downsample(truth, factor)
+    bicubic = F.interpolate(low, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1, 1)
+    t0 = time.perf_counter()
+    out = pipe.sample(args.num, conditions={"low_res": low}, steps=args.steps, seed=args.seed, output="tensor")
+    seconds = time.perf_counter() - t0
+    oracle = shapes_oracle_cached(verbose=False)
+    f_truth = oracle_features(oracle, truth)
+    rows, result = [], {"num": args.num, "steps": args.steps, "sampler": pipe.config.sample.sampler}
+    arms = [("bicubic", bicubic), (f"model ({pipe.config.sample.sampler}, {args.steps} steps)", out)]
+    if pipe.autoencoder is not None:
+        arms.append(("first-stage ceiling D(E(x))", reconstruct(pipe, truth)))
+    arms.append(("other real images (FID floor)", other))
+    for name, x in arms:
+        r = {"fid": fid(oracle_features(oracle, x), f_truth)}
+        if not name.startswith("other"):
+            r.update(psnr=float(psnr(x, truth).mean()), ssim=float(ssim(x, truth).mean()))
+        result[name] = r
+        rows.append([name, f"{r['psnr']:.2f}" if "psnr" in r else "-", f"{r['ssim']:.4f}" if "ssim" in r else "-",
+                     f"{r['fid']:.1f}"])
+    result["seconds_per_image"] = seconds / args.num
+    h, w = truth.shape[-2:]
+    table = _table([f"{h // factor}x{w // factor} -> {h}x{w}, {args.num} held-out scenes", "PSNR (dB)", "SSIM", "FID (oracle)"], rows)
+    table += f"\n\nmodel: {seconds / args.num * 1000:.1f} ms per image on this CPU (batch {pipe.config.sample.batch_size})"
+    n = 8
+    shown = F.interpolate(low[:n], scale_factor=factor, mode="nearest")
+    save_grid(torch.stack([shown, bicubic[:n], out[:n], truth[:n]], 1).flatten(0, 1), args.out / "sr_grid.png", nrow=4)
+    return {"table": table, "result": result}
+
+
+# ---- inpainting --------------------------------------------------------------------------------------------------
+
+
+def removal_cases(pipe, num: int, seed: int):
+    """Scenes with 2-3 objects, one of them masked by its pixel box grown by a pixel: (images, masks, prompts of
+    the other objects, the removed object's cell)."""
+    from latentdiff.data.shapes import Scene, caption, pixel_box
+
+    images, ds = held_out(pipe, num, seed, min_objects=2)
+    size = pipe.config.data.size
+    masks, prompts, cells = torch.zeros(num, 1, size, size), [], []
+    g = torch.Generator().manual_seed(seed)
+    for i in range(num):
+        scene = ds.scene(i)
+        k = int(torch.randint(len(scene.objects), (1,), generator=g))
+        c0, r0, c1, r1 = pixel_box(scene.objects[k].box(), size)
+        masks[i, :, max(r0 - 1, 0) : r1 + 1, max(c0 - 1, 0) : c1 + 1] = 1
+        rest = tuple(o for j, o in enumerate(scene.objects) if j != k)
+        prompts.append(caption(Scene(rest, scene.background)))
+        cells.append(scene.objects[k].cell)
+    return images, masks, prompts, torch.tensor(cells)
+
+
+def fill(pipe, images, masks, prompts, *, steps, seed, guidance, jumps=None, batch=64) -> torch.Tensor:
+    """Composited fills: the trained inpainting model (``jumps`` None), or RePaint masked sampling on a text model
+    (the known latent cells pasted; a cell is known when none of its pixels is to be filled)."""
+    out = []
+    f = pipe.downsampling_factor // pipe.unet.config.downsampling_factor  # the first stage's f
+    for start in range(0, len(images), batch):
+        x, m = images[start : start + batch], masks[start : start + batch]
+        p = prompts[start : start + batch] if pipe.takes_prompts else None
+        if jumps is None:
+            y = pipe.sample(len(x), prompts=p, conditions={"image": x, "mask": m}, steps=steps, seed=seed + start,
+                            guidance=guidance, output="tensor", batch_size=batch)
+        else:
+            gen = torch.Generator().manual_seed(seed + start)
+            known = pipe.encode(x, generator=gen)
+            keep = 1 - F.max_pool2d(m, f) if f > 1 else 1 - m
+            y = pipe.sample(len(x), prompts=p, mask=keep, known=known, resample_jumps=jumps, sampler="ddim",
+                            steps=steps, seed=seed + start, guidance=guidance, output="tensor", batch_size=batch)
+        out.append(m * y + (1 - m) * x)
+    return torch.cat(out)
+
+
+def region_psnr(x, truth, masks) -> float:
+    """Mean over images of the PSNR of the masked (filled) pixels, data range 2 ([-1, 1])."""
+    err = ((x - truth) ** 2 * masks).sum((1, 2, 3)) / (masks.sum((1, 2, 3)) * x.shape[1]).clamp(min=1)
+    return float((10 * torch.log10(4.0 / err.clamp(min=1e-10))).mean())
+
+
+def seam_error(x, truth, masks) -> float:
+    """RMSE in 8-bit levels of the fill pixels that touch a known pixel (the inner ring of the mask border)."""
+    known = 1 - masks
+    ring = masks * F.max_pool2d(known, 3, stride=1, padding=1)  # fill pixels with a known 8-neighbour
+    err = ((x - truth) * 127.5) ** 2 * ring
+    return float((err.sum() / (ring.sum() * x.shape[1]).clamp(min=1)).sqrt())
+
+
+def _timed(queue, model, steps, guidance, jumps, seed):
+    """One batch of 64 in a fresh process: (seconds per sample, peak resident memory in MiB)."""
+    import latentdiff
+    from latentdiff.data.masks import random_masks
+
+    torch.set_num_threads(1)
+    pipe = latentdiff.load(model)
+    x, _ = held_out(pipe, 64, seed)
+    m = random_masks(64, x.shape[-2:], generator=torch.Generator().manual_seed(seed), full_fraction=0.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    fill(pipe, x, m, [""] * 64, steps=steps, seed=seed, guidance=guidance, jumps=jumps)
+    seconds = (time.perf_counter() - t0) / 64
+    queue.put((seconds, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, before / 1024))
+
+
+def timed(model, steps, guidance, jumps, seed) -> tuple[float, float, float]:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_timed, args=(q, str(model), steps, guidance, jumps, seed))
+    p.start()
+    r = q.get()
+    p.join()
+    return r
+
+
+def run_inpaint(args) -> dict:
+    import latentdiff
+    from latentdiff.data.masks import random_masks
+    from latentdiff.eval.adherence import read_cells
+    from latentdiff.eval.feature_networks import shapes_oracle_cached
+    from latentdiff.eval.metrics import fid
+    from latentdiff.train.logging import save_grid
+
+    pipe, base = latentdiff.load(args.model), latentdiff.load(args.baseline)
+    truth, ds = held_out(pipe, args.num, args.seed)
+    prompts = [ds.caption(i) for i in range(args.num)]
+    masks = random_masks(args.num, truth.shape[-2:], generator=torch.Generator().manual_seed(args.seed),
+                         full_fraction=0.0)
+    other, _ = held_out(pipe, args.num, args.seed + 1)
+    rimages, rmasks, rprompts, rcells = removal_cases(pipe, args.removal, args.seed + 2)
+    oracle = shapes_oracle_cached(verbose=False)
+    f_truth = oracle_features(oracle, truth)
+    g = args.guidance if args.guidance is not None else pipe.config.sample.guidance
+    arms = [("trained inpainting model", args.model, None)] + [
+        (f"RePaint on the text-to-image model, {j} jump(s)", args.baseline, j) for j in args.jumps]
+    rows, result, grids = [], {"num": args.num, "removal_scenes": args.removal, "steps": args.steps, "guidance": g}, []
+    for name, folder, jumps in arms:
+        model = pipe if jumps is None else base
+        t0 = time.perf_counter()
+        x = fill(model, truth, masks, prompts, steps=args.steps, seed=args.seed, guidance=g, jumps=jumps)
+        wall = time.perf_counter() - t0
+        removed = fill(model, rimages, rmasks, rprompts, steps=args.steps, seed=args.seed, guidance=g, jumps=jumps)
+        read = read_cells(oracle, removed)
+        gone = float((read[torch.arange(len(rcells)), rcells] == 0).float().mean())
+        sps, peak, before = timed(folder, args.steps, g, jumps, args.seed)
+        nfe = args.steps * (1 + (jumps or 0)) * (2 if g != 1 else 1)
+        r = {"fid": fid(oracle_features(oracle, x), f_truth), "psnr_fill": region_psnr(x, truth, masks),
+             "seam_rmse": seam_error(x, truth, masks), "removal": gone, "seconds_per_sample": sps,
+             "peak_rss_mib": peak, "rss_after_load_mib": before, "network_evals": nfe, "wall_s_eval": wall}
+        result[name] = r
+        rows.append([name, f"{r['fid']:.1f}", f"{r['psnr_fill']:.2f}", f"{r['seam_rmse']:.1f}", f"{gone:.1%}",
+                     nfe, f"{1 / sps:.1f}", f"{peak:.0f}"])
+        grids.append((x[:8], removed[:8]))
+    floor = {"fid": fid(oracle_features(oracle, other), f_truth),
+             "removal": float((read_cells(oracle, rimages)[torch.arange(len(rcells)), rcells] == 0).float().mean())}
+    result["real (floor; removal: no edit)"] = floor
+    rows.append(["other real images / unedited scenes", f"{floor['fid']:.1f}", "-", "-", f"{floor['removal']:.1%}",
+                 "-", "-", "-"])
+    table = _table([f"{args.num} held-out scenes, random masks 10-60 %", "FID (oracle)", "PSNR fill (dB)",
+                    "seam RMSE (8-bit)", f"removal ({args.removal} scenes)", "network evals", "samples/s (1 thread)",
+                    "peak RSS (MiB)"], rows)
+    shown = truth[:8] * (1 - masks[:8]) + masks[:8]
+    rshown = rimages[:8] * (1 - rmasks[:8]) + rmasks[:8]
+    save_grid(torch.stack([shown, grids[0][0], grids[1][0], truth[:8]], 1).flatten(0, 1),
+              args.out / "inpaint_grid.png", nrow=4)
+    save_grid(torch.stack([rshown, grids[0][1], grids[1][1], rimages[:8]], 1).flatten(0, 1),
+              args.out / "removal_grid.png", nrow=4)
+    return {"table": table, "result": result}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("task", choices=["sr", "inpaint"])
+    p.add_argument("model", type=Path)
+    p.add_argument("--baseline", type=Path, default=None, help="inpaint: the text-to-image model for RePaint")
+    p.add_argument("--num", type=int, default=None, help="held-out scenes (default: sr 512, inpaint 256)")
+    p.add_argument("--removal", type=int, default=128, help="inpaint: object-removal scenes")
+    p.add_argument("--jumps", default="0,4", help="inpaint: RePaint resampling rounds per step, one arm each")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=None, help="inpaint: guidance of both arms (default: model's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="folder of the table, JSON and grids (default MODEL/eval)")
+    args = p.parse_args(argv)
+    args.num = args.num or (512 if args.task == "sr" else 256)
+    args.jumps = [int(v) for v in args.jumps.split(",")]
+    args.out = args.out or args.model / "eval"
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.task == "inpaint" and args.baseline is None:
+        p.error("inpaint needs --baseline (a text-to-image model of the same first stage)")
+    t0 = time.perf_counter()
+    report = run_sr(args) if args.task == "sr" else run_inpaint(args)
+    report["result"]["wall_s"] = time.perf_counter() - t0
+    (args.out / f"{args.task}.md").write_text(report["table"] + "\n")
+    (args.out / f"{args.task}.json").write_text(json.dumps(report["result"], indent=1))
+    print(report["table"])
+    print(f"wrote {args.out}/{args.task}.md, .json and the grid(s) ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
