@@ -43,6 +43,7 @@ from .nn.tokenizer import WordTokenizer
 from .nn.unet import PRESETS, UNet, UNetConfig
 from .schedules import make_betas, rescale_zero_terminal_snr
 from .spatial import SpatialCondition, build_spatial
+from .spatial_image import Inpaint, LowRes  # noqa: F401  (registers the conditions low_res and inpaint)
 
 
 def build_diffusion(section) -> GaussianDiffusion:

@@ -170,5 +170,3 @@ def build_spatial(name: str, options: dict | None = None) -> SpatialCondition:
         raise ConfigError(f"conditioning.concat_options must be a mapping, got {type(options).__name__}")
     return SPATIAL_CONDITIONS[name](**(options or {}))
 
-
-from . import spatial_image  # noqa: E402,F401  (registers low_res and inpaint)
