@@ -98,11 +98,14 @@ def run_sr(args) -> dict:
                      f"{r['fid']:.1f}"])
     result["seconds_per_image"] = seconds / args.num
     h, w = truth.shape[-2:]
-    table = _table([f"{h // factor}x{w // factor} -> {h}x{w}, {args.num} held-out scenes", "PSNR (dB)", "SSIM", "FID (oracle)"], rows)
-    table += f"\n\nmodel: {seconds / args.num * 1000:.1f} ms per image on this CPU (batch {pipe.config.sample.batch_size})"
+    head = f"{h // factor}x{w // factor} -> {h}x{w}, {args.num} held-out scenes"
+    table = _table([head, "PSNR (dB)", "SSIM", "FID (oracle)"], rows)
+    ms = seconds / args.num * 1000
+    table += f"\n\nmodel: {ms:.1f} ms per image on this CPU (batch {pipe.config.sample.batch_size})"
     n = 8
     shown = F.interpolate(low[:n], scale_factor=factor, mode="nearest")
-    save_grid(torch.stack([shown, bicubic[:n], out[:n], truth[:n]], 1).flatten(0, 1), args.out / "sr_grid.png", nrow=4)
+    grid = torch.stack([shown, bicubic[:n], out[:n], truth[:n]], 1).flatten(0, 1)  # rows: low, bicubic, model, truth
+    save_grid(grid, args.out / "sr_grid.png", nrow=4)
     return {"table": table, "result": result}
 
 
