@@ -11,6 +11,7 @@ from latentdiff.cli import main
 from latentdiff.config import ConfigError, load_config
 from latentdiff.data.masks import random_masks
 from latentdiff.errors import RequestError
+from latentdiff.recipes import find_recipe
 from latentdiff.spatial import build_spatial
 from latentdiff.train.run import train_from_config
 
@@ -222,3 +223,17 @@ def test_bad_inputs_one_line_error_nothing_written(runs, tmp_path, capsys, case)
                 "mask_on_sr": "super-resolution model"}[case]
     assert expected in err[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == before and not out.exists()
+
+
+def test_photos_dataset_and_recipe_load():
+    pytest.importorskip("sklearn")
+    from latentdiff.data import make_dataset
+
+    train = make_dataset("photos", size=32, options={"length": 4})
+    test = make_dataset("photos", size=32, split="test", options={"length": 4})
+    a = train[0]["image"]
+    assert a.shape == (3, 32, 32) and -1 <= float(a.min()) and float(a.max()) <= 1
+    assert torch.equal(a, make_dataset("photos", size=32, options={"length": 4})[0]["image"])  # deterministic
+    assert not torch.equal(a, test[0]["image"])
+    config = load_config(find_recipe("photos_sr4"))
+    assert config.conditioning.concat == "low_res" and config.data.name == "photos"
