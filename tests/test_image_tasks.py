@@ -146,6 +146,9 @@ def test_super_resolution_through_the_command(runs, tmp_path):
     a = pipe.sample(1, conditions={"low_res": x}, seed=0, output="tensor")
     b = pipe.sample(1, conditions={"low_res": -x}, seed=0, output="tensor")
     assert (a - b).abs().max() > 1e-4
+    levels = pipe.sample(2, conditions={"low_res": x, "noise_level": torch.tensor([0, 2])}, seed=0, output="tensor")
+    assert torch.allclose(levels[:1], pipe.sample(1, conditions={"low_res": x, "noise_level": 0}, seed=0,
+                                                  output="tensor"), atol=1e-5)  # image 0 at level 0 either way
 
 
 def test_inpainting_through_the_command(runs, tmp_path):

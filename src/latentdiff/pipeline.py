@@ -330,7 +330,8 @@ class Pipeline:
             batch["label"] = y[start : start + n].to(self.device)
         extra = {}
         if self.spatial is not None:
-            rows = {k: _rows(v, start, n) if k in self.sample_fields else v for k, v in conditions.items()}
+            rows = {k: _rows(v, start, n) if k in self.sample_fields or _per_image(v) else v
+                    for k, v in conditions.items()}
             rows = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in rows.items()}
             gen = torch.Generator().manual_seed(s.seed + start)  # noise augmentation, posterior samples
             extra = self.spatial.inputs(rows, encode=lambda x: self.encode(x, generator=gen), generator=gen)
@@ -568,6 +569,11 @@ def _rows(value, start: int, n: int):
     if len(value) == 1:
         return value.expand(n, *value.shape[1:]) if torch.is_tensor(value) else list(value) * n
     return value[start : start + n]
+
+
+def _per_image(value) -> bool:
+    """Whether an optional condition field (a noise level) holds one entry per image rather than one value."""
+    return (torch.is_tensor(value) and value.dim() > 0) or isinstance(value, (list, tuple))
 
 
 def _built(section: str, build, *args):
