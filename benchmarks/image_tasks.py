@@ -2,6 +2,7 @@
 
     python benchmarks/image_tasks.py sr MODEL [--num 512] [--steps 20] [--out DIR]
     python benchmarks/image_tasks.py inpaint MODEL --baseline TXT2IMG [--num 256] [--removal 128] [--jumps 0,4]
+    python benchmarks/image_tasks.py img2img MODEL [--num 128] [--strengths 0.2,0.4,0.6,0.8,1.0]
 
 ``sr``: held-out test scenes (the model's shapes world), box-filtered down by the model's factor; the model's
 outputs and bicubic upsampling scored against the truth: PSNR, SSIM, FID on the shapes oracle's features; the
@@ -14,6 +15,9 @@ Both are composited with the known pixels. Scored: FID of the composites (oracle
 region, the seam error (RMSE, 8-bit levels, of the fill pixels next to the mask border); object removal (one
 object's box masked, the caption of the others given): the share of scenes where the oracle reads the removed
 object's cell empty; and seconds per sample and peak memory of one batch, each arm in its own process.
+
+``img2img``: SDEdit from held-out scenes (with their own captions for a text model): the PSNR of the result to
+the start image and the share of results in which the shapes oracle reads the start scene back, per strength.
 
 Writes ``DIR/<task>.md`` (the table), ``.json`` (every figure) and the grids ``DIR/<task>_grid.png``.
 """
@@ -250,9 +254,40 @@ def run_inpaint(args) -> dict:
     return {"table": table, "result": result}
 
 
+# ---- image-to-image ----------------------------------------------------------------------------------------------
+
+
+def run_img2img(args) -> dict:
+    """SDEdit at several strengths: how far the result moves from the start image (PSNR to it) and, for a text
+    model of the shapes world, how often the oracle reads the start image's own caption back (adherence)."""
+    import latentdiff
+    from latentdiff.eval.adherence import read_cells
+    from latentdiff.eval.feature_networks import shapes_oracle_cached
+    from latentdiff.eval.metrics import psnr
+
+    pipe = latentdiff.load(args.model)
+    x, ds = held_out(pipe, args.num, args.seed)
+    prompts = [ds.caption(i) for i in range(args.num)] if pipe.takes_prompts else None
+    cells = torch.stack([ds[i]["cells"] for i in range(args.num)])
+    oracle = shapes_oracle_cached(verbose=False)
+    rows, result = [], {"num": args.num, "steps": args.steps}
+    for strength in args.strengths:
+        t0 = time.perf_counter()
+        y = pipe.sample(args.num, prompts=prompts, init_image=x, strength=strength, steps=args.steps,
+                        seed=args.seed, output="tensor")
+        sec = (time.perf_counter() - t0) / args.num
+        same = float((read_cells(oracle, y) == cells).all(1).float().mean())
+        r = {"psnr_to_start": float(psnr(y, x).mean()), "scene_kept": same, "seconds_per_image": sec}
+        result[str(strength)] = r
+        rows.append([strength, f"{r['psnr_to_start']:.2f}", f"{same:.1%}", f"{sec * 1000:.0f}"])
+    table = _table(["strength", "PSNR to the start image (dB)", "oracle reads the start scene", "ms per image"],
+                   rows)
+    return {"table": table, "result": result}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("task", choices=["sr", "inpaint"])
+    p.add_argument("task", choices=["sr", "inpaint", "img2img"])
     p.add_argument("model", type=Path)
     p.add_argument("--baseline", type=Path, default=None, help="inpaint: the text-to-image model for RePaint")
     p.add_argument("--num", type=int, default=None, help="held-out scenes (default: sr 512, inpaint 256)")
@@ -261,18 +296,20 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=None, help="inpaint: guidance of both arms (default: model's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strengths", default="0.2,0.4,0.6,0.8,1.0", help="img2img: the strengths, one row each")
     p.add_argument("--size", type=int, default=None, help="sr: the side of the truth images (default: the training "
                    "size; larger ones are upscaled convolutionally, and scored by the oracle on their 32x32 resize)")
     p.add_argument("--out", type=Path, default=None, help="folder of the table, JSON and grids (default MODEL/eval)")
     args = p.parse_args(argv)
-    args.num = args.num or (512 if args.task == "sr" else 256)
+    args.num = args.num or {"sr": 512, "inpaint": 256, "img2img": 128}[args.task]
+    args.strengths = [float(v) for v in args.strengths.split(",")]
     args.jumps = [int(v) for v in args.jumps.split(",")]
     args.out = args.out or args.model / "eval"
     args.out.mkdir(parents=True, exist_ok=True)
     if args.task == "inpaint" and args.baseline is None:
         p.error("inpaint needs --baseline (a text-to-image model of the same first stage)")
     t0 = time.perf_counter()
-    report = run_sr(args) if args.task == "sr" else run_inpaint(args)
+    report = {"sr": run_sr, "inpaint": run_inpaint, "img2img": run_img2img}[args.task](args)
     report["result"]["wall_s"] = time.perf_counter() - t0
     name = args.task + (f"_{args.size}" if args.size else "")
     (args.out / f"{name}.md").write_text(report["table"] + "\n")
