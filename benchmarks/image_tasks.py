@@ -271,6 +271,11 @@ def run_img2img(args) -> dict:
     cells = torch.stack([ds[i]["cells"] for i in range(args.num)])
     oracle = shapes_oracle_cached(verbose=False)
     rows, result = [], {"num": args.num, "steps": args.steps}
+    if pipe.autoencoder is not None:  # strength -> 0 leaves D(E(x)): the first stage's own ceiling
+        rec = reconstruct(pipe, x)
+        same = float((read_cells(oracle, rec) == cells).all(1).float().mean())
+        result["first stage D(E(x))"] = {"psnr_to_start": float(psnr(rec, x).mean()), "scene_kept": same}
+        rows.append(["0 (D(E(x)), the first stage alone)", f"{float(psnr(rec, x).mean()):.2f}", f"{same:.1%}", "-"])
     for strength in args.strengths:
         t0 = time.perf_counter()
         y = pipe.sample(args.num, prompts=prompts, init_image=x, strength=strength, steps=args.steps,
