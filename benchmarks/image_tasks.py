@@ -37,8 +37,14 @@ import torch.nn.functional as F
 
 
 def held_out(pipe, num: int, seed: int, **extra):
-    """``num`` test-split scenes of the model's shapes world: (images (N, 3, H, W), dataset)."""
+    """``num`` test-split scenes of the model's shapes world (or crops of its test photos): (images, dataset)."""
     from latentdiff.data.shapes import ShapesDataset
+
+    if pipe.config.data.name == "photos":
+        from latentdiff.data.photos import Photos
+
+        ds = Photos(extra.get("size", pipe.config.data.size), "test", length=num, seed=seed)
+        return torch.stack([ds[i]["image"] for i in range(num)]), ds
 
     options = {k: v for k, v in pipe.config.data.options.items() if k != "length"}
     options.update(extra)
@@ -88,20 +94,23 @@ def run_sr(args) -> dict:
     t0 = time.perf_counter()
     out = pipe.sample(args.num, conditions={"low_res": low}, steps=args.steps, seed=args.seed, output="tensor")
     seconds = time.perf_counter() - t0
-    oracle = shapes_oracle_cached(verbose=False)
-    f_truth = oracle_features(oracle, truth)
+    shapes = pipe.config.data.name == "shapes"  # FID on the shapes oracle's features; none for photos (no
+    oracle = shapes_oracle_cached(verbose=False) if shapes else None  # oracle, no local Inception weights)
+    f_truth = oracle_features(oracle, truth) if shapes else None
     rows, result = [], {"num": args.num, "steps": args.steps, "sampler": pipe.config.sample.sampler}
     arms = [("bicubic", bicubic), (f"model ({pipe.config.sample.sampler}, {args.steps} steps)", out)]
     if pipe.autoencoder is not None:
         arms.append(("first-stage ceiling D(E(x))", reconstruct(pipe, truth)))
     arms.append(("other real scenes (unpaired)", other))
     for name, x in arms:
-        r = {"fid": fid(oracle_features(oracle, x), f_truth)}
+        r = {"fid": fid(oracle_features(oracle, x), f_truth)} if shapes else {}
         if not name.startswith("other"):
             r.update(psnr=float(psnr(x, truth).mean()), ssim=float(ssim(x, truth).mean()))
+        elif not shapes:
+            continue
         result[name] = r
         rows.append([name, f"{r['psnr']:.2f}" if "psnr" in r else "-", f"{r['ssim']:.4f}" if "ssim" in r else "-",
-                     f"{r['fid']:.1f}"])
+                     f"{r['fid']:.1f}" if "fid" in r else "-"])
     result["seconds_per_image"] = seconds / args.num
     h, w = truth.shape[-2:]
     head = f"{h // factor}x{w // factor} -> {h}x{w}, {args.num} held-out scenes"
