@@ -53,6 +53,19 @@ def held_out(pipe, num: int, seed: int, **extra):
     return torch.stack([ds[i]["image"] for i in range(num)]), ds
 
 
+def mosaic(pipe, num: int, seed: int, size: int | None) -> torch.Tensor:
+    """``num`` held-out images of side ``size`` (None: the training size), each a k x k mosaic of held-out scenes of
+    the training size, so that objects keep the scale the model was trained on (a shapes scene rendered larger has
+    larger objects)."""
+    side = pipe.config.data.size
+    k = 1 if size is None else size // side
+    if k * side != (size or side):
+        raise SystemExit(f"--size must be a multiple of the training size {side}")
+    x, _ = held_out(pipe, num * k * k, seed)
+    x = x.view(num, k, k, *x.shape[1:])  # (N, k, k, C, s, s)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(num, x.shape[3], k * side, k * side)
+
+
 def oracle_features(oracle, images: torch.Tensor):
     from latentdiff.eval.features import quantize_8bit
 
@@ -86,19 +99,24 @@ def run_sr(args) -> dict:
 
     pipe = latentdiff.load(args.model)
     factor = pipe.spatial.factor
-    size = {"size": args.size} if args.size else {}  # larger than trained: sampled convolutionally
-    truth, _ = held_out(pipe, args.num, args.seed, **size)
-    other, _ = held_out(pipe, args.num, args.seed + 1, **size)
+    truth, other = mosaic(pipe, args.num, args.seed, args.size), mosaic(pipe, args.num, args.seed + 1, args.size)
     low = downsample(truth, factor)
     bicubic = F.interpolate(low, scale_factor=factor, mode="bicubic", align_corners=False).clamp(-1, 1)
     t0 = time.perf_counter()
-    out = pipe.sample(args.num, conditions={"low_res": low}, steps=args.steps, seed=args.seed, output="tensor")
+    if args.tile:  # each image in overlapping tiles of the training size (tiling.py)
+        from latentdiff.tiling import upscale_tiled
+
+        out = torch.cat([upscale_tiled(pipe, low[i : i + 1], steps=args.steps, seed=args.seed + 1000 * i)
+                         for i in range(args.num)])
+    else:
+        out = pipe.sample(args.num, conditions={"low_res": low}, steps=args.steps, seed=args.seed, output="tensor")
     seconds = time.perf_counter() - t0
     shapes = pipe.config.data.name == "shapes"  # FID on the shapes oracle's features; none for photos (no
     oracle = shapes_oracle_cached(verbose=False) if shapes else None  # oracle, no local Inception weights)
     f_truth = oracle_features(oracle, truth) if shapes else None
     rows, result = [], {"num": args.num, "steps": args.steps, "sampler": pipe.config.sample.sampler}
-    arms = [("bicubic", bicubic), (f"model ({pipe.config.sample.sampler}, {args.steps} steps)", out)]
+    how = ", tiled" if args.tile else (", whole" if args.size else "")
+    arms = [("bicubic", bicubic), (f"model ({pipe.config.sample.sampler}, {args.steps} steps{how})", out)]
     if pipe.autoencoder is not None:
         arms.append(("first-stage ceiling D(E(x))", reconstruct(pipe, truth)))
     arms.append(("other real scenes (unpaired)", other))
@@ -120,7 +138,8 @@ def run_sr(args) -> dict:
     n = 8
     shown = F.interpolate(low[:n], scale_factor=factor, mode="nearest")
     grid = torch.stack([shown, bicubic[:n], out[:n], truth[:n]], 1).flatten(0, 1)  # rows: low, bicubic, model, truth
-    save_grid(grid, args.out / f"sr{'_' + str(args.size) if args.size else ''}_grid.png", nrow=4)
+    tag = (f"_{args.size}" if args.size else "") + ("_tiled" if args.tile else "")
+    save_grid(grid, args.out / f"sr{tag}_grid.png", nrow=4)
     return {"table": table, "result": result}
 
 
@@ -310,9 +329,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=None, help="inpaint: guidance of both arms (default: model's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile", action="store_true", help="sr: upscale in overlapping tiles of the training size "
+                   "(default: the whole image at once, convolutionally)")
     p.add_argument("--strengths", default="0.2,0.4,0.6,0.8,1.0", help="img2img: the strengths, one row each")
-    p.add_argument("--size", type=int, default=None, help="sr: the side of the truth images (default: the training "
-                   "size; larger ones are upscaled convolutionally, and scored by the oracle on their 32x32 resize)")
+    p.add_argument("--size", type=int, default=None, help="sr: the side of the truth images, a multiple of the "
+                   "training size: mosaics of held-out scenes (default: the training size); the oracle scores a resize")
     p.add_argument("--out", type=Path, default=None, help="folder of the table, JSON and grids (default MODEL/eval)")
     args = p.parse_args(argv)
     args.num = args.num or {"sr": 512, "inpaint": 256, "img2img": 128}[args.task]
@@ -325,7 +346,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     report = {"sr": run_sr, "inpaint": run_inpaint, "img2img": run_img2img}[args.task](args)
     report["result"]["wall_s"] = time.perf_counter() - t0
-    name = args.task + (f"_{args.size}" if args.size else "")
+    name = args.task + (f"_{args.size}" if args.size else "") + ("_tiled" if args.tile else "")
     (args.out / f"{name}.md").write_text(report["table"] + "\n")
     (args.out / f"{name}.json").write_text(json.dumps(report["result"], indent=1))
     print(report["table"])

@@ -30,7 +30,7 @@ LAYERS = [
     ("guidance", "samplers"),                             # stateless sampling
     ("config",),                                          # typed run configs
     ("first_stage",),                                     # the autoencoder as a product
-    ("pipeline",),                                        # a trained model as one object
+    ("pipeline", "tiling"),                               # a trained model as one object
     ("eval",),                                            # metrics, oracles, reference statistics
     ("train",),                                           # the training loop and checkpoints
     ("demo", "demo_digits", "cli", "cli_parser", "cli_images", ""),  # the command and the demos

@@ -141,6 +141,9 @@ def test_super_resolution_through_the_command(runs, tmp_path):
     assert _sample(runs["sr"], "--image", str(tmp_path / "lows"), "--out", str(tmp_path / "highs")) == 0
     assert sorted(p.name for p in (tmp_path / "highs").iterdir()) == ["a.png", "b.png"]
     assert Image.open(tmp_path / "highs" / "a.png").size == (32, 24)
+    # Or in overlapping tiles of the training size (8x8 here), blended at the seams.
+    assert _sample(runs["sr"], "--image", str(tmp_path / "lows"), "--tile", "--out", str(tmp_path / "tiled")) == 0
+    assert Image.open(tmp_path / "tiled" / "a.png").size == (32, 24)
     # The condition reaches the network: another low-resolution image changes the result from the same noise.
     x = torch.rand(1, 3, 8, 8) * 2 - 1
     a = pipe.sample(1, conditions={"low_res": x}, seed=0, output="tensor")
@@ -240,3 +243,13 @@ def test_photos_dataset_and_recipe_load():
     assert not torch.equal(a, test[0]["image"])
     config = load_config(find_recipe("photos_sr4"))
     assert config.conditioning.concat == "low_res" and config.data.name == "photos"
+
+
+def test_tile_offsets_and_blend_weights():
+    from latentdiff.tiling import ramp, tile_starts
+
+    assert tile_starts(16, 8, 4) == [0, 4, 8] and tile_starts(13, 8, 4) == [0, 4, 5] and tile_starts(8, 8, 4) == [0]
+    w = ramp(32, 16)
+    assert w.min() > 0 and w.max() <= 1 and torch.equal(w, w.flip(0)) and ramp(40, 16)[16:24].eq(1).all()
+    # Two tiles overlapping by 16 of 32: their ramps sum to a constant over the overlap (no seam in the weights).
+    assert torch.allclose(w[16:] + w[:16], torch.full((16,), w[16] + w[0]))

@@ -52,13 +52,13 @@ def cmd_sample(args) -> int:
                             steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
                             batch_size=args.batch_size, size=args.size)
     print(f"loaded {args.model} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
-    images = pipe.sample(s.num, prompts=s.prompts, negative_prompt=s.negative_prompt, labels=s.labels,
-                         sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, seed=s.seed,
-                         batch_size=s.batch_size, size=s.size, output="tensor", progress=not args.quiet,
-                         **(inputs.kwargs if inputs else {}))
-    if inputs is not None:
+    if inputs is not None:  # super-resolution, inpainting, image-to-image (cli_images.py)
+        images = inputs.sample(pipe, s, progress=not args.quiet)
         inputs.write(images, Path(args.out), lambda i: _image_task_params(pipe, s, args, i))
         return 0
+    images = pipe.sample(s.num, prompts=s.prompts, negative_prompt=s.negative_prompt, labels=s.labels,
+                         sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, seed=s.seed,
+                         batch_size=s.batch_size, size=s.size, output="tensor", progress=not args.quiet)
     _write_samples(images, Path(args.out), pipe, s, args)
     return 0
 

@@ -94,6 +94,19 @@ class ImageInputs:
     per_input: int
     kwargs: dict = field(default_factory=dict)  # conditions=..., init_image=..., strength=...
     shown: torch.Tensor | None = None    # (inputs, C, H, W): each input as shown left of its results
+    tiled: bool = False                  # super-resolution in overlapping tiles (tiling.py)
+
+    def sample(self, pipe, s, progress: bool) -> torch.Tensor:
+        """The results, (num, C, H, W): ``Pipeline.sample`` with the image inputs, or tile by tile."""
+        common = dict(sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, batch_size=s.batch_size)
+        if not self.tiled:
+            return pipe.sample(s.num, prompts=s.prompts, negative_prompt=s.negative_prompt, labels=s.labels,
+                               seed=s.seed, size=s.size, output="tensor", progress=progress, **common, **self.kwargs)
+        from .tiling import upscale_tiled
+
+        low = self.kwargs["conditions"]["low_res"]  # (num, C, h, w): each input repeated per_input times
+        return torch.cat([upscale_tiled(pipe, low[i : i + 1], seed=s.seed + 1000 * i, **common)
+                          for i in range(len(low))])
 
     def write(self, images: torch.Tensor, out: Path, params) -> None:
         """One PNG per result into folder ``out`` (named after the input), or ``out``.png: the result itself for
@@ -150,8 +163,16 @@ def image_inputs(args, pipe) -> ImageInputs | None:
             raise RequestError(f"--image {args.image}: the images differ in size ({sorted(sizes)}); give one size")
         size = sizes.pop()
         x = torch.cat(images)
-        if spatial == "low_res":
+        if args.tile and spatial != "low_res":
+            raise RequestError(f"--tile is for super-resolution models; {args.model} is an inpainting model")
+        if spatial == "low_res" and args.tile:
+            tile = pipe.config.data.size // pipe.spatial.factor
+            if min(size) < tile:
+                raise RequestError(f"--tile: --image {files[0]} is {size[0]}x{size[1]}, smaller than one tile "
+                                   f"({tile}x{tile}, the training size); leave out --tile")
+        elif spatial == "low_res":
             _check_low_res(pipe, size, files[0])
+        if spatial == "low_res":
             kwargs["conditions"] = {"low_res": x.repeat_interleave(per_input, 0)}
             factor = pipe.spatial.factor
             shown = torch.nn.functional.interpolate(x, scale_factor=factor, mode="nearest")
@@ -171,7 +192,9 @@ def image_inputs(args, pipe) -> ImageInputs | None:
         _check_divisible(pipe, tuple(init.shape[-2:]), f"--init-image {files[0]}")
         kwargs.update(init_image=init.repeat_interleave(per_input, 0) if len(init) > 1 else init,
                       strength=args.strength)
-    return ImageInputs(names, len(names) * per_input, per_input, kwargs, shown)
+    if args.tile and (args.image is None or args.init_image is not None):
+        raise RequestError("--tile goes with --image on a super-resolution model (and without --init-image)")
+    return ImageInputs(names, len(names) * per_input, per_input, kwargs, shown, tiled=bool(args.tile))
 
 
 def _check_divisible(pipe, size: tuple[int, int], what: str) -> None:

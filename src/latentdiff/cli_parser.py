@@ -94,6 +94,8 @@ def _add_image_args(s) -> None:
     s.add_argument("--image", default=None, metavar="PATH",
                    help="super-resolution models: the low-resolution image (or a folder of them; each is upscaled, "
                    "larger ones convolutionally); inpainting models: the image to fill (default: none)")
+    s.add_argument("--tile", action="store_true", help="super-resolution: upscale inputs larger than the training "
+                   "size in overlapping tiles of that size, blended at the seams (default: whole, convolutionally)")
     s.add_argument("--mask", default=None, metavar="PATH", help="inpainting models: a single-channel mask the size "
                    "of --image, white = fill, black = keep (default: none)")
     s.add_argument("--init-image", default=None, metavar="PATH", help="image-to-image (SDEdit), any model: start "
