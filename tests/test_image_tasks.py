@@ -198,11 +198,27 @@ def test_image_to_image_through_the_api_and_the_command(runs, tmp_path):
     assert Image.open(tmp_path / "o.png").size == (16, 16)
 
 
-def test_latent_cache_refused_for_random_masks(tmp_path):
-    (tmp_path / "c.yaml").write_text(INPAINT)
-    config = load_config(tmp_path / "c.yaml")
-    assert build_spatial("inpaint", {"latent_channels": 3}).cacheable is False
-    assert config.latent.cache  # a pixel model has no cache: nothing to refuse; the latent check is in train/run.py
+def test_latent_inpainting_refuses_the_cache_and_trains_without_it(tmp_path):
+    from latentdiff.nn.autoencoder import Autoencoder, AutoencoderConfig, save_autoencoder
+
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, resolution=16,
+                                       z_channels=4, embed_dim=4))  # a tiny untrained KL-f4 first stage
+    save_autoencoder(ae, str(tmp_path / "ae"), latent_scale=0.5)
+    text = INPAINT.replace("latent_channels: 3", "latent_channels: 4") + f"latent: {{first_stage: {tmp_path / 'ae'}}}\n"
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match="set latent.cache=false"):
+        train_from_config(load_config(tmp_path / "c.yaml"), tmp_path / "cached", progress=False)
+    assert not (tmp_path / "cached").exists()  # refused before anything was written
+    train_from_config(load_config(tmp_path / "c.yaml", ["latent.cache=false"]), tmp_path / "run", progress=False)
+    pipe = latentdiff.load(tmp_path / "run")
+    assert pipe.unet.config.concat_channels == 5 and pipe.sample_shape == (4, 4, 4)  # z_t 4 + mask 1 + ℰ(masked) 4
+    img = _png(tmp_path / "img.png", np.random.default_rng(0).integers(0, 255, (16, 16, 3)))
+    mask = np.zeros((16, 16))
+    mask[:8] = 255
+    args = ["--image", img, "--mask", _png(tmp_path / "m.png", mask), "--out", str(tmp_path / "o.png")]
+    assert _sample(tmp_path / "run", *args) == 0
+    assert Image.open(tmp_path / "o.png").size == (16, 16)
 
 
 @pytest.mark.parametrize("case", ["mask_size", "mask_rgb", "low_res_size", "image_on_plain", "strength_0",
