@@ -26,15 +26,16 @@ LAYERS = [
     ("likelihood", "resample", "diffusion"),              # the Gaussian diffusion process
     ("nn",),                                              # the networks
     ("data",),                                            # datasets and transforms
-    ("spatial", "layouts", "segmaps"),                    # spatial conditions, layouts, map files -> U-Net inputs
+    ("spatial", "spatial_image", "layouts", "segmaps"),  # spatial conditions, layouts, map files -> U-Net inputs
     ("guidance", "samplers"),                             # stateless sampling
     ("config",),                                          # typed run configs
     ("first_stage",),                                     # the autoencoder as a product
-    ("pipeline",),                                        # a trained model as one object
+    ("pipeline", "tiling"),                               # a trained model as one object; tiled upscaling
     ("interop",),                                         # Stable Diffusion / diffusers checkpoints in and out
     ("eval",),                                            # metrics, oracles, reference statistics
     ("train",),                                           # the training loop and checkpoints
-    ("demo", "demo_digits", "cli", "cli_parser", "serve", ""),  # the command, the demos, the web page and API
+    ("demo", "demo_digits", "cli", "cli_parser", "cli_images", "serve", ""),  # the command, the demos, the web
+                                                                              # page and API
 ]
 # Inference never needs the training package, whatever the layer order says.
 INFERENCE = ("pipeline", "first_stage", "samplers", "nn", "eval", "folders", "interop")

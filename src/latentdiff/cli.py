@@ -46,15 +46,23 @@ def cmd_train(args) -> int:
 
 def cmd_sample(args) -> int:
     t0 = time.perf_counter()
+    from .cli_images import check_image_args, image_inputs
     from .interop import check_text_to_image, load
 
+    check_image_args(args)
     pipe = load(args.model, ema=not args.no_ema)
     check_text_to_image(pipe)
-    s = pipe.sample_options(num=args.num, prompts=args.prompts, negative_prompt=args.negative_prompt,
-                            labels=args.labels, sampler=args.sampler, steps=args.steps, guidance=args.guidance,
-                            eta=args.eta, seed=args.seed, batch_size=args.batch_size, size=args.size)
+    inputs = image_inputs(args, pipe)  # --image, --mask, --init-image: None without them
+    s = pipe.sample_options(num=inputs.num if inputs else args.num, prompts=args.prompts,
+                            negative_prompt=args.negative_prompt, labels=args.labels, sampler=args.sampler,
+                            steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
+                            batch_size=args.batch_size, size=args.size)
     spatial, pictures = _spatial_inputs(args, pipe, s)  # --layout / --segmentation, checked before sampling
     print(f"loaded {args.model} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
+    if inputs is not None:  # super-resolution, inpainting, image-to-image (cli_images.py)
+        images = inputs.sample(pipe, s, progress=not args.quiet)
+        inputs.write(images, Path(args.out), lambda i: _image_task_params(pipe, s, args, i))
+        return 0
     images = pipe.sample(s.num, prompts=s.prompts, negative_prompt=s.negative_prompt, labels=s.labels,
                          sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, seed=s.seed,
                          batch_size=s.batch_size, size=s.size, output="tensor", progress=not args.quiet, **spatial)
@@ -143,6 +151,16 @@ def _write_spatial_samples(images, pictures, out: Path, pipe, s, args, spatial: 
         layouts = [to_objects(lay, config) for lay in spatial["layouts"]]
         atomic_write_text(out / "layouts.json", json.dumps(layouts, indent=1) + "\n")
     print(f"wrote {len(images)} images and their input to {out}/")
+
+
+def _image_task_params(pipe, s, args, i: int | None) -> dict:
+    """The generation parameters of an image-input result: those of `sample` plus its input files."""
+    params = _generation_params(pipe, s, args, i)
+    params.update({k: str(v) for k, v in (("image", args.image), ("mask", args.mask),
+                                          ("init_image", args.init_image)) if v is not None})
+    if args.strength is not None:
+        params["strength"] = args.strength
+    return params
 
 
 def _generation_params(pipe, s, args, i: int | None = None) -> dict:

@@ -115,6 +115,22 @@ def _add_sample_parser(sub) -> None:
     s.add_argument("--out", default="samples.png",
                    help="a .png file for one grid, or a folder for one PNG per image (named NNNNN_seedS.png)")
     s.add_argument("--quiet", action="store_true", help="no progress bar (default: show it)")
+    _add_image_args(s)
+
+
+def _add_image_args(s) -> None:
+    """`sample`'s image inputs: super-resolution, inpainting, image-to-image (cli_images.py)."""
+    s.add_argument("--image", default=None, metavar="PATH",
+                   help="super-resolution models: the low-resolution image (or a folder of them; each is upscaled, "
+                   "larger ones convolutionally); inpainting models: the image to fill (default: none)")
+    s.add_argument("--tile", action="store_true", help="super-resolution: upscale inputs larger than the training "
+                   "size in overlapping tiles of that size, blended at the seams (default: whole, convolutionally)")
+    s.add_argument("--mask", default=None, metavar="PATH", help="inpainting models: a single-channel mask the size "
+                   "of --image, white = fill, black = keep (default: none)")
+    s.add_argument("--init-image", default=None, metavar="PATH", help="image-to-image (SDEdit), any model: start "
+                   "from this image (a latent model's first stage encodes it) noised to --strength (default: none)")
+    s.add_argument("--strength", type=float, default=None, help="image-to-image: the share of the sampling steps "
+                   "run from --init-image, in (0, 1]; 1 ignores the image (default: 0.6)")
 
 
 def _add_export_parser(sub) -> None:

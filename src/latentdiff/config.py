@@ -132,6 +132,9 @@ class TrainConfig(FromDict):
     cond_drop_prob: float = bounded(0.0, lo=0.0, hi=1.0)        # drop conditioning (null class / empty prompt)
     out_dir: str = "runs/default"                               # checkpoints, samples, logs, the resolved config
     resume: str | None = None                                   # "latest", a checkpoint path, or None = fresh
+    init_from: str | None = None                                # a diffusion run or model folder whose weights start a
+                                                                # fresh run (text-to-image -> inpainting); new input
+                                                                # channels start at zero; None = random weights
 
     def __post_init__(self):
         check_fields(self)

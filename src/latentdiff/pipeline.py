@@ -47,6 +47,7 @@ from .nn.tokenizer import WordTokenizer
 from .nn.unet import PRESETS, UNet, UNetConfig
 from .schedules import make_betas, rescale_zero_terminal_snr
 from .spatial import SpatialCondition, build_spatial
+from .spatial_image import Inpaint, LowRes  # noqa: F401  (registers the conditions low_res and inpaint)
 
 
 def build_diffusion(section) -> GaussianDiffusion:
@@ -60,10 +61,11 @@ def build_diffusion(section) -> GaussianDiffusion:
     )
 
 
-def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int, conditioner: Conditioner | None = None
-                ) -> UNetConfig:
+def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int, conditioner: Conditioner | None = None,
+                spatial: SpatialCondition | None = None) -> UNetConfig:
     """The UNetConfig of ``config.model`` (a preset plus field overrides), with the channels the data and the
-    diffusion need (out_channels doubles for a learned variance) and the inputs the conditioner feeds."""
+    diffusion need (out_channels doubles for a learned variance) and the inputs the conditioner feeds; a spatial
+    condition with a label (the noise level of ``low_res``) sets the U-Net's label classes."""
     model = dict(config.model)
     preset = model.pop("preset", None)
     if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
@@ -76,6 +78,11 @@ def unet_config(config: Config, diffusion: GaussianDiffusion, channels: int, con
                 raise ConfigError(f"model.{key} is {model[key]!r} but the conditioning section gives the U-Net "
                                   f"{key}={value!r}; remove model.{key}")
             model[key] = value
+    if spatial is not None and spatial.adm_classes:
+        if model.get("num_classes") not in (None, spatial.adm_classes):
+            raise ConfigError(f"model.num_classes is {model['num_classes']!r} but the {spatial.name} condition feeds "
+                              f"the U-Net's label {spatial.adm_classes} classes; remove model.num_classes")
+        model["num_classes"] = spatial.adm_classes
     return update(PRESETS[preset] if preset else UNetConfig(), model, where="config", prefix="model.")
 
 
@@ -175,7 +182,10 @@ class Pipeline:
         if conditioner is None and config.conditioning is not None:
             spec = conditioner_config(config.conditioning, tokenizer)
             conditioner = _built("conditioning", build_conditioner, spec, tokenizer)
-        unet = UNet(unet_config(config, diffusion, channels, conditioner))
+        c = config.conditioning
+        spatial = None if c is None or c.concat is None else _built("conditioning", build_spatial, c.concat,
+                                                                     c.concat_options)
+        unet = UNet(unet_config(config, diffusion, channels, conditioner, spatial))
         return cls(unet, diffusion, config, autoencoder, conditioner)
 
     @property
@@ -183,6 +193,8 @@ class Pipeline:
         """Classes of a class-conditional model (the U-Net's label embedding or a class conditioner), else None."""
         if self.conditioner is not None and self.conditioner.kind == "class":
             return self.conditioner.config.num_classes
+        if self.spatial is not None and self.spatial.adm_classes:  # the U-Net's label is the condition's (noise level)
+            return None
         return self.unet.config.num_classes
 
     @property
@@ -219,8 +231,14 @@ class Pipeline:
 
     @property
     def condition_fields(self) -> tuple[str, ...]:
-        """The fields ``sample(conditions=...)`` needs: those of the spatial condition (e.g. "segmentation")."""
+        """The fields of the spatial condition (e.g. "segmentation") that its training data gives (and a latent cache
+        stores); ``sample(conditions=...)`` needs :attr:`sample_fields`."""
         return self.spatial.fields if self.spatial is not None else ()
+
+    @property
+    def sample_fields(self) -> tuple[str, ...]:
+        """The fields ``sample(conditions=...)`` needs (inpainting: "image" and "mask")."""
+        return self.spatial.required_at_sampling if self.spatial is not None else ()
 
     @property
     def downsampling_factor(self) -> int:
@@ -367,19 +385,25 @@ class Pipeline:
             batch["layout"] = layouts[torch.arange(start, start + n) % len(layouts)].to(self.device)
         elif y is not None:
             batch["label"] = y[start : start + n].to(self.device)
+        extra = {}
         if self.spatial is not None:
-            rows = {k: _rows(v, start, n) for k, v in conditions.items()}
-            batch["concat"] = self.spatial.make(rows, encode=self.encode).to(self.device)
+            rows = {k: _rows(v, start, n) if k in self.sample_fields or _per_image(v) else v
+                    for k, v in conditions.items()}
+            rows = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in rows.items()}
+            gen = torch.Generator().manual_seed(s.seed + start)  # noise augmentation, posterior samples
+            extra = self.spatial.inputs(rows, encode=lambda x: self.encode(x, generator=gen), generator=gen)
+            batch["concat"] = extra.pop("concat").to(self.device)
+            extra = {k: v.to(self.device) for k, v in extra.items()}  # a label of the condition (noise level): y
         elif self.takes_prompts:  # text alone: τ_θ of each distinct prompt once (encode_prompts' cache)
             negative = [s.negative_prompt or ""] * n
             return self.encode_prompts(batch["prompt"]), (self.encode_prompts(negative) if guided else None)
-        cond = self.conditioner(batch)
+        cond = {**self.conditioner(batch), **extra}
         if not guided:
             return cond, None
         null = self.conditioner.null_like(batch)
         if self.takes_prompts:
             null["prompt"] = [s.negative_prompt or ""] * n
-        return cond, self.conditioner(null)
+        return cond, {**self.conditioner(null), **extra}
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str], cache_size: int = 4096) -> dict:
@@ -412,13 +436,16 @@ class Pipeline:
             return None
         if not isinstance(conditions, dict):
             raise RequestError(f"this model is conditioned on {self.spatial.name!r}: give conditions="
-                               f"{{{', '.join(repr(f) + ': ...' for f in self.spatial.fields)}}}")
-        missing = [f for f in self.spatial.fields if f not in conditions]
-        extra = [k for k in conditions if k not in self.spatial.fields]
+                               f"{{{', '.join(repr(f) + ': ...' for f in self.sample_fields)}}}")
+        need = self.sample_fields
+        missing = [f for f in need if f not in conditions]
+        extra = [k for k in conditions if k not in need + self.spatial.optional_fields]
         if missing or extra:
-            raise RequestError(f"the {self.spatial.name!r} condition takes the field(s) {list(self.spatial.fields)}; "
+            raise RequestError(f"the {self.spatial.name!r} condition takes the field(s) {list(need)}; "
                                + (f"missing {missing}" if missing else f"unknown {extra}"))
         for key, value in conditions.items():
+            if key not in need:
+                continue
             rows = len(value) if torch.is_tensor(value) or isinstance(value, (list, tuple)) else None
             if rows not in (1, num):
                 raise RequestError(f"conditions[{key!r}] has {rows} rows; expected 1 (shared) or {num} (one per image)")
@@ -549,8 +576,10 @@ class Pipeline:
         if not torch.is_tensor(init_image) or init_image.dim() != 4 or init_image.shape[1] != c:
             got = tuple(init_image.shape) if torch.is_tensor(init_image) else type(init_image).__name__
             raise RequestError(f"init_image must be a (N or 1, {c}, H, W) tensor in [-1, 1], got {got}")
-        if len(init_image) not in (1, s.num) or not torch.isfinite(init_image).all():
-            raise RequestError(f"init_image must have 1 or {s.num} rows of finite values, got {len(init_image)} rows")
+        if len(init_image) not in (1, s.num):
+            raise RequestError(f"init_image has {len(init_image)} rows; expected 1 (shared) or {s.num}")
+        if not torch.isfinite(init_image).all() or init_image.abs().max() > 1 + 1e-4:
+            raise RequestError("init_image must hold finite values in [-1, 1]")
         size = tuple(init_image.shape[-2:])
         if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 4 or mask.shape[1] != 1
                                  or len(mask) not in (1, s.num) or tuple(mask.shape[-2:]) != size
@@ -677,6 +706,11 @@ def _step_callback(bar, callback, start: int, n: int):
             callback(start, i, t, x, x0)
 
     return step
+
+
+def _per_image(value) -> bool:
+    """Whether an optional condition field (a noise level) holds one entry per image rather than one value."""
+    return (torch.is_tensor(value) and value.dim() > 0) or isinstance(value, (list, tuple))
 
 
 def _built(section: str, build, *args):

@@ -22,6 +22,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from .errors import ConfigError, RequestError
 
@@ -43,7 +44,11 @@ class SpatialCondition:
     """
 
     name: str = ""
-    fields: tuple[str, ...] = ()
+    fields: tuple[str, ...] = ()          # what the training data gives (and a latent cache stores)
+    sample_fields: tuple[str, ...] | None = None  # what sampling needs; None = ``fields``
+    optional_fields: tuple[str, ...] = ()  # what sampling may add (e.g. a noise level)
+    adm_classes: int | None = None        # classes of a label it feeds the U-Net as ``y`` (a noise level); None
+    cacheable: bool = True                # False: its input changes at every step (random masks), no latent cache
 
     def __init__(self, **options):
         if options:
@@ -58,6 +63,20 @@ class SpatialCondition:
              generator: torch.Generator | None = None) -> torch.Tensor:
         """(B, channels, H, W) float from ``batch[field]`` for each field of :attr:`fields`."""
         raise NotImplementedError
+
+    def inputs(self, batch: dict, *, encode: Callable | None = None, generator: torch.Generator | None = None,
+               training: bool = False) -> dict:
+        """The U-Net inputs made from ``batch``: ``{"concat": make(...)}``, plus ``"y"`` (B,) long for a condition
+        with :attr:`adm_classes`. ``training`` marks a training batch (random augmentation, random masks)."""
+        return {"concat": self.make(batch, encode=encode, generator=generator)}
+
+    def derive(self, item: dict) -> dict:
+        """A training data item with the fields this condition computes from it (before any latent cache)."""
+        return item
+
+    @property
+    def required_at_sampling(self) -> tuple[str, ...]:
+        return self.fields if self.sample_fields is None else self.sample_fields
 
     def image_size(self, batch: dict) -> tuple[int, int] | None:
         """The image size (H, W) in pixels that the fields of ``batch`` imply (sampling at that size), or None."""
@@ -117,6 +136,31 @@ class Segmentation(SpatialCondition):
         return tuple(seg.shape[-2:]) if torch.is_tensor(seg) else None
 
 
+class DerivedFields(Dataset):
+    """A dataset whose items pass through ``condition.derive`` (e.g. the low-resolution image of each item)."""
+
+    def __init__(self, dataset, condition: SpatialCondition):
+        self.dataset, self.condition = dataset, condition
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.condition.derive(self.dataset[index])
+
+    def __getattr__(self, name):  # num_classes, paths, captions, ... of the wrapped dataset
+        if name in ("dataset", "condition"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+def with_derived_fields(dataset, condition: SpatialCondition | None):
+    """``dataset`` wrapped by :class:`DerivedFields` when ``condition`` derives fields, else itself."""
+    if condition is None or type(condition).derive is SpatialCondition.derive:
+        return dataset
+    return DerivedFields(dataset, condition)
+
+
 def build_spatial(name: str, options: dict | None = None) -> SpatialCondition:
     """The registered condition ``name`` with its ``options`` (``conditioning.concat`` / ``concat_options``)."""
     if name not in SPATIAL_CONDITIONS:
@@ -125,3 +169,4 @@ def build_spatial(name: str, options: dict | None = None) -> SpatialCondition:
     if options is not None and not isinstance(options, dict):
         raise ConfigError(f"conditioning.concat_options must be a mapping, got {type(options).__name__}")
     return SPATIAL_CONDITIONS[name](**(options or {}))
+

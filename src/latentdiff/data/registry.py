@@ -148,8 +148,16 @@ def _build_shards(s: dict) -> Dataset:
                        s["channels"], seed=s["seed"], **s["options"])
 
 
+def _build_photos(s: dict) -> Dataset:
+    from .photos import Photos  # crops of the photos scikit-learn ships (data/photos.py)
+
+    _fixed(s, "channels", 3, "photos")
+    return Photos(32 if s["size"] is None else s["size"], s["split"], seed=s["seed"], **s["options"])
+
+
 register_dataset("folder", _build_folder, uses=("root", "size", "channels", "crop", "flip", "captions", "labels"))
 register_dataset("cifar10", _build_cifar10, uses=("root", "size", "channels", "flip"), splits=("train", "test"))
 register_dataset("digits", _build_digits, uses=("size", "channels"), splits=("train", "test", "all"))
 register_dataset("shards", _build_shards, uses=("root", "size", "channels"))
 register_dataset("shapes", _build_shapes, uses=("size", "channels"), splits=("train", "test"))
+register_dataset("photos", _build_photos, uses=("size", "channels"), splits=("train", "test"))

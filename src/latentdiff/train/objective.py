@@ -202,13 +202,16 @@ class DiffusionObjective:
                 conds["layout"] = torch.as_tensor(c, device=device).float()
             else:
                 conds["label"] = torch.as_tensor(c, device=device).long()
-        if self.spatial is not None:
-            conds["concat"] = self.spatial.make(batch, encode=self._encode).to(device)
+        extra = {}
+        if self.spatial is not None:  # its concat input, and a label it feeds the U-Net (a noise level) as y
+            extra = self.spatial.inputs(batch, encode=self._encode, training=True)
+            conds["concat"] = extra.pop("concat").to(device)
+            extra = {k: v.to(device) for k, v in extra.items()}
         clean = dict(conds)
         if self.cond_drop_prob > 0:
             drop = torch.rand(B, device=device) < self.cond_drop_prob  # (B,) bool
             conds = self.conditioner.drop(conds, drop)
-        return self.models["cond"](conds), {"conditions": clean}
+        return {**self.models["cond"](conds), **extra}, {"conditions": clean, **extra}
 
     def losses(self, batch: dict, step: int) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
         """Mean diffusion loss of a batch; the per-sample losses also update the timestep sampler."""

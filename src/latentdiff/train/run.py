@@ -20,6 +20,7 @@ from ..folders import CONFIG_FILE, EXPORT_DIR, FIRST_STAGE_DIR, TOKENIZER_FILE, 
 from ..nn.autoencoder import save_autoencoder
 from ..nn.tokenizer import WordTokenizer
 from ..pipeline import Pipeline
+from ..spatial import with_derived_fields
 from .autoencoder_objective import AutoencoderObjective
 from .guards import launch_rank, run_folder_lock
 from .loop import TrainResult, seed_everything, train
@@ -99,6 +100,12 @@ def tokenizer_for_run(config: Config, dataset, out_dir: Path, resume) -> WordTok
     saved = out_dir / TOKENIZER_FILE
     if resume and saved.is_file():
         return WordTokenizer.load(saved)
+    if config.train.init_from is not None:  # the starting model's words, so that its text encoder still fits
+        source = Path(config.train.init_from)
+        if not (source / TOKENIZER_FILE).is_file():
+            raise ConfigError(f"train.init_from {source}: no {TOKENIZER_FILE} there (a text model's run or model "
+                              "folder is needed to start a text model)")
+        return WordTokenizer.load(source / TOKENIZER_FILE)
     if isinstance(dataset, ShardStream):
         captions = dataset.captions(c.vocab_pool)
     else:
@@ -256,7 +263,12 @@ def _train_diffusion(config: Config, out_dir: Path, resume, progress: bool, call
     seed_everything(config.train.seed)  # the networks' initial weights depend on the seed alone
     pipe = Pipeline.from_config(config, tokenizer=tokenizer)
     num_classes = pipe.num_classes
+    dataset = with_derived_fields(dataset, pipe.spatial)  # e.g. each item's low-resolution image
     check_conditioning(config, _probe(dataset), pipe)
+    if config.train.init_from is not None and not (resume and list_checkpoints(out_dir)):
+        from .init_weights import init_from_model
+
+        print(init_from_model(pipe, Pipeline.load(config.train.init_from), config.train.init_from), flush=True)
     latent = pipe.autoencoder is not None
     cond_key = None if pipe.conditioning is None else (config.conditioning.data_key if config.conditioning else "label")
     if latent:
@@ -267,6 +279,9 @@ def _train_diffusion(config: Config, out_dir: Path, resume, progress: bool, call
         if config.latent.cache and isinstance(dataset, ShardStream):
             raise ConfigError("latent.cache cannot cache streamed shards: encode them once with `latentdiff encode` "
                               "and train on the latent shards, or set latent.cache=false")
+        if config.latent.cache and pipe.spatial is not None and not pipe.spatial.cacheable:
+            raise ConfigError(f"latent.cache is true but the {pipe.spatial.name} condition changes at every step "
+                              "(random masks: the masked image's latent is encoded anew); set latent.cache=false")
         if config.latent.cache:
             fields = ([cond_key] if cond_key else []) + list(pipe.condition_fields)
             dataset = cached_latents(config, dataset, pipe, fields, progress)
