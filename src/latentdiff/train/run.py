@@ -164,6 +164,7 @@ def check_conditioning(config: Config, dataset, pipe: Pipeline) -> None:
         if missing:
             raise ConfigError(f"conditioning.concat is {pipe.spatial.name!r}, which reads the field(s) {missing} "
                               f"that dataset {name!r} does not give")
+        _check_concat_grid(dataset[0], pipe)
         if pipe.conditioning is None:
             dropped = config.conditioning.drop_concat
             if config.train.cond_drop_prob > 0 and not dropped:
@@ -210,6 +211,26 @@ def check_conditioning(config: Config, dataset, pipe: Pipeline) -> None:
     data_classes = getattr(dataset, "num_classes", None)
     if data_classes is not None and data_classes > num_classes:
         raise ConfigError(f"model.num_classes is {num_classes} but dataset {name!r} has {data_classes} classes")
+
+
+def _check_concat_grid(item: dict, pipe: Pipeline) -> None:
+    """ConfigError naming conditioning.rescaler when the spatial condition of the first item, after the
+    conditioner's rescaler, does not land on the grid the U-Net runs on (e.g. a pixel-space model given a rescaler
+    that halves the map): found here, not as a shape error of the U-Net at the first step."""
+    import torch
+
+    batch = {k: (v[None] if torch.is_tensor(v) else [v]) for k, v in item.items()
+             if k in pipe.spatial.fields + pipe.spatial.optional_fields}
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):  # the run's random stream stays untouched
+        concat = pipe.spatial.inputs(batch, encode=pipe.encode, generator=torch.Generator().manual_seed(0),
+                                     training=True)["concat"]
+        if pipe.conditioner.rescaler is not None:
+            concat = pipe.conditioner.rescaler(concat)
+    want, got = tuple(pipe.sample_shape[1:]), tuple(concat.shape[-2:])
+    if got != want:
+        raise ConfigError(f"the {pipe.spatial.name} condition reaches the U-Net at {got[0]}x{got[1]} but the "
+                          f"diffusion runs at {want[0]}x{want[1]}: set conditioning.rescaler (n_stages, multiplier) "
+                          "to resize it onto that grid, or null for none")
 
 
 def _resume_target(config: Config, resume):
@@ -332,8 +353,8 @@ def _train_autoencoder(config: AutoencoderRunConfig, out_dir: Path, resume, prog
     if not _is_main_process():
         return result
     ae = objective._raw("autoencoder").eval()
-    scale = first_stage.export(ae, out_dir / EXPORT_DIR, first_stage.first_images(_probe(dataset, config.train.batch_size), config.train.batch_size),
-                               seed=config.train.seed, data=config.data)
+    first = first_stage.first_images(_probe(dataset, config.train.batch_size), config.train.batch_size)
+    scale = first_stage.export(ae, out_dir / EXPORT_DIR, first, seed=config.train.seed, data=config.data)
     print(f"wrote {out_dir / EXPORT_DIR} (latent scale {scale:.4f})", flush=True)
     held_out = _held_out(config)
     if held_out is not None:
