@@ -15,7 +15,7 @@ from latentdiff.pipeline import Pipeline
 from latentdiff.spatial import Segmentation, build_spatial
 from latentdiff.train.run import train_from_config
 
-CLASSES = 24  # the shapes world's default 4 shapes x 6 colours
+CLASSES = 21  # the shapes world's default 3 shapes x 7 colours
 TEXT = f"""
 model: {{preset: tiny}}
 diffusion: {{schedule: cosine, num_steps: 50}}
@@ -92,7 +92,7 @@ def test_config_checks(tmp_path):
 
 def test_a_rescaler_off_the_diffusion_grid_is_a_config_error_before_anything_is_written(tmp_path):
     # Pixel space: the U-Net runs at 16x16, and a rescaler that halves the map would give it 8x8.
-    bad = TEXT.replace("concat_options: {classes: 24}", "concat_options: {classes: 24}, rescaler: {n_stages: 1}")
+    bad = TEXT.replace("concat_options: {classes: 21}", "concat_options: {classes: 21}, rescaler: {n_stages: 1}")
     (tmp_path / "c.yaml").write_text(bad)
     with pytest.raises(ConfigError, match=r"reaches the U-Net at 8x8 but the diffusion runs at 16x16.*rescaler"):
         train_from_config(load_config(tmp_path / "c.yaml"), tmp_path / "run", progress=False)
