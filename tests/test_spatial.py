@@ -41,7 +41,7 @@ def test_segmentation_one_hot_and_range():
     x = Segmentation(classes=CLASSES).make({"segmentation": seg})
     assert x.shape == (1, CLASSES + 1, 2, 2)
     assert torch.equal(x.argmax(1), seg) and torch.equal(x.sum(1), torch.ones(1, 2, 2))
-    with pytest.raises(RequestError, match=r"class id\(s\) \[25\]"):
+    with pytest.raises(RequestError, match=rf"class id\(s\) \[{CLASSES + 1}\]"):
         Segmentation(classes=CLASSES).make({"segmentation": seg + 1})
     with pytest.raises(RequestError, match="needs the field 'segmentation'"):
         Segmentation(classes=CLASSES).make({"image": seg})
