@@ -165,8 +165,7 @@ def bench_train(impl, s, batch, device, amp, steps, warmup, compile_: bool) -> d
     row = dict(impl=impl, kind="train", batch=batch, compiled=compile_, sec=sec, img_s=batch / sec,
                first_s=first, compile_s=max(first - sec, 0.0) if compile_ else None, peak_mb=peak_memory_mb(device),
                params=sum(p.numel() for p in model.parameters()))
-    del model, opt, run
-    return row
+    return row  # the model and optimizer are freed on return
 
 
 @torch.no_grad()
@@ -186,7 +185,6 @@ def bench_sample(impl, s, batch, device, amp, sample_steps, repeats, compile_: b
     row = dict(impl=impl, kind="sample", batch=batch, compiled=compile_, sec=sec * sample_steps, img_s=1 / per_image,
                first_s=first, compile_s=max(first - sec, 0.0) if compile_ else None, peak_mb=peak_memory_mb(device),
                params=sum(p.numel() for p in model.parameters()))
-    del model, run
     return row
 
 
@@ -221,7 +219,8 @@ def main(argv=None) -> dict:
     peak = peak or measured
     print(f"device: {name}; torch {torch.__version__}; {'SD 1.5 U-Net' if not tiny else 'tiny U-Net'}, "
           f"{'bf16 autocast' if amp else 'float32'}, latents 4x{s['latent']}x{s['latent']}")
-    print(f"peak for MFU: {peak:.1f} TFLOP/s ({peak_source}); measured {str(mm_dtype)[6:]} matmul {measured:.1f} TFLOP/s")
+    print(f"peak for MFU: {peak:.1f} TFLOP/s ({peak_source}); measured {str(mm_dtype)[6:]} matmul "
+          f"{measured:.1f} TFLOP/s")
 
     rows = []
     variants = [False, True] if args.compile else [False]

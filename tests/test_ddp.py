@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
-
-from helpers.ddp_launch_script import run_all
 from test_stream_training import TEXT, make_ae, shapes_samples
 
 from latentdiff.data.shards import write_shards
+
 from helpers.clitools import captured
+from helpers.ddp_launch_script import run_all
 
 TESTS = Path(__file__).parent
 

@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from .config import Config, SampleSection, dump_config, load_config, update
-from .nn.speed import optimize, unoptimized
 from .diffusion import GaussianDiffusion
 from .errors import CheckpointError, ConfigError, MissingFileError, RequestError
 from .fileio import atomic_write
@@ -40,6 +39,7 @@ from .folders import (  # noqa: F401  (CONFIG_FILE, WEIGHTS_FILE, FIRST_STAGE_DI
 )
 from .nn.autoencoder import save_autoencoder
 from .nn.conditioners import Conditioner, build_conditioner
+from .nn.speed import optimize, unoptimized
 from .nn.tokenizer import WordTokenizer
 from .nn.unet import PRESETS, UNet, UNetConfig
 from .schedules import make_betas, rescale_zero_terminal_snr

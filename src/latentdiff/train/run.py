@@ -277,7 +277,8 @@ def train_autoencoder_from_config(config: AutoencoderRunConfig, out_dir=None, *,
     if not _is_main_process():
         return result
     ae = objective._raw("autoencoder").eval()
-    scale = first_stage.export(ae, out_dir / EXPORT_DIR, first_stage.first_images(_probe(dataset, config.train.batch_size), config.train.batch_size),
+    first = first_stage.first_images(_probe(dataset, config.train.batch_size), config.train.batch_size)
+    scale = first_stage.export(ae, out_dir / EXPORT_DIR, first,
                                seed=config.train.seed, data=config.data)
     print(f"wrote {out_dir / EXPORT_DIR} (latent scale {scale:.4f})", flush=True)
     held_out = _held_out(config)
