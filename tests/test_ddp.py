@@ -60,3 +60,18 @@ def test_the_accelerate_configs_of_the_docs_parse(name, kind, processes, machine
     assert (str(c.distributed_type).split(".")[-1], c.num_processes, c.num_machines) == (kind, processes, machines)
     if kind == "FSDP":
         assert c.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+def test_encode_under_accelerate_launch_splits_the_shards(root, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(TESTS.parent / "src"), os.environ.get("PYTHONPATH", "")]))
+    config = TESTS.parent / "docs" / "accelerate" / "cpu_two_processes.yaml"
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                           "-m", "latentdiff.cli", "encode", str(root / "shards"), "--first-stage", str(root / "ae"),
+                           "--out", str(tmp_path / "lat")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "rank 0/2: encoded 4 shard(s)" in proc.stdout and "rank 1/2: encoded 4 shard(s)" in proc.stdout
+    ours = sorted(p.name for p in (tmp_path / "lat").glob("*.tar"))
+    assert ours == sorted(p.name for p in (root / "lat").glob("*.tar"))  # all 8, as one process wrote them
+    a, b = ((d / "latents-000005.tar").read_bytes() for d in (tmp_path / "lat", root / "lat"))
+    assert a == b  # the same bytes whichever process encoded the shard
