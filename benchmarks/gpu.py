@@ -219,8 +219,8 @@ def main(argv=None) -> dict:
     peak = peak or measured
     print(f"device: {name}; torch {torch.__version__}; {'SD 1.5 U-Net' if not tiny else 'tiny U-Net'}, "
           f"{'bf16 autocast' if amp else 'float32'}, latents 4x{s['latent']}x{s['latent']}")
-    print(f"peak for MFU: {peak:.1f} TFLOP/s ({peak_source}); measured {str(mm_dtype)[6:]} matmul "
-          f"{measured:.1f} TFLOP/s")
+    print(f"peak for MFU: {peak:.3g} TFLOP/s ({peak_source}); measured {str(mm_dtype)[6:]} matmul "
+          f"{measured:.3g} TFLOP/s")
 
     rows = []
     variants = [False, True] if args.compile else [False]
