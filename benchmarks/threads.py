@@ -41,7 +41,8 @@ def make(workload: str):
         if workload == "train_digits":
             net, x, kw = unet_from_preset("digits"), torch.randn(64, 1, 8, 8), {"y": torch.randint(0, 10, (64,))}
         else:
-            net, x, kw = unet_from_preset("ldm_small"), torch.randn(16, 4, 16, 16), {"context": torch.randn(16, 8, 256)}
+            net, x = unet_from_preset("ldm_small"), torch.randn(16, 4, 16, 16)
+            kw = {"context": torch.randn(16, 8, 256)}
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         t = torch.randint(0, 1000, (x.shape[0],))
 
@@ -60,7 +61,8 @@ def make(workload: str):
         net = UNet(UNetConfig(in_channels=3, out_channels=3, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                               attention_resolutions=(1, 2), head_channels=32, context_dim=64, use_linear_proj=True,
                               use_scale_shift_norm=True)).eval()
-        ae = Autoencoder(AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=3, embed_dim=3)).eval()
+        ae = Autoencoder(AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=3, embed_dim=3))
+        ae.eval()
         x, t, ctx = torch.randn(32, 3, 8, 8), torch.randint(0, 1000, (32,)), torch.randn(32, 25, 64)
         return torch.no_grad()(lambda: (net(x, t, context=ctx), ae.decode(x[:16])))
     if workload == "eval_inception":

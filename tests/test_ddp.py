@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
-
-from helpers.ddp_launch_script import run_all
 from test_stream_training import TEXT, make_ae, shapes_samples
 
 from latentdiff.data.shards import write_shards
+
 from helpers.clitools import captured
+from helpers.ddp_launch_script import run_all
 
 TESTS = Path(__file__).parent
 
@@ -48,6 +47,7 @@ def test_two_processes_equal_one(root, tmp_path):
         for name in models:
             a, b = _final(tmp_path / "ddp" / run, name), _final(tmp_path / "one" / run, name)
             worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+            print(f"{run}/{name}: max |2 processes - 1 process| = {worst:.2e}")
             assert worst < 1e-5, f"{run}/{name}: 2 processes differ from 1 by {worst}"
 
 
@@ -61,3 +61,18 @@ def test_the_accelerate_configs_of_the_docs_parse(name, kind, processes, machine
     assert (str(c.distributed_type).split(".")[-1], c.num_processes, c.num_machines) == (kind, processes, machines)
     if kind == "FSDP":
         assert c.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+def test_encode_under_accelerate_launch_splits_the_shards(root, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(TESTS.parent / "src"), os.environ.get("PYTHONPATH", "")]))
+    config = TESTS.parent / "docs" / "accelerate" / "cpu_two_processes.yaml"
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+                           "-m", "latentdiff.cli", "encode", str(root / "shards"), "--first-stage", str(root / "ae"),
+                           "--out", str(tmp_path / "lat")], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "rank 0/2: encoded 4 shard(s)" in proc.stdout and "rank 1/2: encoded 4 shard(s)" in proc.stdout
+    ours = sorted(p.name for p in (tmp_path / "lat").glob("*.tar"))
+    assert ours == sorted(p.name for p in (root / "lat").glob("*.tar"))  # all 8, as one process wrote them
+    a, b = ((d / "latents-000005.tar").read_bytes() for d in (tmp_path / "lat", root / "lat"))
+    assert a == b  # the same bytes whichever process encoded the shard

@@ -62,6 +62,8 @@ def test_specs_glob_braces_pipe(shards):
     assert len(expand_urls(str(shards / "*.tar"))) == 8
     braces = expand_urls(str(shards / "shard-{000002..000004}.tar"))
     assert [u[-10:] for u in braces] == ["000002.tar", "000003.tar", "000004.tar"]
+    assert expand_urls(f"pipe:cat {shards}/shard-{{000001..000002}}.tar") == [
+        f"pipe:cat {shards}/shard-000001.tar", f"pipe:cat {shards}/shard-000002.tar"]
     piped = list(iter_samples(f"pipe:cat {shards / 'shard-000003.tar'}"))
     assert [k for k, _ in piped] == list(k for k, _ in iter_samples(str(shards / "shard-000003.tar")))
     with pytest.raises(MissingFileError, match="nope"):

@@ -5,6 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_text_to_image import (  # noqa: F401
+    ROOT,
+    _cache_dir,
+    first_stage,
+    text_run,  # noqa: F401  (a fixture)
+    text_yaml,
+)
 
 from latentdiff.config import ConfigError, TrainConfig, load_config
 from latentdiff.nn import speed
@@ -14,7 +21,6 @@ from latentdiff.train import train
 from latentdiff.train.loop import _check_distributed_type
 
 from helpers.train_tiny import ToyImages, make_objective
-from test_text_to_image import ROOT, _cache_dir, first_stage, text_run, text_yaml  # noqa: F401
 
 BASE = dict(steps=3, batch_size=8, lr=1e-3, checkpoint_every=0, log_every=1, ema_decay=0.0, seed=0,
             mixed_precision="no")
@@ -80,7 +86,7 @@ def test_fsdp_is_refused_with_a_clear_error():
     _check_distributed_type(SimpleNamespace(distributed_type="DistributedType.MULTI_CPU"))
 
 
-def test_repeated_prompts_are_encoded_once(text_run):
+def test_repeated_prompts_are_encoded_once(text_run):  # noqa: F811
     from latentdiff.pipeline import load
 
     pipe = load(text_run)

@@ -85,3 +85,17 @@ def test_latent_shards_of_another_first_stage_are_refused(latent_shards, tmp_pat
     with pytest.raises(ConfigError, match="another autoencoder"):
         train_from_config(config(latent_shards, f"latent.first_stage={other}"), tmp_path / "run", progress=False)
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_image_shards_need_a_size(latent_shards, tmp_path):
+    cfg = load_config(latent_shards / "cfg.yaml", [f"data.root={latent_shards / 'shards'}"])
+    with pytest.raises(ConfigError, match="set data.size"):
+        train_from_config(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_pixel_diffusion_streams_image_shards(latent_shards, tmp_path):
+    cfg = load_config(latent_shards / "cfg.yaml", [f"data.root={latent_shards / 'shards'}", "data.size=8",
+                                                   "train.steps=2", "train.num_workers=2", "train.deterministic=false"])
+    result = train_from_config(cfg, tmp_path / "run", progress=False)
+    assert result.step == 2 and (tmp_path / "run" / "checkpoints" / "step_0000002").is_dir()

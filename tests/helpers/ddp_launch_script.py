@@ -61,7 +61,8 @@ def run_all(root: Path, out: Path, *stream_overrides: str):
     root, out = Path(root), Path(out)
     cfg = load_config(root / "cfg.yaml", [f"data.root={root / 'lat'}", f"latent.first_stage={root / 'ae'}",
                                           "train.cond_drop_prob=0", "latent.sample_posterior=false",
-                                          "train.steps=2", "train.batch_size=8", "train.deterministic=false", "train.adam_eps=1e-4",
+                                          "train.steps=2", "train.batch_size=8", "train.deterministic=false",
+                                          "train.adam_eps=1e-4",
                                           *stream_overrides])
     with per_sample_noise():
         train_from_config(cfg, out / "txt2img", progress=False)

@@ -101,7 +101,8 @@ def encode_shards(spec, autoencoder, out, *, size: int, batch_size: int = 64, ra
     ae_hash = autoencoder_hash(model)
     meta = {"format": "latentdiff-latent-shards", "autoencoder_sha256": ae_hash, "regularizer": cfg.regularizer,
             "latent_shape": [cfg.embed_dim, size // cfg.f, size // cfg.f], "size": size, "channels": cfg.in_channels,
-            "latent_scale": model.latent_scale, "source": [str(s) for s in (spec if isinstance(spec, list) else [spec])],
+            "latent_scale": model.latent_scale,
+            "source": [str(s) for s in (spec if isinstance(spec, list) else [spec])],
             "shards": len(urls)}
     _check_meta(out, meta)
     if not (out / META_FILE).is_file():  # first: a later run with another autoencoder is refused

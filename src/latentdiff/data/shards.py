@@ -75,7 +75,7 @@ def expand_urls(spec) -> list[str]:
         return [u for s in spec for u in expand_urls(s)]
     spec = str(spec)
     if spec.startswith("pipe:"):
-        return [spec]
+        return _expand_braces(spec)  # pipe:cat shard-{000..009}.tar names 10 commands
     urls = []
     for s in _expand_braces(os.path.expanduser(spec)):
         if os.path.isdir(s):

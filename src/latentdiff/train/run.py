@@ -51,6 +51,9 @@ def _resolve_stream(config: Config, stream: ShardStream) -> Config:
     if first is None:
         raise DataError(f"the shards {config.data.root!r} hold no sample")
     if "image" in first:
+        if config.data.size is None:
+            raise ConfigError(f"data.root {config.data.root!r} holds image shards: set data.size (the images are "
+                              "resized to cover it and centre-cropped, so that they batch)")
         c, h, w = first["image"].shape
         return dataclasses.replace(config, data=dataclasses.replace(config.data, channels=int(c), size=int(h)))
     meta = read_meta(Path(stream.urls[0]).parent)
