@@ -35,7 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from ..errors import UserError
-from .inputs import ServedModel, describe, sample_arguments, upload_fields
+from .inputs import EDIT_UPLOADS, FIELD_INPUTS, ServedModel, describe, sample_arguments, upload_fields
 from .jobs import FINAL, Job, QueueFull, Scheduler
 from .schema import GenerateRequest, LimitError, Limits, check_limits
 
@@ -286,7 +286,7 @@ def _named_field(message: str) -> str:
     if refused:
         return {"prompts": "prompt", "labels": "label"}.get(refused[1], refused[1])
     first = re.match(r"\w+", message)
-    if first and (first[0] in GenerateRequest.model_fields or first[0] in ("init_image", "mask", "segmentation")):
+    if first and (first[0] in GenerateRequest.model_fields or first[0] in (*EDIT_UPLOADS, *FIELD_INPUTS)):
         return first[0]
     for name in ("prompt", "label", "guidance", "sampler", "steps", "size", "seed", "eta", "layout", "class"):
         if name in message:

@@ -209,6 +209,11 @@ def sample_arguments(model: ServedModel, req: GenerateRequest, uploads: dict, *,
         raise RequestError("layout: this model takes no layout")
     if takes_layouts(pipe) and not req.layout:
         raise RequestError("layout: this model is conditioned on a layout: give a list of objects")
+    layout = [obj.model_dump() for obj in req.layout] if req.layout else None
+    if layout is not None:
+        pipe.parse_layouts(layout)  # refused here, naming the object, rather than failing the job later
+    if trained_inpainting(pipe) and req.strength is not None:
+        raise RequestError("strength: this model is trained to inpaint; it fills the mask and takes no strength")
     s = pipe.sample_options(num=req.num, prompts=req.prompt, negative_prompt=req.negative_prompt, labels=req.label,
                             sampler=req.sampler, steps=req.steps, guidance=req.guidance, eta=req.eta, seed=seed,
                             size=req.size, batch_size=req.num)
@@ -220,6 +225,12 @@ def sample_arguments(model: ServedModel, req: GenerateRequest, uploads: dict, *,
     if size is not None and implied is not None and tuple(implied) != size:
         raise RequestError(f"size {size[0]}x{size[1]} differs from the {implied[0]}x{implied[1]} of the uploaded "
                            f"{'/'.join(conditions)}: leave size out (it follows the upload) or give that size")
+    if size is None and implied is not None:
+        try:
+            pipe.sample_options(size=tuple(implied))
+        except RequestError as e:
+            raise RequestError(f"{'/'.join(conditions)}: the upload makes a {implied[0]}x{implied[1]} image, "
+                               f"which this model cannot draw: {e}") from None
     size = size or (tuple(implied) if implied is not None else None)
     size = size or tuple(pipe.image_shape[1:])
     conditions.update({f: _condition(pipe, f, req, uploads, size) for f in fields if FIELD_INPUTS.get(f) == "inpaint"})
@@ -240,11 +251,11 @@ def sample_arguments(model: ServedModel, req: GenerateRequest, uploads: dict, *,
             p["class"] = labels[i % len(labels)]
         p.update(seed=s.seed + i, sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta,
                  spacing=s.spacing, num=n, size=list(size), **flags)
-        if req.layout:
-            p["layout"] = [obj.model_dump() for obj in req.layout]
+        if layout is not None:
+            p["layout"] = layout
         params.append(p)
-    if req.layout:
-        kwargs["layouts"] = [[obj.model_dump() for obj in req.layout]]
+    if layout is not None:
+        kwargs["layouts"] = [layout]
     if s.prompts is not None:
         kwargs["prompts"] = [p["prompt"] for p in params]
     if labels is not None:
