@@ -148,7 +148,23 @@ def world(tmp_path_factory) -> Path:
         ae = Autoencoder(AutoencoderConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, resolution=size,
                                            z_channels=embed, embed_dim=embed))
         save_autoencoder(ae, str(root / "runs" / name), latent_scale=1.0)
+    _text_model(root)
     return root
+
+
+def _text_model(root: Path) -> None:
+    """An untrained model of the text-to-image recipe at runs/shapes_ldm_txt2img, which shapes_inpaint starts from
+    (train.init_from): its architecture and tokenizer, built from the recipe itself."""
+    from latentdiff.config import load_config
+    from latentdiff.data.captions import dataset_captions
+    from latentdiff.nn.tokenizer import WordTokenizer
+    from latentdiff.pipeline import Pipeline
+    from latentdiff.train.run import resolve_data
+
+    dataset, config = resolve_data(load_config(RECIPES / "shapes_ldm_txt2img.yaml"))
+    tokenizer = WordTokenizer.build(dataset_captions(dataset, 500, key="caption"))
+    torch.manual_seed(0)
+    Pipeline.from_config(config, base_dir=root, tokenizer=tokenizer).save(root / "runs" / "shapes_ldm_txt2img")
 
 
 @pytest.fixture

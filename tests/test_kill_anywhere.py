@@ -152,4 +152,6 @@ def test_killed_at_twenty_random_moments_and_resumed_gives_the_same_bytes(tmp_pa
     rng = random.Random(2017)
     kinds = [rng.choice(["step", "write", "write", "prune", "first-step", "time"]) for _ in range(20)]
     log = _check(tmp_path, kinds, seed=2017)
-    assert sum(code == -signal.SIGKILL for _, _, code in log) >= 18  # a random delay may fall after the end
+    # Every kill at a fixed moment must land (asserted in _kill_and_resume); a kill after a random delay (3 of the
+    # 20) may come after a fast machine has finished the run, which then ends the series early.
+    assert sum(code == -signal.SIGKILL for _, _, code in log) >= 15
