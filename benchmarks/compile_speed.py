@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from unet_throughput import matmul_peak_gflops  # noqa: E402  (one measurement of the peak for every benchmark)
 
 # name: (batch, side, preset overrides, context (length, width) or None)
 MODELS = {
@@ -154,17 +156,6 @@ def step_flops(name: str) -> float:
     with FlopCounterMode(display=False) as counter:
         torch.nn.functional.mse_loss(model(x, t, **kw), torch.randn_like(x)).backward()
     return float(counter.get_total_flops())
-
-
-def matmul_peak_gflops(threads: int, n: int = 1024, reps: int = 10) -> float:
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 def main():
