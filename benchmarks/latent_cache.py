@@ -18,7 +18,7 @@ For scale, the last line times one training step (forward, backward, AdamW) of t
 from __future__ import annotations
 
 import argparse
-import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,17 +28,8 @@ import yaml
 from torch.utils.data import default_collate
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from autoencoder_throughput import timed  # noqa: E402  (median seconds of fn() after one warm-up)
 
 
 def main(argv=None):
