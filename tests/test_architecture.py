@@ -34,8 +34,8 @@ LAYERS = [
     ("interop",),                                         # Stable Diffusion / diffusers checkpoints in and out
     ("eval",),                                            # metrics, oracles, reference statistics
     ("train",),                                           # the training loop and checkpoints
-    ("demo", "demo_digits", "cli", "cli_parser", "cli_images", "serve", ""),  # the command, the demos, the web
-                                                                              # page and API
+    # the command, the demos, the web page and API
+    ("demo", "demo_digits", "cli", "cli_parser", "cli_images", "cli_spatial", "serve", ""),
 ]
 # Inference never needs the training package, whatever the layer order says.
 INFERENCE = ("pipeline", "first_stage", "samplers", "nn", "eval", "folders", "interop")

@@ -47,6 +47,7 @@ def cmd_train(args) -> int:
 def cmd_sample(args) -> int:
     t0 = time.perf_counter()
     from .cli_images import check_image_args, image_inputs
+    from .cli_spatial import spatial_inputs, write_spatial_samples
     from .interop import check_text_to_image, load
 
     check_image_args(args)
@@ -57,7 +58,7 @@ def cmd_sample(args) -> int:
                             negative_prompt=args.negative_prompt, labels=args.labels, sampler=args.sampler,
                             steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed,
                             batch_size=args.batch_size, size=args.size)
-    spatial, pictures = _spatial_inputs(args, pipe, s)  # --layout / --segmentation, checked before sampling
+    spatial, pictures = spatial_inputs(args, pipe, s)  # --layout / --segmentation, checked before sampling
     print(f"loaded {args.model} in {time.perf_counter() - t0:.2f} s", file=sys.stderr)
     if inputs is not None:  # super-resolution, inpainting, image-to-image (cli_images.py)
         images = inputs.sample(pipe, s, progress=not args.quiet)
@@ -67,90 +68,12 @@ def cmd_sample(args) -> int:
                          sampler=s.sampler, steps=s.steps, guidance=s.guidance, eta=s.eta, seed=s.seed,
                          batch_size=s.batch_size, size=s.size, output="tensor", progress=not args.quiet, **spatial)
     if pictures is not None:
-        _write_spatial_samples(images, pictures, Path(args.out), pipe, s, args, spatial)
+        given = {"layout": args.layout} if args.layout else {"segmentation": args.segmentation}
+        write_spatial_samples(images, pictures, Path(args.out), pipe, s, spatial,
+                              lambda i: {**_generation_params(pipe, s, args, i), **given})
         return 0
     _write_samples(images, Path(args.out), pipe, s, args)
     return 0
-
-
-def _spatial_inputs(args, pipe, s) -> tuple[dict, object]:
-    """``pipe.sample`` keywords from --layout / --segmentation (``layouts`` or ``conditions``), and a picture of
-    each input for the grid (a (N_inputs, 3, H, W) tensor in [-1, 1]); ({}, None) for other models. Every check
-    runs here, before sampling, so that a bad input writes nothing."""
-    import torch
-
-    from .layouts import draw_layout, read_layout_file, shapes_config
-    from .segmaps import colourize, read_map
-
-    given = {"--layout": args.layout, "--segmentation": args.segmentation}
-    wanted = "--layout" if pipe.takes_layouts else ("--segmentation" if "segmentation" in pipe.condition_fields
-                                                    else None)
-    for flag, value in given.items():
-        if value is not None and flag != wanted:
-            raise CLIError(f"{flag} is for {flag[2:]} models; this model takes "
-                           + (f"{wanted}" if wanted else "no layout or segmentation map"))
-    if wanted is None:
-        return {}, None
-    if given[wanted] is None:
-        raise CLIError(f"this model is conditioned on {wanted[2:]}s: give {wanted} FILE")
-    config = shapes_config(pipe.config.data)
-    if wanted == "--layout":
-        layouts = read_layout_file(args.layout, config, pipe.max_objects)
-        h, w = s.size or pipe.image_shape[1:]
-        return {"layouts": layouts}, torch.stack([draw_layout(lay, h, w, config) for lay in layouts])
-    seg = read_map(args.segmentation, config)
-    if s.size is not None and tuple(s.size) != tuple(seg.shape[-2:]):
-        raise CLIError(f"--size {s.size[0]}x{s.size[1]} differs from the map's {seg.shape[1]}x{seg.shape[2]}: the "
-                       "image size follows the map (leave --size out)")
-    pipe.spatial.make({"segmentation": seg})  # class ids in range (a RequestError naming them)
-    pipe._check_size(tuple(seg.shape[-2:]))  # a size the downsampling divides
-    return {"conditions": {"segmentation": seg}}, colourize(seg, config)
-
-
-def _write_spatial_samples(images, pictures, out: Path, pipe, s, args, spatial: dict) -> None:
-    """Inputs beside outputs: a grid with one row per input (its picture, then the images drawn from it), or a
-    folder of images with the inputs (``input_map.png``, a palette PNG that --segmentation reads back, or
-    ``layouts.json``); a map sampled into a grid is also written beside it as ``<grid>.map.png``."""
-    import json
-
-    import torch
-    from PIL import Image
-
-    from .fileio import atomic_write_text
-    from .layouts import shapes_config, to_objects
-    from .pipeline import to_pil
-    from .pngmeta import save_png
-    from .segmaps import write_map
-    from .train.logging import make_grid
-
-    config = shapes_config(pipe.config.data)
-    k = len(pictures)
-    params = _generation_params(pipe, s, args)
-    params.update({"layout": args.layout} if args.layout else {"segmentation": args.segmentation})
-    if out.suffix.lower() == ".png":
-        per_row = -(-len(images) // k)
-        rows = []
-        for r in range(k):
-            own = images[r::k]
-            blank = torch.ones(per_row - len(own), *images.shape[1:])
-            rows.append(torch.cat([pictures[r : r + 1], own, blank]))
-        grid = make_grid(torch.cat(rows), nrow=per_row + 1)
-        save_png(Image.fromarray(grid), out, params)
-        extra = ""
-        if "conditions" in spatial:
-            written = write_map(out.with_suffix(".map.png"), spatial["conditions"]["segmentation"][0], config)
-            extra = f" and its map to {written}"
-        print(f"wrote a grid of {len(images)} images (each row: the input, then its samples) to {out}{extra}")
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(to_pil(images)):
-        save_png(im, out / f"{i:05d}_seed{s.seed + i}.png", _generation_params(pipe, s, args, i))
-    if "conditions" in spatial:
-        write_map(out / "input_map.png", spatial["conditions"]["segmentation"][0], config)
-    else:
-        layouts = [to_objects(lay, config) for lay in spatial["layouts"]]
-        atomic_write_text(out / "layouts.json", json.dumps(layouts, indent=1) + "\n")
-    print(f"wrote {len(images)} images and their input to {out}/")
 
 
 def _image_task_params(pipe, s, args, i: int | None) -> dict:
