@@ -9,6 +9,7 @@ import torch
 
 import latentdiff
 from latentdiff.errors import RequestError
+from latentdiff.sample_inputs import edit_options
 
 from helpers.serve_models import latent_text_model, text_model
 
@@ -80,7 +81,7 @@ def test_training_free_inpainting_keeps_the_unmasked_pixels(pipes):
     # a latent model: one filled pixel makes its whole 4x4 latent cell generated; the others keep ℰ(image)
     fill = torch.zeros(1, 1, 16, 16)
     fill[..., 5, 6] = 1.0
-    opts = latent._edit_options(image, None, fill, 0, 1, seed=0)
+    opts = edit_options(latent, image, None, fill, 0, 1, seed=0)
     expected = torch.ones(1, 1, 4, 4)
     expected[..., 1, 1] = 0.0
     assert torch.equal(opts["mask"], expected) and opts["known"].shape == (1, 4, 4, 4) and "init_image" not in opts

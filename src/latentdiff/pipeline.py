@@ -45,6 +45,7 @@ from .nn.conditioners import Conditioner, build_conditioner
 from .nn.speed import optimize, unoptimized
 from .nn.tokenizer import WordTokenizer
 from .nn.unet import PRESETS, UNet, UNetConfig
+from .sample_inputs import batch_rows, check_conditions, check_edits, edit_options, per_image, step_callback
 from .schedules import make_betas, rescale_zero_terminal_snr
 from .spatial import SpatialCondition, build_spatial
 from .spatial_image import Inpaint, LowRes  # noqa: F401  (registers the conditions low_res and inpaint)
@@ -387,7 +388,7 @@ class Pipeline:
             batch["label"] = y[start : start + n].to(self.device)
         extra = {}
         if self.spatial is not None:
-            rows = {k: _rows(v, start, n) if k in self.sample_fields or _per_image(v) else v
+            rows = {k: batch_rows(v, start, n) if k in self.sample_fields or per_image(v) else v
                     for k, v in conditions.items()}
             rows = {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in rows.items()}
             gen = torch.Generator().manual_seed(s.seed + start)  # noise augmentation, posterior samples
@@ -427,29 +428,6 @@ class Pipeline:
                           "error reaches x0_hat multiplied by that and latents (which have no clip_x0) blow up; use "
                           "spacing='leading', a schedule with a larger alpha_bar_T (scaled_linear), or v-prediction",
                           stacklevel=3)
-
-    def _spatial_inputs(self, conditions, num: int) -> dict | None:
-        """``conditions`` checked against the spatial condition: its fields, each with ``num`` rows or 1 (shared)."""
-        if self.spatial is None:
-            if conditions:
-                raise RequestError(f"this model takes no spatial condition; got conditions {sorted(conditions)}")
-            return None
-        if not isinstance(conditions, dict):
-            raise RequestError(f"this model is conditioned on {self.spatial.name!r}: give conditions="
-                               f"{{{', '.join(repr(f) + ': ...' for f in self.sample_fields)}}}")
-        need = self.sample_fields
-        missing = [f for f in need if f not in conditions]
-        extra = [k for k in conditions if k not in need + self.spatial.optional_fields]
-        if missing or extra:
-            raise RequestError(f"the {self.spatial.name!r} condition takes the field(s) {list(need)}; "
-                               + (f"missing {missing}" if missing else f"unknown {extra}"))
-        for key, value in conditions.items():
-            if key not in need:
-                continue
-            rows = len(value) if torch.is_tensor(value) or isinstance(value, (list, tuple)) else None
-            if rows not in (1, num):
-                raise RequestError(f"conditions[{key!r}] has {rows} rows; expected 1 (shared) or {num} (one per image)")
-        return conditions
 
     def sample_shape_at(self, size: tuple[int, int] | None) -> tuple[int, int, int]:
         """The shape the diffusion runs in for images of ``size`` = (H, W) pixels (None: the training size). A
@@ -508,7 +486,7 @@ class Pipeline:
         if seeds is not None and len(seeds) != s.num:
             raise RequestError(f"got {len(seeds)} seeds for {s.num} samples; give one seed per sample or one int")
         seeds = seeds or [s.seed + i for i in range(s.num)]
-        conditions = self._spatial_inputs(conditions, s.num)
+        conditions = check_conditions(self, conditions, s.num)
         if layouts is not None or self.takes_layouts:
             if layouts is None:
                 raise RequestError("this model is conditioned on layouts: give layouts=[{\"shape\", \"colour\", "
@@ -520,7 +498,7 @@ class Pipeline:
                 self._check_size(implied)
                 s = dataclasses.replace(s, size=list(implied))
         if init_image is not None or strength is not None or mask is not None:
-            s = self._check_edits(init_image, strength, mask, s)
+            s = check_edits(self, init_image, strength, mask, s)
         opts = {k: getattr(s, k) for k in routed if getattr(s, k) is not None}  # set_alpha_to_one None: the sampler's
         if "set_alpha_to_one" not in options and "set_alpha_to_one" not in SAMPLER_OPTIONS[s.sampler]:
             opts.pop("set_alpha_to_one", None)  # the config's ddim/plms setting does not bind other samplers
@@ -543,9 +521,9 @@ class Pipeline:
             n = min(s.batch_size, s.num - start)
             noise = torch.empty(n, *shape, device=self.device)
             cond, uncond = self._conditions(s, y, conditions, start, n, layouts)
-            cb = _step_callback(bar, callback, start, n)
+            cb = step_callback(bar, callback, start, n)
             if init_image is not None:
-                opts.update(self._edit_options(init_image, strength, mask, start, n, seeds[start]))
+                opts.update(edit_options(self, init_image, strength, mask, start, n, seeds[start]))
             x = run_sampler(
                 model_fn, noise, diffusion=self.diffusion, sampler=s.sampler, steps=s.steps,
                 seed=seeds[start : start + n], guidance_scale=s.guidance, uncond=uncond, callback=cb,
@@ -560,52 +538,6 @@ class Pipeline:
             return torch.cat(out)
         images = torch.cat(out).clamp(-1, 1)
         return images if output == "tensor" else to_pil(images)
-
-    def _check_edits(self, init_image, strength, mask, s: SampleSection) -> SampleSection:
-        """Image-to-image and training-free inpainting inputs checked: init_image (N|1, C, H, W) in [-1, 1] with a
-        strength in (0, 1] and/or a mask (N|1, 1, H, W) in [0, 1]; the image size follows init_image unless given."""
-        if init_image is None:
-            raise RequestError("strength and mask apply to init_image (image-to-image, inpainting): give init_image")
-        if strength is None and mask is None:
-            raise RequestError("init_image needs a strength (image-to-image) or a mask (inpainting)")
-        if strength is not None and (isinstance(strength, bool) or not isinstance(strength, (int, float))
-                                     or not 0.0 < strength <= 1.0):
-            raise RequestError(f"strength must lie in (0, 1] (the share of the sampling steps run from the image), "
-                               f"got {strength!r}")
-        c = self.config.data.channels
-        if not torch.is_tensor(init_image) or init_image.dim() != 4 or init_image.shape[1] != c:
-            got = tuple(init_image.shape) if torch.is_tensor(init_image) else type(init_image).__name__
-            raise RequestError(f"init_image must be a (N or 1, {c}, H, W) tensor in [-1, 1], got {got}")
-        if len(init_image) not in (1, s.num):
-            raise RequestError(f"init_image has {len(init_image)} rows; expected 1 (shared) or {s.num}")
-        if not torch.isfinite(init_image).all() or init_image.abs().max() > 1 + 1e-4:
-            raise RequestError("init_image must hold finite values in [-1, 1]")
-        size = tuple(init_image.shape[-2:])
-        if mask is not None and (not torch.is_tensor(mask) or mask.dim() != 4 or mask.shape[1] != 1
-                                 or len(mask) not in (1, s.num) or tuple(mask.shape[-2:]) != size
-                                 or not mask.is_floating_point() or mask.min() < 0 or mask.max() > 1):
-            got = f"{tuple(mask.shape)} {mask.dtype}" if torch.is_tensor(mask) else type(mask).__name__
-            raise RequestError(f"mask must be a float (N or 1, 1, {size[0]}, {size[1]}) tensor in [0, 1] (1 = "
-                               f"generate), got {got}")
-        if s.size is None and size != self.image_shape[1:]:
-            self._check_size(size)
-            s = dataclasses.replace(s, size=list(size))
-        elif s.size is not None and tuple(s.size) != size:
-            raise RequestError(f"init_image is {size[0]}x{size[1]} but the size asked is {s.size[0]}x{s.size[1]}")
-        return s
-
-    def _edit_options(self, init_image, strength, mask, start: int, n: int, seed: int) -> dict:
-        """The sampler's img2img / RePaint options for samples start..start+n-1 (samplers/editing.py): the image
-        on the diffusion's grid (encoded; a posterior sample from ``seed``) and the mask of what is kept there (a
-        latent cell is generated when any of its pixels is)."""
-        z = self.encode(_rows(init_image, start, n).to(self.device), generator=torch.Generator().manual_seed(seed))
-        opts = {} if strength is None else {"init_image": z, "strength": float(strength)}
-        if mask is not None:
-            fill = _rows(mask, start, n).to(device=z.device, dtype=z.dtype)
-            if fill.shape[-2:] != z.shape[-2:]:
-                fill = torch.nn.functional.adaptive_max_pool2d(fill, z.shape[-2:])
-            opts.update(known=z, mask=1.0 - fill)
-        return opts
 
     def sample_options(self, **given) -> SampleSection:
         """The config's sample section with the ``given`` values in place (None keeps the config's), checked in
@@ -684,33 +616,6 @@ class Pipeline:
             raise RequestError(f"size {size[0]}x{size[1]} is not divisible by {f}, the model's downsampling "
                                f"(first stage f={self.downsampling_factor // self.unet.config.downsampling_factor} "
                                f"x U-Net {self.unet.config.downsampling_factor}); use multiples of {f}")
-
-
-def _rows(value, start: int, n: int):
-    """Rows start .. start+n-1 of a per-image condition, or its one shared row repeated n times."""
-    if len(value) == 1:
-        return value.expand(n, *value.shape[1:]) if torch.is_tensor(value) else list(value) * n
-    return value[start : start + n]
-
-
-def _step_callback(bar, callback, start: int, n: int):
-    """The sampler's ``callback(i, t, x, x0)`` for the batch of samples start..start+n-1: advances the progress bar
-    by n and calls the user's ``callback(start, i, t, x, x0)``; None when there is neither."""
-    if bar is None and callback is None:
-        return None
-
-    def step(i, t, x, x0):
-        if bar is not None:
-            bar.update(n)
-        if callback is not None:
-            callback(start, i, t, x, x0)
-
-    return step
-
-
-def _per_image(value) -> bool:
-    """Whether an optional condition field (a noise level) holds one entry per image rather than one value."""
-    return (torch.is_tensor(value) and value.dim() > 0) or isinstance(value, (list, tuple))
 
 
 def _built(section: str, build, *args):
