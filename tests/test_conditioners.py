@@ -175,6 +175,31 @@ def test_spatial_rescaler_resizes_then_maps_channels():
         SpatialRescalerConfig(method="linear")
 
 
+
+def test_unshuffle_rescaler_is_a_strided_convolution_that_keeps_every_pixel():
+    torch.manual_seed(0)
+    r = SpatialRescaler(3, SpatialRescalerConfig(n_stages=2, method="unshuffle", out_channels=5))
+    x = torch.randn(2, 3, 32, 24)
+    assert r(x).shape == (2, 5, 8, 6) and r.out_channels == 5 and r.channel_mapper.in_channels == 48
+    # The same map as a 4x4 convolution of stride 4 whose kernel is the 1x1 conv's weight, rearranged.
+    w = r.channel_mapper.weight.view(5, 3, 4, 4)  # unshuffle twice: channel c·16 + (2·y1 + x1)·4 + (2·y2 + x2)
+    kernel = torch.zeros(5, 3, 4, 4)
+    for y in range(4):
+        for x_ in range(4):
+            y1, y2, x1, x2 = y % 2, y // 2, x_ % 2, x_ // 2  # first unshuffle takes the fine offset
+            kernel[:, :, y, x_] = w[:, :, 2 * y1 + x1, 2 * y2 + x2]
+    assert torch.allclose(r(x), F.conv2d(x, kernel, stride=4), atol=1e-5)
+    # Two maps that area pooling cannot tell apart (the same share of each class per 4x4 block) stay apart.
+    a = torch.zeros(1, 3, 4, 4)
+    a[0, 0, :2] = 1
+    b = torch.zeros(1, 3, 4, 4)
+    b[0, 0, :, :2] = 1
+    assert torch.equal(F.avg_pool2d(a, 4), F.avg_pool2d(b, 4)) and not torch.allclose(r(a), r(b))
+    assert SpatialRescaler(3, SpatialRescalerConfig(n_stages=1, method="unshuffle")).out_channels == 12
+    with pytest.raises(ValueError, match="multiplier must be 0.5"):
+        SpatialRescalerConfig(method="unshuffle", multiplier=0.25)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Conditioner: modes, null condition, drop, config round trip
 

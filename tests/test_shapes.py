@@ -1,6 +1,7 @@
 """The procedural shapes world: determinism, splits, and ground truth that agrees with the pixels."""
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from latentdiff.data.shapes import (
     scene_split,
 )
 from latentdiff.errors import ConfigError
+from latentdiff.layouts import shapes_config
 
 CAPTION_PART = re.compile(r"a (\w+) (\w+) ((?:at|on|in) the [\w ]+?)(?:, | and |$)")
 
@@ -165,6 +167,35 @@ def test_batches_collate_and_options():
         ShapesDataset("train", 4, shapes=("circle", "hexagon"))
     with pytest.raises(IndexError):
         ds[16]
+
+
+def test_mosaic_items_are_crops_of_a_mosaic_of_scenes():
+    plain = ShapesDataset("train", 64, seed=5)
+    mosaic = ShapesDataset("train", 16, seed=5, mosaic=2)
+    offsets = set()
+    for i in range(16):
+        item = mosaic[i]
+        assert set(item) == {"image", "segmentation"} and item["image"].shape == (3, 32, 32)
+        assert torch.equal(mosaic[i]["image"], item["image"])  # deterministic in (seed, split, index)
+        # The 64x64 mosaic of scenes 4i .. 4i + 3 holds the crop at exactly one offset.
+        big = torch.zeros(3, 64, 64)
+        seg = torch.zeros(64, 64, dtype=torch.long)
+        for k in range(4):
+            r, c = divmod(k, 2)
+            big[:, r * 32:(r + 1) * 32, c * 32:(c + 1) * 32] = plain[4 * i + k]["image"]
+            seg[r * 32:(r + 1) * 32, c * 32:(c + 1) * 32] = plain[4 * i + k]["segmentation"]
+        hits = [(y, x) for y in range(33) for x in range(33)
+                if torch.equal(big[:, y:y + 32, x:x + 32], item["image"])]
+        assert hits, f"item {i} is not a crop of its mosaic"
+        y, x = hits[0]
+        assert torch.equal(seg[y:y + 32, x:x + 32], item["segmentation"])
+        offsets.add((y, x))
+    assert len(offsets) > 8  # the offsets vary, so objects land away from the border
+    # What a run's data section says of the world, for scoring and layouts, is whole scenes.
+    world = shapes_config(SimpleNamespace(name="shapes", options={"mosaic": 2, "max_objects": 2}))
+    assert world.mosaic == 1 and world.max_objects == 2
+    with pytest.raises(ValueError, match="mosaic"):
+        ShapesDataset("train", 4, mosaic=0)
 
 
 # ------------------------------------------------------------------------------------------ the shapes oracle

@@ -22,7 +22,7 @@ CFG = ShapesConfig()
 TEXT = """
 model: {preset: tiny}
 diffusion: {schedule: cosine, num_steps: 50}
-data: {name: shapes, size: 16, options: {length: 32}}
+data: {name: shapes, size: 16, options: {length: 32, mosaic: 2}}   # crops of 2x2 mosaics, as the recipe
 conditioning: {kind: null, mode: concat, concat: segmentation, concat_options: {classes: 21},
                rescaler: {n_stages: 0, out_channels: 4}}
 train: {steps: 2, batch_size: 4, lr: 1.0e-3, ema_decay: 0.9, cond_drop_prob: 0.0, checkpoint_every: 2,

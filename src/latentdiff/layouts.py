@@ -28,11 +28,12 @@ KEYS = ("shape", "colour", "box")
 
 
 def shapes_config(data) -> ShapesConfig:
-    """The ShapesConfig (class names and their order) of a run's ``data`` section; a ConfigError unless shapes."""
+    """The ShapesConfig (class names and their order) of a run's ``data`` section; a ConfigError unless shapes.
+    Whole scenes: a ``mosaic`` option (how training items were cropped) is not part of the world it describes."""
     if data.name != "shapes":
         raise ConfigError(f"layouts name shapes and colours of the shapes world; this model was trained on "
                           f"{data.name!r}")
-    known = {f.name for f in fields(ShapesConfig)}
+    known = {f.name for f in fields(ShapesConfig)} - {"mosaic"}
     return ShapesConfig(**{k: v for k, v in (data.options or {}).items() if k in known})
 
 

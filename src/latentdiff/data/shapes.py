@@ -73,10 +73,14 @@ class ShapesConfig:
     split_by: str = "layout"           # what the split hashes: "layout" (objects with their sizes, and the
                                        # background) or "composition" (objects' shape, colour and cell only: no
                                        # caption of the test split ever occurs in the train split)
+    mosaic: int = 1                    # n > 1: an item is a random size x size crop of an n x n mosaic of scenes,
+                                       # each of side ``size`` (fields: image and segmentation only): a convolutional
+                                       # model then sees objects away from the image border, as it does when it
+                                       # runs on a larger canvas (LDM trains on crops of larger images)
 
     def __post_init__(self):
         self.shapes, self.colours, self.backgrounds = tuple(self.shapes), tuple(self.colours), tuple(self.backgrounds)
-        for name in ("size", "min_objects", "max_objects", "antialias"):
+        for name in ("size", "min_objects", "max_objects", "antialias", "mosaic"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise ConfigError(f"shapes: {name} must be an int, got {v!r}")
@@ -92,6 +96,8 @@ class ShapesConfig:
             bad = [n for n in names if n not in known]
             if bad or not names or len(set(names)) != len(names):
                 raise ConfigError(f"shapes: bad {kind} list {names!r}; choose distinct names from {', '.join(known)}")
+        if self.mosaic < 1:
+            raise ConfigError(f"shapes: mosaic must be an int >= 1, got {self.mosaic!r}")
         if not isinstance(self.antialias, int) or self.antialias < 1:
             raise ConfigError(f"shapes: antialias must be an int >= 1, got {self.antialias!r}")
         if not 0.0 < self.test_fraction < 1.0:
@@ -296,22 +302,49 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)
+        if self.config.mosaic > 1:
+            return self._mosaic_item(index)
         scene = self.scene(index)
         cfg = self.config
-        pixels, coverage = render_scene(scene, cfg.size, cfg.antialias)
+        pixels, segmentation, instances = _render_maps(scene, cfg)
         item = scene_targets(scene, cfg)
-        # Segmentation: the object that covers the largest share of the pixel, background if that is larger.
-        share = np.concatenate([1.0 - coverage.sum(0, keepdims=True), coverage], axis=0)  # (1 + K, H, W)
-        instances = share.argmax(0)  # 0 = background, k + 1 = object k
-        lut = np.array([0] + [1 + cfg.class_id(o.shape, o.colour) for o in scene.objects], dtype=np.int64)
-        image = torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0  # (3, H, W)
         item.update(
-            image=image,
+            image=torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1.0,  # (3, H, W)
             caption=caption(scene, with_background=len(cfg.backgrounds) > 1),
-            segmentation=torch.from_numpy(lut[instances]),
-            instances=torch.from_numpy(instances.astype(np.int64)),
+            segmentation=torch.from_numpy(segmentation),
+            instances=torch.from_numpy(instances),
         )
         return item
+
+    def _mosaic_item(self, index: int) -> dict:
+        """Item ``index`` of a mosaic dataset: scenes n²·index ... n²·index + n² − 1 of the split laid out n x n,
+        cropped at an offset drawn from (seed, split, index); image and segmentation only (a crop cuts objects, so
+        it has no caption, boxes or layout)."""
+        if not 0 <= index < self.length:
+            raise IndexError(f"shapes: index {index} out of range for length {self.length}")
+        cfg, n, size = self.config, self.config.mosaic, self.config.size
+        pixels = np.zeros((n * size, n * size, 3), dtype=np.uint8)
+        segmentation = np.zeros((n * size, n * size), dtype=np.int64)
+        for k in range(n * n):
+            r, c = divmod(k, n)
+            tile = scene_at(self.seed, n * n * index + k, self.split, cfg)
+            rows, cols = slice(r * size, (r + 1) * size), slice(c * size, (c + 1) * size)
+            pixels[rows, cols], segmentation[rows, cols], _ = _render_maps(tile, cfg)
+        rng = np.random.default_rng([self.seed, SPLITS.index(self.split), index, n])
+        y, x = (int(v) for v in rng.integers(0, (n - 1) * size + 1, size=2))
+        crop = pixels[y:y + size, x:x + size]
+        return {"image": torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1).float() / 127.5 - 1.0,
+                "segmentation": torch.from_numpy(np.ascontiguousarray(segmentation[y:y + size, x:x + size]))}
+
+
+def _render_maps(scene: Scene, cfg: ShapesConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pixels (H, W, 3) uint8, segmentation (H, W) int64, instances (H, W) int64) of a scene at ``cfg.size``.
+    Segmentation: the object that covers the largest share of the pixel, background if that is larger."""
+    pixels, coverage = render_scene(scene, cfg.size, cfg.antialias)
+    share = np.concatenate([1.0 - coverage.sum(0, keepdims=True), coverage], axis=0)  # (1 + K, H, W)
+    instances = share.argmax(0)  # 0 = background, k + 1 = object k
+    lut = np.array([0] + [1 + cfg.class_id(o.shape, o.colour) for o in scene.objects], dtype=np.int64)
+    return pixels, lut[instances], instances.astype(np.int64)
 
 
 def pixel_box(box, size: int) -> tuple[int, int, int, int]:

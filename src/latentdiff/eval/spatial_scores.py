@@ -156,8 +156,9 @@ def reconstruct(pipe, images: torch.Tensor) -> torch.Tensor:
 
 def evaluate_layouts(pipe, *, num: int, config: ShapesConfig, seed: int = 0, batch_size: int = 16,
                      size=None, progress: bool = False, **sample_options) -> dict:
-    """Layout adherence and box IoU of ``num`` samples from held-out 2- and 3-object layouts, and of the real
-    images of the same scenes (the reader's ceiling)."""
+    """Layout adherence and box IoU of ``num`` samples from held-out 2- and 3-object layouts, of the real images
+    of the same scenes (the reader's ceiling) and, for a latent model, of their first-stage reconstructions (the
+    decoder's ceiling)."""
     from ..layouts import heldout_layouts
 
     layouts = heldout_layouts(num, seed=seed, min_objects=2, max_objects=min(3, pipe.max_objects), config=config)
@@ -172,8 +173,12 @@ def evaluate_layouts(pipe, *, num: int, config: ShapesConfig, seed: int = 0, bat
     ds = ShapesDataset("test", 10 * num + 100, seed=seed, config=config, size=pipe.config.data.size,
                        min_objects=2, max_objects=min(3, pipe.max_objects))
     real = torch.stack([ds[i]["image"] for i in range(num)])
-    return {"model": layout_scores(layouts, found), "real_images": layout_scores(layouts, read_back(real, config)[1]),
-            "num": num}
+    out = {"model": layout_scores(layouts, found), "real_images": layout_scores(layouts, read_back(real, config)[1]),
+           "num": num}
+    if pipe.autoencoder is not None:
+        recon = torch.cat([reconstruct(pipe, real[start:start + n]) for start, n in _batches(num, batch_size)])
+        out["first_stage"] = layout_scores(layouts, read_back(recon, config)[1])
+    return out
 
 
 def format_semantic(result: dict) -> str:
@@ -189,12 +194,15 @@ def format_semantic(result: dict) -> str:
 
 
 def format_layouts(result: dict) -> str:
-    lines = ["| layouts | adherence | box IoU | placed (any class) | real images: adherence | real images: box IoU |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| layouts | adherence | box IoU | placed (any class) | real images: adherence | real images: box IoU "
+             "| first stage D(E(x)): adherence |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for key, m in result["model"].items():
         real = result["real_images"][key]
+        ceiling = f"{result['first_stage'][key]['adherence']:.3f}" if "first_stage" in result else "-"
         lines.append(f"| {key} ({m['count']}) | {m['adherence']:.3f} ({m['passed']}/{m['count']}) | "
-                     f"{m['box_iou']:.3f} | {m['placed']:.3f} | {real['adherence']:.3f} | {real['box_iou']:.3f} |")
+                     f"{m['box_iou']:.3f} | {m['placed']:.3f} | {real['adherence']:.3f} | {real['box_iou']:.3f} "
+                     f"| {ceiling} |")
     return "\n".join(lines)
 
 

@@ -61,7 +61,7 @@ from .tokenizer import WordTokenizer
 MODES = ("crossattn", "concat", "hybrid", "adm")
 KINDS = {"crossattn": ("text", "class", "layout"), "hybrid": ("text", "class", "layout"), "adm": ("class", "vector"),
          "concat": (None,)}
-RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "area")
+RESIZE_METHODS = ("nearest", "bilinear", "bicubic", "area", "unshuffle")
 
 
 class ClassEmbedder(nn.Module):
@@ -87,7 +87,9 @@ class ClassEmbedder(nn.Module):
 class SpatialRescalerConfig:
     n_stages: int = 1  # resizes by `multiplier`, one after the other (0 = no resize: the 1x1 conv alone)
     multiplier: float = 0.5  # size factor of each stage: 0.5 takes an image to an f=2 latent size per stage
-    method: str = "bilinear"  # F.interpolate mode: nearest, bilinear, bicubic or area
+    method: str = "bilinear"  # F.interpolate mode: nearest, bilinear, bicubic or area; or "unshuffle": each stage
+    #                           moves 2x2 pixels into channels (space-to-depth, multiplier 0.5), so the 1x1 conv
+    #                           after it is a learned strided convolution that keeps every pixel of a sharp map
     out_channels: int | None = None  # 1x1 conv to this many channels after the resize; None = no conv, channels kept
     bias: bool = False  # bias of that 1x1 conv (LDM's default: none)
 
@@ -98,6 +100,9 @@ class SpatialRescalerConfig:
             raise ValueError(f"SpatialRescalerConfig.multiplier must be a positive number, got {self.multiplier!r}")
         if self.method not in RESIZE_METHODS:
             raise ValueError(f"SpatialRescalerConfig.method must be one of {RESIZE_METHODS}, got {self.method!r}")
+        if self.method == "unshuffle" and self.multiplier != 0.5:
+            raise ValueError(f"SpatialRescalerConfig: method 'unshuffle' halves the size at each stage; multiplier "
+                             f"must be 0.5, got {self.multiplier!r}")
         if self.out_channels is not None and (not isinstance(self.out_channels, int) or self.out_channels <= 0):
             raise ValueError(f"SpatialRescalerConfig.out_channels must be None or positive, got {self.out_channels!r}")
 
@@ -106,23 +111,29 @@ class SpatialRescaler(nn.Module):
     """LDM's SpatialRescaler: resize ``n_stages`` times by ``multiplier``, then an optional learned 1x1 conv.
 
     forward((B, in_channels, H, W)) -> (B, out_channels, H·m^n, W·m^n). Takes a pixel-space condition (a mask,
-    a low-resolution or masked image) to the latent grid before it is concatenated to z_t.
+    a low-resolution or masked image) to the latent grid before it is concatenated to z_t. With method
+    ``unshuffle`` the resize is space-to-depth (``in_channels·4^n`` channels before the conv): nothing of the map is
+    averaged away, and the 1x1 conv that follows is a learned 2^n-strided convolution of kernel 2^n.
     """
 
     def __init__(self, in_channels: int, config: SpatialRescalerConfig | None = None):
         super().__init__()
         self.config = cfg = config or SpatialRescalerConfig()
         self.in_channels = in_channels
-        self.out_channels = cfg.out_channels or in_channels
+        resized = in_channels * 4 ** cfg.n_stages if cfg.method == "unshuffle" else in_channels
+        self.out_channels = cfg.out_channels or resized
         self.channel_mapper = None
         if cfg.out_channels is not None:
-            self.channel_mapper = nn.Conv2d(in_channels, cfg.out_channels, 1, bias=cfg.bias)
+            self.channel_mapper = nn.Conv2d(resized, cfg.out_channels, 1, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         corners = {"align_corners": False} if cfg.method in ("bilinear", "bicubic") else {}
         for _ in range(cfg.n_stages):
-            x = F.interpolate(x, scale_factor=cfg.multiplier, mode=cfg.method, **corners)
+            if cfg.method == "unshuffle":
+                x = F.pixel_unshuffle(x, 2)
+            else:
+                x = F.interpolate(x, scale_factor=cfg.multiplier, mode=cfg.method, **corners)
         return x if self.channel_mapper is None else self.channel_mapper(x)
 
 
