@@ -6,6 +6,8 @@ import os
 import pytest
 import torch
 
+from latentdiff.errors import CheckpointError
+from latentdiff.interop.vae_keys import vae_config_to_diffusers
 from latentdiff.nn.autoencoder import (
     Autoencoder,
     AutoencoderConfig,
@@ -253,6 +255,28 @@ def test_lpips_from_a_local_file(tmp_path):
                 for i in idx for k in ("weight", "bias")}
     lins = {f"lin{k}.model.1.weight": None for k in range(5)}
     assert set(convert_reference_lpips(features, lins)) == set(ref)
+
+
+def test_pixel_norm_makes_the_output_depend_only_on_its_receptive_field():
+    """With norm "pixel" no statistic spans the canvas: changing a far part of a wide image leaves the
+    reconstruction of the near part exactly as it was; GroupNorm's image-wide statistics carry the change
+    everywhere (why a GroupNorm first stage shifts its colours on a large canvas)."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 3, 16, 512) * 2 - 1
+    far = x.clone()
+    far[..., 384:] = torch.rand(1, 3, 16, 128) * 2 - 1
+    for norm, same in (("pixel", True), ("group", False)):
+        ae = Autoencoder(AutoencoderConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4,
+                                           mid_attention=False, norm=norm, resolution=16)).eval()
+        with torch.no_grad():
+            a, b = ae(x, sample=False)[0][..., :64], ae(far, sample=False)[0][..., :64]
+        assert torch.allclose(a, b, atol=1e-6) == same, norm
+    pixel = Autoencoder(AutoencoderConfig(ch=8, ch_mult=(1, 2), num_res_blocks=1, norm_groups=4, norm="pixel"))
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in pixel.modules())
+    with pytest.raises(CheckpointError, match="no diffusers AutoencoderKL equivalent"):
+        vae_config_to_diffusers(pixel.config, 1.0)  # diffusers' AutoencoderKL has GroupNorm only
+    with pytest.raises(ValueError, match="norm must be one of group, pixel"):
+        AutoencoderConfig(norm="batch")
 
 
 def test_save_load_roundtrip_with_latent_scale(tmp_path):

@@ -194,6 +194,42 @@ def test_fused_group_norm_silu_matches_plain_ops(modulated, channels_last):
         torch.testing.assert_close(a, b)
 
 
+def test_pixel_norm_unet_is_local_and_not_exportable_to_diffusers():
+    """norm "pixel" and no middle attention: no GroupNorm is left, the network trains (gradients reach every norm),
+    and the output at one end of a wide latent does not depend on the far end, while a GroupNorm U-Net's does;
+    diffusers has no such U-Net, so export refuses it."""
+    from latentdiff.errors import CheckpointError
+    from latentdiff.interop.unet_keys import unet_config_to_diffusers
+    from latentdiff.nn.layers import PixelNorm
+
+    cfg = dataclasses.replace(CONFIGS["ldm"], use_scale_shift_norm=True, attention_resolutions=(), mid_attention=False)
+    outs = {}
+    for norm in ("pixel", "group"):
+        torch.manual_seed(0)
+        model = _perturb_zero_init(UNet(dataclasses.replace(cfg, norm=norm))).eval()
+        x, t, kw = _inputs(model.config, 1, 8, 256)
+        far = x.clone()
+        far[..., 192:] = torch.randn(1, x.shape[1], 8, 64)
+        kw = {**kw, "concat": torch.zeros(1, 2, 8, 256)}
+        with torch.no_grad():
+            outs[norm] = (model(x, t, **kw)[..., :32] - model(far, t, **kw)[..., :32]).abs().max()
+        if norm == "pixel":
+            assert not any(isinstance(m, nn.GroupNorm) for m in model.modules())
+            model(x, t, **kw).square().mean().backward()
+            norms = [m for m in model.modules() if isinstance(m, PixelNorm)]
+            assert norms and all(m.weight.grad is not None for m in norms)
+    assert outs["pixel"] < 1e-6 < outs["group"]
+    with pytest.raises(CheckpointError, match="norm pixel"):
+        unet_config_to_diffusers(dataclasses.replace(CONFIGS["sd1_like"], norm="pixel"), 8)
+    with pytest.raises(CheckpointError, match="no middle attention"):
+        unet_config_to_diffusers(dataclasses.replace(CONFIGS["sd1_like"], mid_attention=False), 8)
+    attn = UNet(dataclasses.replace(CONFIGS["ldm"], norm="pixel"))  # attention blocks take the pixel norm too
+    assert not any(isinstance(m, nn.GroupNorm) for m in attn.modules())
+    assert not any(isinstance(m, (AttentionBlock, SpatialTransformer)) for m in UNet(cfg).modules())
+    with pytest.raises(ValueError, match="norm must be group or pixel"):
+        dataclasses.replace(TINY, norm="layer")
+
+
 def test_sinusoidal_embedding_is_cos_then_sin():
     emb = SinusoidalEmbedding(8)
     t = torch.tensor([0.0, 3.0, 999.0, 2.5])

@@ -188,7 +188,9 @@ def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int) -> dict:
                                  ("use_scale_shift_norm", cfg.use_scale_shift_norm),
                                  ("resblock_updown", cfg.resblock_updown),
                                  ("num_classes", cfg.num_classes is not None),
-                                 ("adm_in_channels", cfg.adm_in_channels is not None)) if on]
+                                 ("adm_in_channels", cfg.adm_in_channels is not None),
+                                 ("norm pixel", cfg.norm != "group"),
+                                 ("no middle attention", not cfg.mid_attention)) if on]
     if bad:
         raise CheckpointError(f"this U-Net has no diffusers UNet2DConditionModel equivalent: {', '.join(bad)}")
     widths = [cfg.model_channels * m for m in cfg.channel_mult]

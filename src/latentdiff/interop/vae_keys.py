@@ -71,10 +71,10 @@ def vae_config_from_diffusers(cfg: dict, where: str) -> AutoencoderConfig:
 
 def vae_config_to_diffusers(cfg: AutoencoderConfig, scale: float) -> dict:
     """The diffusers ``vae/config.json`` of a latentdiff KL autoencoder (CheckpointError for VQ, attention in the
-    levels or a z_channels != embed_dim, which AutoencoderKL cannot express)."""
-    if cfg.regularizer != "kl" or cfg.attn_resolutions or cfg.z_channels != cfg.embed_dim:
+    levels, a z_channels != embed_dim or per-pixel norms, which AutoencoderKL cannot express)."""
+    if cfg.regularizer != "kl" or cfg.attn_resolutions or cfg.z_channels != cfg.embed_dim or cfg.norm != "group":
         raise CheckpointError("this first stage has no diffusers AutoencoderKL equivalent (it needs a KL autoencoder "
-                              "without attention in its levels and z_channels == embed_dim)")
+                              "without attention in its levels, z_channels == embed_dim and GroupNorm)")
     widths = [cfg.ch * m for m in cfg.ch_mult]
     return {"_class_name": "AutoencoderKL", "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
             "down_block_types": ["DownEncoderBlock2D"] * len(widths),

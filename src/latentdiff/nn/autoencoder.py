@@ -36,9 +36,11 @@ from ..fileio import atomic_write, atomic_write_text
 from ..folders import AE_CONFIG_FILE as CONFIG_FILE
 from ..folders import AE_FORMAT as FORMAT
 from ..folders import WEIGHTS_FILE, check_config_seal, check_safetensors, seal_metadata, seal_safetensors
+from .layers import PixelNorm
 from .quantize import VectorQuantizer
 
 REGULARIZERS = ("kl", "vq")
+NORMS = ("group", "pixel")
 
 
 @dataclass
@@ -59,6 +61,10 @@ class AutoencoderConfig(FromDict):
     vq_beta: float = 0.25           # VQ: commitment weight β
     vq_restart_dead: bool = True    # VQ: restart dead codes with encoder outputs during training
     norm_groups: int = 32           # GroupNorm groups (SD: 32); must divide every channel count
+    norm: str = "group"             # "group": GroupNorm over (channels of a group) x (all positions), SD's; "pixel":
+    #                                 each position normalised over its channels alone (ConvNeXt's channel LayerNorm),
+    #                                 so no statistic spans the image and a large canvas is processed exactly as
+    #                                 its parts would be (away from the border)
 
     def __post_init__(self):
         self.ch_mult = tuple(int(m) for m in self.ch_mult)
@@ -82,6 +88,13 @@ class AutoencoderConfig(FromDict):
             raise ValueError(f"autoencoder norm_groups={self.norm_groups} does not divide channel counts {bad}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"autoencoder dropout must be in [0, 1), got {self.dropout}")
+        if self.norm not in NORMS:
+            raise ValueError(f"autoencoder norm must be one of {', '.join(NORMS)}, got {self.norm!r}")
+
+    @property
+    def groups(self) -> int | None:
+        """What every normalisation layer is built with: the GroupNorm groups, or None for per-pixel norms."""
+        return self.norm_groups if self.norm == "group" else None
 
     @property
     def f(self) -> int:
@@ -98,7 +111,10 @@ def config_for_factor(f: int, **overrides) -> AutoencoderConfig:
     return AutoencoderConfig(**{"ch_mult": mult, **overrides})
 
 
-def Normalize(channels: int, groups: int) -> nn.GroupNorm:
+def Normalize(channels: int, groups: int | None) -> nn.Module:
+    """GroupNorm(groups, channels) as SD's autoencoder, or with ``groups`` None a :class:`PixelNorm`."""
+    if groups is None:
+        return PixelNorm(channels, eps=1e-6)
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
 
 
@@ -167,9 +183,9 @@ class Upsample(nn.Module):
 
 def _middle(channels: int, cfg: AutoencoderConfig) -> nn.Module:
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(channels, channels, cfg.norm_groups, cfg.dropout)
-    mid.attn_1 = AttnBlock(channels, cfg.norm_groups) if cfg.mid_attention else nn.Identity()
-    mid.block_2 = ResnetBlock(channels, channels, cfg.norm_groups, cfg.dropout)
+    mid.block_1 = ResnetBlock(channels, channels, cfg.groups, cfg.dropout)
+    mid.attn_1 = AttnBlock(channels, cfg.groups) if cfg.mid_attention else nn.Identity()
+    mid.block_2 = ResnetBlock(channels, channels, cfg.groups, cfg.dropout)
     return mid
 
 
@@ -187,16 +203,16 @@ class Encoder(nn.Module):
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             c_out = cfg.ch * m
             for _ in range(cfg.num_res_blocks):
-                level.block.append(ResnetBlock(c_in, c_out, cfg.norm_groups, cfg.dropout))
+                level.block.append(ResnetBlock(c_in, c_out, cfg.groups, cfg.dropout))
                 c_in = c_out
                 if res in cfg.attn_resolutions:
-                    level.attn.append(AttnBlock(c_in, cfg.norm_groups))
+                    level.attn.append(AttnBlock(c_in, cfg.groups))
             if i != self.num_levels - 1:
                 level.downsample = Downsample(c_in)
                 res //= 2
             self.down.append(level)
         self.mid = _middle(c_in, cfg)
-        self.norm_out = Normalize(c_in, cfg.norm_groups)
+        self.norm_out = Normalize(c_in, cfg.groups)
         self.conv_out = nn.Conv2d(c_in, out_channels, 3, padding=1)
 
     def forward(self, x):
@@ -228,16 +244,16 @@ class Decoder(nn.Module):
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             c_out = cfg.ch * cfg.ch_mult[i]
             for _ in range(cfg.num_res_blocks + 1):
-                level.block.append(ResnetBlock(c_in, c_out, cfg.norm_groups, cfg.dropout))
+                level.block.append(ResnetBlock(c_in, c_out, cfg.groups, cfg.dropout))
                 c_in = c_out
                 if res in cfg.attn_resolutions:
-                    level.attn.append(AttnBlock(c_in, cfg.norm_groups))
+                    level.attn.append(AttnBlock(c_in, cfg.groups))
             if i != 0:
                 level.upsample = Upsample(c_in)
                 res *= 2
             levels[i] = level
         self.up = nn.ModuleList(levels)
-        self.norm_out = Normalize(c_in, cfg.norm_groups)
+        self.norm_out = Normalize(c_in, cfg.groups)
         self.conv_out = nn.Conv2d(c_in, cfg.out_channels, 3, padding=1)
 
     def forward(self, z):

@@ -30,14 +30,34 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
-def group_norm(channels: int, num_groups: int, eps: float = 1e-5) -> nn.GroupNorm:
-    """``nn.GroupNorm`` with a clear error when ``channels`` is not divisible by ``num_groups``."""
+def group_norm(channels: int, num_groups: int | None, eps: float = 1e-5) -> nn.Module:
+    """``nn.GroupNorm`` with a clear error when ``channels`` is not divisible by ``num_groups``; with
+    ``num_groups`` None a :class:`PixelNorm` (a network's ``norm: pixel``)."""
+    if num_groups is None:
+        return PixelNorm(channels, eps=eps)
     if num_groups <= 0 or channels % num_groups != 0:
         raise ValueError(
             f"GroupNorm: {channels} channels are not divisible by num_groups={num_groups}; "
             "choose num_groups dividing every width of the network"
         )
     return nn.GroupNorm(num_groups, channels, eps=eps)
+
+
+class PixelNorm(nn.Module):
+    """(x − μ) / sqrt(σ² + ε) · γ + β with μ, σ² the mean and variance over the channels at each position: a
+    LayerNorm of every pixel's feature vector (ConvNeXt's channels-first LayerNorm). ``weight``/``bias`` are
+    shaped as GroupNorm's."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One fused layer_norm over the last axis of the channels-last view (faster than the mean / var ops).
+        h = F.layer_norm(x.permute(0, 2, 3, 1), self.weight.shape, self.weight, self.bias, self.eps)
+        return h.permute(0, 3, 1, 2)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -84,15 +104,16 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def group_norm_silu(
-    x: torch.Tensor, norm: nn.GroupNorm, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
+    x: torch.Tensor, norm: nn.Module, scale: torch.Tensor | None = None, shift: torch.Tensor | None = None
 ) -> torch.Tensor:
     """SiLU(norm(x)·(1 + scale) + shift) for x (B, C, H, W); scale, shift (B, C, 1, 1) or None.
 
-    Uses the fused autograd node above for float32/float64 outside autocast; otherwise (autocast, half
-    precision) the plain sequence of ops, which autocast runs in float32 where it should.
+    Uses the fused autograd node above for a GroupNorm in float32/float64 outside autocast; otherwise (a
+    PixelNorm, autocast, half precision) the plain sequence of ops, which autocast runs in float32 where it should.
     """
     fused = (
-        x.dim() == 4
+        isinstance(norm, nn.GroupNorm)
+        and x.dim() == 4
         and x.dtype in (torch.float32, torch.float64)
         and norm.weight is not None
         and not torch.is_autocast_enabled(x.device.type)

@@ -46,6 +46,11 @@ class UNetConfig(FromDict):
     concat_channels: int = 0  # extra input channels of concatenated conditions (mask, low-res image, ...)
     use_checkpoint: bool = False  # gradient checkpointing of every block (less memory, ~30% more compute)
     num_groups: int = 32  # GroupNorm groups; must divide every width
+    mid_attention: bool = True  # attention between the middle block's two ResBlocks (every published U-Net);
+    #                             False: none, so a U-Net without attention_resolutions is fully convolutional
+    norm: str = "group"  # "group": GroupNorm (every published U-Net); "pixel": each position normalised over its
+    #                      channels (nn/layers.py PixelNorm), so no statistic spans the latent and a larger canvas
+    #                      is denoised as its parts would be
 
     def __post_init__(self):
         for name in ("channel_mult", "attention_resolutions"):  # YAML gives lists: store tuples
@@ -59,6 +64,8 @@ class UNetConfig(FromDict):
                 raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.num_groups, int) or self.num_groups <= 0:
             raise ValueError(f"UNetConfig.num_groups must be a positive integer, got {self.num_groups!r}")
+        if self.norm not in ("group", "pixel"):
+            raise ValueError(f"UNetConfig.norm must be group or pixel, got {self.norm!r}")
         if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
             raise ValueError(f"UNetConfig.channel_mult must be non-empty positive integers, got {self.channel_mult}")
         reachable = [2**i for i in range(len(self.channel_mult))]
@@ -141,7 +148,7 @@ class UNet(nn.Module):
         if not isinstance(config, UNetConfig):
             raise TypeError(f"UNet expects a UNetConfig, got {type(config).__name__}")
         self.config = cfg = config
-        mc, g = cfg.model_channels, cfg.num_groups
+        mc, g = cfg.model_channels, (cfg.num_groups if cfg.norm == "group" else None)  # None: PixelNorm
         emb_dim = 4 * mc
         self.time_proj = SinusoidalEmbedding(mc)
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -179,7 +186,9 @@ class UNet(nn.Module):
                 skip_widths.append(ch)
                 ds *= 2
 
-        self.middle_block = UNetBlock([resblock(ch, ch), attention(ch), resblock(ch, ch)])
+        middle = [resblock(ch, ch), attention(ch), resblock(ch, ch)] if cfg.mid_attention else [resblock(ch, ch),
+                                                                                                 resblock(ch, ch)]
+        self.middle_block = UNetBlock(middle)
 
         # Up path: per level num_res_blocks + 1 x (ResBlock on [h, skip] [+ attention]), then an upsampler.
         self.output_blocks = nn.ModuleList()
