@@ -151,3 +151,21 @@ def test_corner_embeddings_start_as_fourier_features():
     far = (table[5 * 32 + 5] - table[25 * 32 + 28]).norm()
     assert near < 0.25 * far  # neighbouring corners start alike, distant ones apart
     assert len({tuple(r.tolist()) for r in table}) == 32 * 32  # and every corner is its own
+
+
+def test_factored_class_embeddings_share_an_attribute_and_are_checked():
+    from latentdiff.nn.layout_encoder import LayoutEncoder
+
+    torch.manual_seed(0)
+    cfg = LayoutEncoderConfig(num_classes=21, max_objects=3, width=64, heads=2, class_factors=[3, 7])
+    assert cfg.class_factors == (3, 7)
+    table = LayoutEncoder(cfg).transformer.token_embedding.weight.detach()[1:22]  # classes 0..20 = shape·7 + colour
+    red_circle, red_square, blue_circle, blue_square = table[0], table[7], table[2], table[9]
+    # e_circle + f_red - (e_square + f_red) == e_circle + f_blue - (e_square + f_blue): attributes add up.
+    assert torch.allclose(red_circle - red_square, blue_circle - blue_square, atol=1e-6)
+    assert (red_circle - red_square).norm() < (red_circle - blue_square).norm()
+    assert 0.01 < table.std() < 0.04  # the token table's scale
+    plain = LayoutEncoder(LayoutEncoderConfig(num_classes=21, width=64, heads=2)).transformer.token_embedding.weight
+    assert not torch.allclose(plain[1] - plain[8], plain[3] - plain[10], atol=1e-3)  # default: independent classes
+    with pytest.raises(ValueError, match="class_factors must be two positive integers whose product is"):
+        LayoutEncoderConfig(num_classes=21, class_factors=[3, 6])

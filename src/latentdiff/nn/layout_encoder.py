@@ -45,6 +45,8 @@ class LayoutEncoderConfig(FromDict):
     width: int = 64  # token width; the U-Net's context_dim
     depth: int = 2  # transformer layers
     heads: int = 4  # attention heads; must divide width
+    class_factors: tuple | None = None  # (A, B) with A·B = num_classes: class c = a·B + b is a pair of attributes
+    #                                     (shapes: (3, 7), shape x colour); class embeddings start as e_a + e_b
 
     def __post_init__(self):
         for name in ("num_classes", "max_objects", "grid", "width", "depth", "heads"):
@@ -53,6 +55,13 @@ class LayoutEncoderConfig(FromDict):
                 raise ValueError(f"LayoutEncoderConfig.{name} must be a positive integer, got {value!r}")
         if self.width % self.heads:
             raise ValueError(f"LayoutEncoderConfig: width={self.width} is not divisible by heads={self.heads}")
+        if self.class_factors is not None:
+            f = tuple(self.class_factors)
+            if (len(f) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in f)
+                    or f[0] * f[1] != self.num_classes):
+                raise ValueError(f"LayoutEncoderConfig.class_factors must be two positive integers whose product is "
+                                 f"num_classes={self.num_classes}, got {self.class_factors!r}")
+            self.class_factors = f
 
     @property
     def vocab_size(self) -> int:
@@ -103,6 +112,15 @@ def corner_features(grid: int, width: int, scale: float = 0.5) -> torch.Tensor:
     return (scale * table).float()
 
 
+def factored_class_embeddings(a: int, b: int, width: int, std: float = 0.02) -> torch.Tensor:
+    """(a·b, width) initial class embeddings e_i + f_j for class i·b + j, with e, f drawn N(0, std²/2) (so a row has
+    the token table's std): classes that share an attribute (a colour, a shape) start alike, and what one class
+    learns of its colour starts out shared by the others of that colour."""
+    e = torch.randn(a, 1, width) * (std / 2**0.5)
+    f = torch.randn(1, b, width) * (std / 2**0.5)
+    return (e + f).reshape(a * b, width)
+
+
 class LayoutEncoder(nn.Module):
     """τ_θ: forward(layout (B, K, 5) float, K <= max_objects) -> (B, 3·max_objects, width)."""
 
@@ -112,7 +130,10 @@ class LayoutEncoder(nn.Module):
         self.transformer = TextEncoder(TextEncoderConfig(vocab_size=cfg.vocab_size, context_length=cfg.context_length,
                                                          width=cfg.width, depth=cfg.depth, heads=cfg.heads))
         with torch.no_grad():
-            self.transformer.token_embedding.weight[1 + cfg.num_classes:] = corner_features(cfg.grid, cfg.width)
+            table = self.transformer.token_embedding.weight
+            table[1 + cfg.num_classes:] = corner_features(cfg.grid, cfg.width)
+            if cfg.class_factors is not None:
+                table[1:1 + cfg.num_classes] = factored_class_embeddings(*cfg.class_factors, cfg.width)
 
     def forward(self, layout: torch.Tensor) -> torch.Tensor:
         k = self.config.max_objects
