@@ -34,3 +34,21 @@ def test_gpu_peak_table_prefers_the_longest_name():
     assert gpu.listed_peak("NVIDIA H100 PCIe") == 756.0
     assert gpu.listed_peak("NVIDIA H200") == 989.0
     assert gpu.listed_peak("Some Future GPU") is None
+
+
+def test_first_stage_ceilings_prints_a_row_per_autoencoder(tmp_path, capsys):
+    import torch
+
+    from latentdiff.nn.autoencoder import Autoencoder, AutoencoderConfig, save_autoencoder
+
+    torch.manual_seed(0)
+    ae = Autoencoder(AutoencoderConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=4, norm="pixel",
+                                       mid_attention=False))
+    save_autoencoder(ae, str(tmp_path / "ae"), latent_scale=1.0)
+    bench = _module("first_stage_ceilings")
+    assert bench.main([str(tmp_path / "ae"), "--num", "2", "--num-large", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f"| {tmp_path / 'ae'} |")]
+    assert len(rows) == 1
+    cells = rows[0].split(" | ")
+    assert len(cells[1].split(" / ")) == 3 and len(cells[2].split(" / ")) == 3  # PSNR and mIoU at three sizes
+    assert all(0.0 <= float(v) <= 1.0 for v in cells[2].split(" / ")) and cells[3].endswith("/2)")
