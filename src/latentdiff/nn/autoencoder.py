@@ -36,7 +36,7 @@ from ..fileio import atomic_write, atomic_write_text
 from ..folders import AE_CONFIG_FILE as CONFIG_FILE
 from ..folders import AE_FORMAT as FORMAT
 from ..folders import WEIGHTS_FILE, check_config_seal, check_safetensors, seal_metadata, seal_safetensors
-from .layers import PixelNorm
+from .layers import group_norm
 from .quantize import VectorQuantizer
 
 REGULARIZERS = ("kl", "vq")
@@ -112,10 +112,8 @@ def config_for_factor(f: int, **overrides) -> AutoencoderConfig:
 
 
 def Normalize(channels: int, groups: int | None) -> nn.Module:
-    """GroupNorm(groups, channels) as SD's autoencoder, or with ``groups`` None a :class:`PixelNorm`."""
-    if groups is None:
-        return PixelNorm(channels, eps=1e-6)
-    return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
+    """GroupNorm(groups, channels) with SD's autoencoder eps, or with ``groups`` None a :class:`PixelNorm`."""
+    return group_norm(channels, groups, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
