@@ -237,12 +237,18 @@ def _make_optimizers(objective, raw_models: dict, config: TrainConfig) -> tuple[
     _check_disjoint(params)
     optimizers = {}
     for name, ps in params.items():
+        # fused: one kernel for all parameters instead of a dozen ops per tensor (10% of a small model's CPU step).
         opt = torch.optim.AdamW(ps, lr=config.lr, betas=config.betas, eps=config.adam_eps,
-                                weight_decay=config.weight_decay)
+                                weight_decay=config.weight_decay, fused=_fusable(ps))
         sched = torch.optim.lr_scheduler.LambdaLR(opt, partial(lr_factor, warmup_steps=config.warmup_steps,
                                                                schedule=config.lr_schedule, total_steps=config.steps))
         optimizers[name] = [opt, sched]
     return params, optimizers
+
+
+def _fusable(params) -> bool:
+    """Whether torch's fused AdamW takes these parameters (floating point, on a device it has kernels for)."""
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def _prepare(objective, raw_models: dict, optimizers: dict, accelerator, config: TrainConfig) -> list[str]:
