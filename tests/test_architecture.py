@@ -30,6 +30,7 @@ LAYERS = [
     ("guidance", "samplers"),                             # stateless sampling
     ("config",),                                          # typed run configs
     ("first_stage",),                                     # the autoencoder as a product
+    ("sample_options",),                                  # the sample options of a pipeline, checked
     ("sample_inputs",),                                   # sampling inputs beyond prompts and labels, checked
     ("pipeline", "tiling"),                               # a trained model as one object; tiled upscaling
     ("interop",),                                         # Stable Diffusion / diffusers checkpoints in and out

@@ -339,6 +339,7 @@ def _eval_spatial(args, pipe, metric: str) -> tuple[dict, Path]:
     --size) sampled and read back (eval/spatial_scores.py), beside the read-back of the real images."""
     from .eval.spatial_scores import evaluate_layouts, evaluate_semantic
     from .layouts import shapes_config
+    from .sample_options import check_size
 
     _check_sampling(pipe, args)
     config = shapes_config(pipe.config.data)
@@ -348,7 +349,7 @@ def _eval_spatial(args, pipe, metric: str) -> tuple[dict, Path]:
                "batch_size": s.batch_size, "progress": not args.quiet}
     sizes = args.size or [tuple(pipe.image_shape[1:])]
     for size in sizes:
-        pipe._check_size(size)
+        check_size(pipe, size)
     if metric == "miou":
         tile = pipe.config.data.size
         bad = [f"{h}x{w}" for h, w in sizes if h % tile or w % tile]

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from .errors import RequestError
+from .sample_options import check_size
 
 
 def spatial_inputs(args, pipe, s) -> tuple[dict, object]:
@@ -38,7 +39,7 @@ def spatial_inputs(args, pipe, s) -> tuple[dict, object]:
         raise RequestError(f"--size {s.size[0]}x{s.size[1]} differs from the map's {seg.shape[1]}x{seg.shape[2]}: the "
                        "image size follows the map (leave --size out)")
     pipe.spatial.make({"segmentation": seg})  # class ids in range (a RequestError naming them)
-    pipe._check_size(tuple(seg.shape[-2:]))  # a size the downsampling divides
+    check_size(pipe, tuple(seg.shape[-2:]))  # a size the downsampling divides
     return {"conditions": {"segmentation": seg}}, colourize(seg, config)
 
 

@@ -14,7 +14,6 @@ composes a conditioner (LDM's τ_θ, ``latentdiff.nn.conditioners``): ε_θ(z_t,
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from pathlib import Path
 
 import torch
@@ -46,6 +45,7 @@ from .nn.speed import optimize, unoptimized
 from .nn.tokenizer import WordTokenizer
 from .nn.unet import PRESETS, UNet, UNetConfig
 from .sample_inputs import batch_rows, check_conditions, check_edits, edit_options, per_image, step_callback
+from .sample_options import check_size, sample_options, warn_ill_conditioned_start
 from .schedules import make_betas, rescale_zero_terminal_snr
 from .spatial import SpatialCondition, build_spatial
 from .spatial_image import Inpaint, LowRes  # noqa: F401  (registers the conditions low_res and inpaint)
@@ -419,16 +419,6 @@ class Pipeline:
                 self._prompt_cache[p] = self.conditioner({"prompt": [p]})
         return {k: torch.cat([self._prompt_cache[p][k] for p in prompts]) for k in self._prompt_cache[prompts[0]]}
 
-    def _warn_ill_conditioned_start(self, opts: dict) -> None:
-        if self.autoencoder is None:  # pixel models have clip_x0 for this
-            return
-        factor = _ill_conditioned_start(self.diffusion, opts)
-        if factor is not None:
-            warnings.warn(f"sampling starts at t = T-1, where 1/sqrt(alpha_bar) = {factor:.3g}: the network's eps "
-                          "error reaches x0_hat multiplied by that and latents (which have no clip_x0) blow up; use "
-                          "spacing='leading', a schedule with a larger alpha_bar_T (scaled_linear), or v-prediction",
-                          stacklevel=3)
-
     def sample_shape_at(self, size: tuple[int, int] | None) -> tuple[int, int, int]:
         """The shape the diffusion runs in for images of ``size`` = (H, W) pixels (None: the training size). A
         larger size is sampled convolutionally: the U-Net is applied to a larger latent (LDM sec. 4.3.2)."""
@@ -495,7 +485,7 @@ class Pipeline:
         if conditions is not None and s.size is None:
             implied = self.spatial.image_size(conditions)
             if implied is not None and tuple(implied) != self.image_shape[1:]:
-                self._check_size(implied)
+                check_size(self, implied)
                 s = dataclasses.replace(s, size=list(implied))
         if init_image is not None or strength is not None or mask is not None:
             s = check_edits(self, init_image, strength, mask, s)
@@ -507,7 +497,7 @@ class Pipeline:
                 if k not in options:
                     opts.pop(k, None)
         opts.update({k: v for k, v in options.items() if k not in routed})
-        self._warn_ill_conditioned_start(opts)
+        warn_ill_conditioned_start(self, opts)
         y = None if self.takes_prompts or self.takes_layouts else self._labels(s.labels, s.num)
         model_fn = self.model_fn if model_fn is None else model_fn
         shape = self.sample_shape_at(s.size)
@@ -540,82 +530,9 @@ class Pipeline:
         return images if output == "tensor" else to_pil(images)
 
     def sample_options(self, **given) -> SampleSection:
-        """The config's sample section with the ``given`` values in place (None keeps the config's), checked in
-        this one place for every caller (``sample``, ``latentdiff sample``, ``latentdiff eval``): types and
-        ranges as in a config file, a known sampler, at most the T steps of training, class labels only for a
-        class-conditional model (in 0..K-1), prompts only for a text model (each within the context length),
-        guidance only for a conditional one, a size the downsampling divides. Raises ConfigError or RequestError
-        naming the option.
-
-        ``labels`` may be one id or any iterable of ids (list, range, array); they come back as a list of ints.
-        ``prompts`` may be one string or a list of strings; they come back as a list.
-        """
-        from .samplers import SAMPLERS
-
-        labels, prompts = given.pop("labels", None), given.pop("prompts", None)
-        # None keeps the config's value; numpy and torch scalars become Python numbers.
-        given = {k: (v.item() if hasattr(v, "item") else v) for k, v in given.items() if v is not None}
-        if labels is not None:
-            given["labels"] = [int(v) for v in (labels if hasattr(labels, "__iter__") else [labels])]
-        if prompts is not None:
-            given["prompts"] = [prompts] if isinstance(prompts, str) else list(prompts)
-        if "size" in given:
-            size = given["size"]
-            given["size"] = [size, size] if isinstance(size, int) else list(size)
-        s = update(self.config.sample, given, where="sample options")
-        if s.sampler not in SAMPLERS:
-            raise ConfigError(f"unknown sampler {s.sampler!r}; expected one of {', '.join(sorted(SAMPLERS))}")
-        if s.steps > self.diffusion.num_steps:
-            raise ConfigError(f"steps {s.steps} exceeds the model's {self.diffusion.num_steps} training steps")
-        s = self._check_conditions(s)
-        self._check_size(s.size)
-        return s
-
-    def _check_conditions(self, s: SampleSection) -> SampleSection:
-        kind = self.conditioning
-        kinds = {"class": "class-conditional (give class labels)", "text": "text-conditioned (give prompts)",
-                 "layout": "layout-conditioned (give layouts)", None: "unconditional"}
-        if kind != "text" and (s.prompts is not None or s.negative_prompt is not None):
-            raise ConfigError(f"this model is {kinds[kind]}: it takes no prompts")
-        if kind != "class" and s.labels is not None:
-            raise ConfigError(f"this model is {kinds[kind]}: it takes no class labels")
-        # A null spatial input (the CLIP conditioner of an imported model has no spatial input and no config).
-        dropped = bool(getattr(getattr(self.conditioner, "config", None), "drop_concat", False))
-        if kind is None and s.guidance != 1.0 and not dropped:
-            what = "unconditional" if self.spatial is None else (
-                f"conditioned on its {self.spatial.name} alone, which guidance keeps in both branches "
-                "(conditioning.drop_concat is false)")
-            raise ConfigError(f"guidance needs a class-conditional model or a text-conditioned one "
-                              f"(this one is {what})")
-        if kind == "class" and s.labels is not None:
-            if not s.labels:
-                raise ConfigError("labels is empty")
-            bad = [v for v in s.labels if not 0 <= v < self.num_classes]
-            if bad:
-                raise ConfigError(f"class label(s) {bad} out of range 0..{self.num_classes - 1}")
-        if kind == "text":
-            prompts = s.prompts if s.prompts is not None else ([s.prompt] if s.prompt is not None else None)
-            if prompts is None:
-                raise ConfigError("this model is text-conditioned: give prompts (--prompt)")
-            if not prompts:
-                raise ConfigError("the prompt list is empty")
-            try:
-                self.conditioner.tokenizer.encode(prompts + [s.negative_prompt or ""])
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            s = dataclasses.replace(s, prompts=prompts)
-        return s
-
-    def _check_size(self, size) -> None:
-        if size is None:
-            return
-        f = self.downsampling_factor
-        if len(size) != 2 or any(v < 1 for v in size):
-            raise RequestError(f"size must be (height, width) in pixels, got {size}")
-        if any(v % f for v in size):
-            raise RequestError(f"size {size[0]}x{size[1]} is not divisible by {f}, the model's downsampling "
-                               f"(first stage f={self.downsampling_factor // self.unet.config.downsampling_factor} "
-                               f"x U-Net {self.unet.config.downsampling_factor}); use multiples of {f}")
+        """The config's sample section with the ``given`` values in place, checked against this model
+        (``latentdiff.sample_options.sample_options``: the rules, and which error names which option)."""
+        return sample_options(self, **given)
 
 
 def _built(section: str, build, *args):
@@ -627,16 +544,6 @@ def _built(section: str, build, *args):
         raise
     except ValueError as e:
         raise ConfigError(f"{section}: {e}") from None
-
-
-def _ill_conditioned_start(diffusion: GaussianDiffusion, opts: dict) -> float | None:
-    """1/√ᾱ at t = T−1 when sampling starts there with ε-prediction and an unclipped x̂_0 and that factor
-    exceeds 1,000 (an ε error reaches x̂_0 multiplied by it); else None."""
-    starts_at_end = opts.get("karras") or opts.get("spacing") in ("trailing", "linspace")
-    if not starts_at_end or opts.get("clip_x0") or diffusion.prediction != "eps":
-        return None
-    factor = float(diffusion.alphas_cumprod[-1]) ** -0.5
-    return factor if factor > 1e3 else None
 
 
 def load_latent_first_stage(config: Config, base_dir=None):

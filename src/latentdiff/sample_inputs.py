@@ -11,6 +11,7 @@ import torch
 
 from .config import SampleSection
 from .errors import RequestError
+from .sample_options import check_size
 
 
 def check_conditions(pipe, conditions, num: int) -> dict | None:
@@ -65,7 +66,7 @@ def check_edits(pipe, init_image, strength, mask, s: SampleSection) -> SampleSec
         raise RequestError(f"mask must be a float (N or 1, 1, {size[0]}, {size[1]}) tensor in [0, 1] (1 = "
                            f"generate), got {got}")
     if s.size is None and size != pipe.image_shape[1:]:
-        pipe._check_size(size)
+        check_size(pipe, size)
         s = dataclasses.replace(s, size=list(size))
     elif s.size is not None and tuple(s.size) != size:
         raise RequestError(f"init_image is {size[0]}x{size[1]} but the size asked is {s.size[0]}x{s.size[1]}")
