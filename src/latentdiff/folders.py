@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import CheckpointError, MissingFileError
+from .fileio import read_json
 
 CONFIG_FILE = "config.yaml"                 # the resolved config of a run or (diffusion) model folder
 WEIGHTS_FILE = "model.safetensors"          # the network of a model folder (diffusion or autoencoder)
@@ -156,11 +157,8 @@ def read_state(path) -> dict:
     state_file = Path(path) / STATE_FILE
     if not state_file.is_file():
         raise CheckpointError(f"incomplete checkpoint: {state_file} is missing")
-    try:
-        state = json.loads(state_file.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"corrupt checkpoint file {state_file}: {e}") from None
-    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or "step" not in state:
+    state = read_json(state_file, CheckpointError)
+    if not isinstance(state.get("files"), dict) or "step" not in state:
         raise CheckpointError(f"corrupt checkpoint file {state_file}: no step or file manifest")
     if STATE_HASH in state and state[STATE_HASH] != state_hash(state):
         raise CheckpointError(f"corrupt checkpoint file {state_file}: its content differs from its {STATE_HASH}")

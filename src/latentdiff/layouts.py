@@ -14,7 +14,6 @@ turns it into box tokens. Every check is here, where a layout enters; each error
 
 from __future__ import annotations
 
-import json
 from dataclasses import fields
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import torch
 
 from .data.shapes import COLOURS, SHAPES, ShapesConfig, ShapesDataset, object_mask
 from .errors import ConfigError, MissingFileError, RequestError
+from .fileio import read_json
 
 KEYS = ("shape", "colour", "box")
 
@@ -108,10 +108,7 @@ def read_layout_file(path, config: ShapesConfig, max_objects: int) -> torch.Tens
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"layout file {path} not found")
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RequestError(f"{path} is not valid JSON: {e}") from None
+    value = read_json(path, RequestError, expect=None)  # parse_layouts names what is wrong with the value
     return parse_layouts(value, config, max_objects, where=str(path))
 
 

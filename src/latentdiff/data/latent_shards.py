@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
+from ..fileio import read_json
 from .latent_cache import autoencoder_hash
 from .shards import INDEX_FILE, _add_member, decode_sample, expand_urls, iter_samples
 
@@ -130,7 +131,7 @@ def _check_meta(out: Path, meta: dict) -> None:
     path = out / META_FILE
     if not path.is_file():
         return
-    old = json.loads(path.read_text())
+    old = read_json(path, DataError)
     for k in ("autoencoder_sha256", "latent_shape", "source"):
         if old.get(k) != meta[k]:
             raise ConfigError(f"{out} holds latents made with another {k} ({old.get(k)} != {meta[k]}); "
@@ -155,4 +156,4 @@ def _write_json(out: Path, name: str, content: dict) -> None:
 
 def read_meta(folder) -> dict | None:
     path = Path(folder) / META_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    return read_json(path, DataError) if path.is_file() else None

@@ -47,6 +47,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import IterableDataset, default_collate, get_worker_info
 
 from ..errors import ConfigError, DataError, MissingFileError
+from ..fileio import read_json
 from .transforms import check_channels, convert_channels, crop_box, resize_to_cover, to_tensor
 
 INDEX_FILE = "index.json"                               # written by write_shards: shard names and sample counts
@@ -352,7 +353,7 @@ def shard_index_total(urls: list[str]) -> int | None:
     for folder in {os.path.dirname(u) for u in urls if not u.startswith("pipe:")}:
         path = Path(folder) / INDEX_FILE
         if path.is_file():
-            for s in json.loads(path.read_text()).get("shards", []):
+            for s in read_json(path, DataError).get("shards", []):
                 counts[os.path.join(folder, s["name"])] = int(s["count"])
     try:
         return sum(counts[u] for u in urls)

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError, MissingFileError
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import atomic_write, atomic_write_text, read_json
 
 LAYERS = ("last", "penultimate")
 
@@ -159,7 +159,7 @@ def load_conditioner(folder) -> ClipConditioner:
     layer = "last"
     extra = folder / "text_encoder" / "latentdiff.json"
     if extra.is_file():
-        layer = json.loads(extra.read_text()).get("layer", "last")
+        layer = read_json(extra, CheckpointError).get("layer", "last")
     return ClipConditioner(load_text_model(folder / "text_encoder"), load_tokenizer(folder / "tokenizer"), layer)
 
 

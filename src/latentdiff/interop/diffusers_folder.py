@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 from ..errors import CheckpointError, MissingFileError
-from ..fileio import atomic_write, atomic_write_text
+from ..fileio import atomic_write, atomic_write_text, read_json
 from ..nn.autoencoder import Autoencoder
 from ..nn.unet import UNet
 from ..pipeline import Pipeline
@@ -27,16 +27,12 @@ def is_diffusers_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file())
 
 
-def read_json(path: Path) -> dict:
+def read_part_config(path: Path) -> dict:
+    """A JSON config of the folder (model_index.json, a part's config.json): a missing file or one that is not a
+    JSON object is an error naming it."""
     if not path.is_file():
         raise MissingFileError(f"{path} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    return read_json(path, CheckpointError)
 
 
 def read_safetensors(path: Path) -> dict:
@@ -68,12 +64,12 @@ def load_diffusers(path) -> Pipeline:
         if not (path / part).is_dir():
             raise MissingFileError(f"{path} is a diffusers folder without {part}/ (a Stable Diffusion folder has "
                                    f"{', '.join(p + '/' for p in PARTS)})")
-    index = read_json(path / "model_index.json") if (path / "model_index.json").is_file() else {}
+    index = read_part_config(path / "model_index.json") if (path / "model_index.json").is_file() else {}
     cls = index.get("_class_name", "StableDiffusionPipeline")
     if "XL" in cls or (path / "text_encoder_2").is_dir():
         raise CheckpointError(f"{path}: an SDXL pipeline ({cls}) was detected; latentdiff loads Stable Diffusion "
                               "1.x / 2.x (and their inpainting variants) only")
-    ucfg_raw = read_json(path / "unet" / "config.json")
+    ucfg_raw = read_part_config(path / "unet" / "config.json")
     ucfg = unet_config_from_diffusers(ucfg_raw, str(path / "unet" / "config.json"))
     state = part_weights(path / "unet")
     names = unet_key_map(ucfg, "diffusers")
@@ -84,7 +80,7 @@ def load_diffusers(path) -> Pipeline:
                               f"unexpected {unexpected[:6]}")
     shapes = meta_model(UNet, ucfg).state_dict()
     unet = build_unet(ucfg, {k: state[v].reshape(shapes[k].shape) for k, v in names.items()}, str(path / "unet"))
-    vcfg_raw = read_json(path / "vae" / "config.json")
+    vcfg_raw = read_part_config(path / "vae" / "config.json")
     vcfg = vae_config_from_diffusers(vcfg_raw, str(path / "vae" / "config.json"))
     vstate = part_weights(path / "vae")
     levels = len(vcfg.ch_mult)
@@ -104,7 +100,7 @@ def load_diffusers(path) -> Pipeline:
         raise CheckpointError(f"{path}: the text encoder's width {conditioner.width} differs from the U-Net's "
                               f"cross_attention_dim {ucfg.context_dim}")
     sched_file = path / "scheduler" / "scheduler_config.json"
-    diffusion, sample, _ = from_scheduler_config(read_json(sched_file), str(sched_file))
+    diffusion, sample, _ = from_scheduler_config(read_part_config(sched_file), str(sched_file))
     size = int(ucfg_raw.get("sample_size") or 64) * autoencoder.f
     return assemble(unet, autoencoder, conditioner, diffusion, sample, size, str(path))
 
