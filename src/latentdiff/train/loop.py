@@ -108,7 +108,7 @@ def train(
 
 def _run(objective, data, config, out_dir, resume, collate_fn, callback, progress, raw_models) -> TrainResult:
     """Set up (accelerator, data, optimizers, EMAs, resume), then train to ``config.steps``."""
-    accelerator, mp = _make_accelerator(config)
+    accelerator, mp = _make_accelerator(config, [raw_models[n] for n in _trained_names(objective)])
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     device = accelerator.device
     seed_everything(config.seed + rank)  # different noise on each process; data order comes from config.seed
@@ -216,17 +216,23 @@ def _report_compile(timer: FirstCallTimer, seconds: float, main: bool) -> None:
               f"{timer.compile_s:.2f} s compiling", flush=True)
 
 
-def _make_accelerator(config: TrainConfig):
-    """(Accelerator, resolved mixed precision) for the run: CPU unless a GPU or MPS device is present."""
+def _trained_names(objective) -> list[str]:
+    return [n for names in objective.optimizers.values() for n in names]
+
+
+def _make_accelerator(config: TrainConfig, trained: list):
+    """(Accelerator, resolved mixed precision) for the run: CPU unless a GPU or MPS device is present. DDP
+    broadcasts rank 0's buffers before every forward only when a trained model has state in them (BatchNorm's
+    running statistics, a codebook's usage): constants (non-persistent buffers such as the timestep frequencies)
+    are the same everywhere, and the broadcast is a collective a step that the processes wait on."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
     mp = resolve_mixed_precision(config.mixed_precision)
-    accelerator = Accelerator(
-        mixed_precision=mp,
-        cpu=not _has_accelerator(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters)],
-    )
+    stateful = any(set(dict(m.named_buffers())) & set(m.state_dict()) for m in trained)  # persistent buffers
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=config.find_unused_parameters,
+                                        broadcast_buffers=stateful, gradient_as_bucket_view=True)
+    accelerator = Accelerator(mixed_precision=mp, cpu=not _has_accelerator(), kwargs_handlers=[ddp])
     return accelerator, mp
 
 
@@ -254,7 +260,7 @@ def _fusable(params) -> bool:
 def _prepare(objective, raw_models: dict, optimizers: dict, accelerator, config: TrainConfig) -> list[str]:
     """Put the objective's models on the device, the trained ones wrapped (channels-last, DDP, autocast, compile),
     and wrap the optimizers; returns the names of the trained models."""
-    trained = [n for names in objective.optimizers.values() for n in names]
+    trained = _trained_names(objective)
     for n, m in raw_models.items():
         if n in trained:
             if config.channels_last:
