@@ -420,3 +420,24 @@ def test_real_unet_trains_and_samples_a_grid(tmp_path):
     fresh = unet_mod.unet_from_preset("tiny", num_classes=4)
     load_models(result.checkpoint, {"unet": fresh}, ema=False)
     assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), unet.state_dict().values()))
+
+
+def test_ddp_broadcasts_buffers_only_for_models_that_keep_state_in_them():
+    """DDP's per-forward buffer broadcast is a collective every step: on for persistent buffers (BatchNorm's running
+    statistics, a codebook's usage), off when the only buffers are constants (the U-Net's timestep frequencies);
+    the fused AdamW takes CPU parameters."""
+    from latentdiff.train.loop import _fusable, _make_accelerator
+
+    class Constants(nn.Linear):
+        def __init__(self):
+            super().__init__(2, 2)
+            self.register_buffer("freqs", torch.arange(3.0), persistent=False)
+
+    config = TrainConfig(steps=1, batch_size=2)
+    accelerator, _ = _make_accelerator(config, [Constants()])
+    assert accelerator.ddp_handler.broadcast_buffers is False
+    assert accelerator.ddp_handler.gradient_as_bucket_view is True
+    accelerator, _ = _make_accelerator(config, [Constants(), nn.BatchNorm2d(4)])
+    assert accelerator.ddp_handler.broadcast_buffers is True
+    assert _fusable(list(Constants().parameters()))
+    assert not _fusable([nn.Parameter(torch.zeros(2, dtype=torch.complex64))])
