@@ -144,7 +144,7 @@ def world(tmp_path_factory) -> Path:
         lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a red circle number {i}"}))
     (images / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     for name, size, embed in (("shapes_vae_kl_f4", 32, 3), ("shapes_vae_txt2img", 32, 3),
-                              ("shapes_vae_kl_f4_conv", 32, 3), ("shapes_vae_layout", 32, 3),
+                              ("shapes_vae_kl_f4_conv", 32, 3), ("shapes_vae_layout", 32, 4),
                               ("folder_vae_kl_f4", 64, 4)):
         torch.manual_seed(0)
         ae = Autoencoder(AutoencoderConfig(ch=8, ch_mult=(1, 2, 2), num_res_blocks=1, norm_groups=8, resolution=size,
