@@ -65,7 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--class", dest="class_model", default=None, help="a class model (the caveat's pictures)")
     p.add_argument("--out", default="docs/images/tasks", help="folder of the grids and inputs")
     p.add_argument("--num", type=int, default=100, help="images per eval figure")
-    p.add_argument("--layout-num", type=int, default=None, help="held-out layouts of the layout figure (default: --num)")
+    p.add_argument("--layout-num", type=int, default=None,
+                   help="held-out layouts of the layout figure (default: --num)")
     p.add_argument("--eval-dir", default=None, help="folder of the eval JSON files (default: --out)")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -83,7 +84,8 @@ def main(argv=None) -> int:
         run("sample", args.layout, "--layout", files["layouts"], "--num", 12, "--out", out / "layout.png", q)
         run("sample", args.layout, "--layout", files["layout_wide"], "--num", 2, "--size", "64x128",
             "--out", out / "layout_64x128.png", q)
-        run("eval", args.layout, "--metrics", "layout", "--num", args.layout_num or args.num, "--out", evals / "eval_layout.json", q)
+        run("eval", args.layout, "--metrics", "layout", "--num", args.layout_num or args.num,
+            "--out", evals / "eval_layout.json", q)
     if args.text:
         prompt = "a red circle at the top left and a blue square in the centre"
         for size in ("32x32", "64x128"):
