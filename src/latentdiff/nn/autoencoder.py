@@ -36,11 +36,10 @@ from ..fileio import atomic_write, atomic_write_text
 from ..folders import AE_CONFIG_FILE as CONFIG_FILE
 from ..folders import AE_FORMAT as FORMAT
 from ..folders import WEIGHTS_FILE, check_config_seal, check_safetensors, seal_metadata, seal_safetensors
-from .layers import group_norm
+from .layers import NORMS, group_norm
 from .quantize import VectorQuantizer
 
 REGULARIZERS = ("kl", "vq")
-NORMS = ("group", "pixel")
 
 
 @dataclass

@@ -30,6 +30,9 @@ def zero_module(module: nn.Module) -> nn.Module:
     return module
 
 
+NORMS = ("group", "pixel")  # a network's ``norm``: GroupNorm, or PixelNorm (what group_norm builds for groups None)
+
+
 def group_norm(channels: int, num_groups: int | None, eps: float = 1e-5) -> nn.Module:
     """``nn.GroupNorm`` with a clear error when ``channels`` is not divisible by ``num_groups``; with
     ``num_groups`` None a :class:`PixelNorm` (a network's ``norm: pixel``)."""

@@ -22,7 +22,16 @@ from torch.utils.checkpoint import checkpoint
 
 from ..dataclass_io import FromDict, update
 from .attention import AttentionBlock, SpatialTransformer
-from .layers import Downsample, ResBlock, SinusoidalEmbedding, Upsample, group_norm, group_norm_silu, zero_module
+from .layers import (
+    NORMS,
+    Downsample,
+    ResBlock,
+    SinusoidalEmbedding,
+    Upsample,
+    group_norm,
+    group_norm_silu,
+    zero_module,
+)
 
 
 @dataclass
@@ -64,8 +73,8 @@ class UNetConfig(FromDict):
                 raise ValueError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.num_groups, int) or self.num_groups <= 0:
             raise ValueError(f"UNetConfig.num_groups must be a positive integer, got {self.num_groups!r}")
-        if self.norm not in ("group", "pixel"):
-            raise ValueError(f"UNetConfig.norm must be group or pixel, got {self.norm!r}")
+        if self.norm not in NORMS:
+            raise ValueError(f"UNetConfig.norm must be {' or '.join(NORMS)}, got {self.norm!r}")
         if not self.channel_mult or any(m <= 0 for m in self.channel_mult):
             raise ValueError(f"UNetConfig.channel_mult must be non-empty positive integers, got {self.channel_mult}")
         reachable = [2**i for i in range(len(self.channel_mult))]
@@ -102,6 +111,11 @@ class UNetConfig(FromDict):
                     f"UNetConfig: width {width} is not divisible by num_groups={self.num_groups}; "
                     "pick num_groups dividing model_channels * every channel_mult"
                 )
+
+    @property
+    def groups(self) -> int | None:
+        """What every normalisation layer is built with: the GroupNorm groups, or None for per-pixel norms."""
+        return self.num_groups if self.norm == "group" else None
 
     @property
     def downsampling_factor(self) -> int:
@@ -148,7 +162,7 @@ class UNet(nn.Module):
         if not isinstance(config, UNetConfig):
             raise TypeError(f"UNet expects a UNetConfig, got {type(config).__name__}")
         self.config = cfg = config
-        mc, g = cfg.model_channels, (cfg.num_groups if cfg.norm == "group" else None)  # None: PixelNorm
+        mc, g = cfg.model_channels, cfg.groups
         emb_dim = 4 * mc
         self.time_proj = SinusoidalEmbedding(mc)
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -186,9 +200,8 @@ class UNet(nn.Module):
                 skip_widths.append(ch)
                 ds *= 2
 
-        middle = [resblock(ch, ch), attention(ch), resblock(ch, ch)] if cfg.mid_attention else [resblock(ch, ch),
-                                                                                                 resblock(ch, ch)]
-        self.middle_block = UNetBlock(middle)
+        middle = [resblock(ch, ch), attention(ch)] if cfg.mid_attention else [resblock(ch, ch)]
+        self.middle_block = UNetBlock([*middle, resblock(ch, ch)])
 
         # Up path: per level num_res_blocks + 1 x (ResBlock on [h, skip] [+ attention]), then an upsampler.
         self.output_blocks = nn.ModuleList()
